@@ -1,0 +1,579 @@
+"""Profile every node of a captured graph on fake tensors: what it allocates, what
+autograd saves for it, what its backward allocates, and its FLOPs.
+
+Each node runs in isolation (its inputs are detached leaves that require grad as the
+originals do) under a StorageTracker and saved-tensor hooks, forward in graph order,
+then backward in reverse order with the gradients its consumers produced. The batch
+dimension (dim 0 of every input) is symbolic, so every byte count is a sympy
+expression of `batch`. Nothing real is allocated, except for opaque leaves whose
+code branches on data: those run for real, once, at the example batch, on copies
+of their parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable
+
+import sympy
+import torch
+from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.func import functional_call
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import FlopCounterMode
+
+from cost_models.node_costs import BATCH, Costs, NodeCost
+from cost_models.storage_tracker import StorageTracker, storage_key, tensors_in
+
+__all__ = ["profile_graph", "ProfileError"]
+
+log = logging.getLogger(__name__)
+
+
+class ProfileError(ValueError):
+    """The inputs or the loss do not fit the model; the message says which and why."""
+
+
+def _as_expr(value: Any) -> sympy.Expr:
+    if isinstance(value, torch.SymInt):
+        return value.node.expr
+    if isinstance(value, sympy.Expr):
+        return value
+    return sympy.Integer(int(value))
+
+
+class _Profiler:
+    def __init__(self, gm: fx.GraphModule, inputs: tuple, loss_fn: Callable, opaque: tuple[str, ...], batch: int | None = None):
+        """`batch=None`: a symbolic batch; an int: static shapes at that batch."""
+        self.gm = gm
+        self.inputs = inputs
+        self.loss_fn = loss_fn
+        self.opaque = set(opaque)
+        self.static_batch = batch
+        self.shape_env = ShapeEnv() if batch is None else None
+        self.mode = FakeTensorMode(shape_env=self.shape_env)
+        self.tracker = StorageTracker(record_events=True)
+        self.values: dict[str, Any] = {}
+        self.elements: dict[str, list[torch.Tensor]] = {}
+        self.owner: dict[int, tuple[str, int]] = {}  # storage key -> first value element on it
+        self.grads: dict[tuple[str, int], torch.Tensor] = {}
+        self.batch_symbols: set[sympy.Symbol] = set()
+        self.fake_of: dict[int, torch.Tensor] = {}
+        self.costs: list[NodeCost] = []
+        self.example_batch = _example_batch(inputs)
+
+    # ---- fake copies of parameters, buffers and inputs -------------------------------
+    def _fake_state(self) -> None:
+        for tensor in [t for _, t in _state_items(self.gm)]:
+            if id(tensor) not in self.fake_of:
+                fake = self.mode.from_tensor(tensor, static_shapes=True)
+                self.fake_of[id(tensor)] = fake
+
+    def _fake_input(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() == 0:
+            return self.mode.from_tensor(tensor, static_shapes=True)
+        if self.static_batch is not None:
+            fake = self.mode.from_tensor(tensor, static_shapes=True)
+            return fake.new_empty((self.static_batch, *tensor.shape[1:])).requires_grad_(tensor.requires_grad)
+        # A batch of 1 would be specialised to the constant 1: trace at 2, evaluate at 1.
+        if tensor.shape[0] < 2:
+            with unset_fake_temporarily():
+                tensor = tensor.expand(2, *tensor.shape[1:]).contiguous()
+        context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (tensor.dim() - 1))
+        fake = self.mode.from_tensor(tensor, symbolic_context=context)
+        self.batch_symbols.add(fake.shape[0].node.expr)
+        return fake
+
+    def _expr(self, value: Any) -> sympy.Expr:
+        if self.shape_env is None:
+            return _as_expr(value)
+        expr = self.shape_env.replace(_as_expr(value))
+        return expr.xreplace({s: BATCH for s in self.batch_symbols})
+
+    # ---- one node, forward --------------------------------------------------------------
+    def _set_value(self, name: str, value: Any) -> None:
+        self.values[name] = value
+        self.elements[name] = tensors_in(value)
+
+    def _isolate(self, structure: Any, element_of: dict[int, tuple[str, int]]):
+        """Replace each tensor by a detached leaf; return the new structure and the leaves."""
+        leaves: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def isolate(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            element = element_of[id(t)]
+            if element not in leaves:
+                leaf = t.detach().requires_grad_(t.requires_grad)
+                # a clone lets in-place ops run on an input that requires grad
+                used = leaf.clone() if leaf.requires_grad else leaf
+                self.owner.setdefault(storage_key(used), self.owner.get(storage_key(t), element))
+                leaves[element] = (leaf, used)
+            return leaves[element][1]
+
+        return tree_map(isolate, structure), leaves
+
+    def _element_map(self, nodes) -> dict[int, tuple[str, int]]:
+        return {id(t): (n, k) for n in nodes for k, t in enumerate(self.elements.get(n, []))}
+
+    def _ref_of(self, tensor: torch.Tensor, new_uids: set[int]):
+        return self._ref_of_key(storage_key(tensor), new_uids)
+
+    def _ref_of_key(self, key: int, new_uids: set[int]):
+        entry = self.tracker.live.get(key)
+        if entry is not None and entry.uid in new_uids:
+            return ("new", entry.uid)
+        owner = self.owner.get(key)
+        return ("value", *owner) if owner else ("external",)
+
+    def forward_node(self, node: fx.Node) -> None:
+        input_names = [n.name for n in node.all_input_nodes]
+        element_of = self._element_map(input_names)
+        args = fx.node.map_arg(node.args, lambda n: self.values[n.name])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self.values[n.name])
+        (args, kwargs), leaves = self._isolate((args, kwargs), element_of)
+        opaque = node.op == "call_module" and node.target in self.opaque
+        saved: list[int] = []
+
+        def pack(t):  # PyTorch keeps this hook as long as the saved tensor: hold no tensor here
+            saved.append(storage_key(t))
+            return t
+
+        prepared = self._prepare_opaque(node, args, kwargs) if opaque else None
+        self.tracker.poll()
+        start = len(self.tracker.events)
+        # FlopCounterMode hooks module outputs until backward, which would keep an opaque
+        # leaf's outputs alive: opaque leaves are counted apart (_opaque_flops)
+        with self.tracker, (contextlib.nullcontext() if opaque else FlopCounterMode(display=False)) as flops:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                if opaque:
+                    out = self._run_opaque(node, prepared)
+                else:
+                    out = self._run(node, args, kwargs)
+            self.tracker.poll()
+        events = _own_events(self.tracker.events[start:], ())
+        new_uids = {uid for kind, uid, _ in events if kind == "alloc"}
+        freed = {uid for kind, uid, _ in events if kind == "free"}
+        outputs, shapes, nbytes = [], [], []
+        for k, t in enumerate(tensors_in(out)):
+            nbytes.append(self._expr(t.numel() * t.element_size()) * (BATCH / self.example_batch if opaque and t.dim() and t.shape[0] == self.example_batch else 1))
+            outputs.append(self._ref_of(t, new_uids))
+            if outputs[-1][0] == "new":
+                self.owner.setdefault(storage_key(t), (node.name, k))
+            shapes.append(tuple(self._concrete(s) for s in t.shape))
+        if opaque:
+            out = self._fake_stand_in(out)
+            for k, t in enumerate(tensors_in(out)):
+                if outputs[k][0] == "new":
+                    self.owner[storage_key(t)] = (node.name, k)
+            # real bytes at the example batch, taken as proportional to the batch
+            events = [(kind, uid, sympy.Integer(b) * BATCH / self.example_batch) for kind, uid, b in events]
+        self._set_value(node.name, out)
+        out_uids = {r[1] for r in outputs if r[0] == "new"}
+        internal = tuple(sorted(new_uids - freed - out_uids))
+        saved_refs = []
+        for key in saved:
+            ref = self._ref_of_key(key, new_uids)
+            if ref[0] == "new" and ref[1] in out_uids:
+                ref = ("value", *self.owner[key])
+            if ref[0] != "external" and ref not in saved_refs:
+                saved_refs.append(ref)
+        self.costs.append(NodeCost(
+            name=node.name,
+            op=_op_name(self.gm, node),
+            label=_label(node),
+            shapes=tuple(shapes),
+            nbytes=tuple(nbytes),
+            inputs=tuple(e for n in input_names for e in ((n, k) for k in range(len(self.elements.get(n, []))))),
+            outputs=tuple(outputs),
+            requires_grad=tuple(t.requires_grad for t in self.elements[node.name]),
+            internal=internal,
+            saved=tuple(saved_refs),
+            fwd_events=tuple((kind, uid, self._expr(b)) for kind, uid, b in events),
+            fwd_flops=self._opaque_flops(node, prepared)[0] if opaque else self._expr(flops.get_total_flops()),
+            opaque=opaque,
+        ))
+        self._leaves[node.name] = leaves
+
+    def _run(self, node: fx.Node, args, kwargs):
+        if node.op == "call_module":
+            module = self.gm.get_submodule(node.target)
+            state = {k: self.fake_of[id(t)] for k, t in _state_items(module)}
+            return functional_call(module, state, args, kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        raise AssertionError(node.op)  # pragma: no cover
+
+    def _prepare_opaque(self, node: fx.Node, args, kwargs):
+        """Real random inputs of the right shapes and copies of an opaque leaf's state,
+        made before its window opens, so that only the leaf's own work is tracked."""
+        module = self.gm.get_submodule(node.target)
+
+        def real_like(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            shape = [self._concrete(s) for s in t.shape]
+            with unset_fake_temporarily():
+                real = torch.randn(shape, dtype=t.dtype) if t.is_floating_point() else torch.zeros(shape, dtype=t.dtype)
+                real.requires_grad_(t.requires_grad)
+            owner = self.owner.get(storage_key(t))
+            if owner:
+                self.owner[storage_key(real)] = owner
+            return real
+
+        with unset_fake_temporarily():
+            state = {k: t.detach().clone().requires_grad_(t.requires_grad) for k, t in _state_items(module)}
+        real_args, real_kwargs = tree_map(real_like, (args, kwargs))
+        return module, state, real_args, real_kwargs
+
+    def _run_opaque(self, node: fx.Node, prepared):
+        """Run an opaque leaf for real, at the example batch (fake tensors cannot branch on data)."""
+        module, state, real_args, real_kwargs = prepared
+        with unset_fake_temporarily():
+            real_out = functional_call(module, state, real_args, real_kwargs)
+        self._opaque_real[node.name] = (real_args, real_kwargs, real_out, state)
+        return real_out
+
+    def _fake_stand_in(self, real_out):
+        """Fake tensors shaped like an opaque leaf's real outputs, batch made symbolic."""
+        batch = next((t.shape[0] for t in self.elements_of_inputs() if t.dim() > 0), None)
+
+        def fake_like(t):
+            shape = list(t.shape)
+            if shape and shape[0] == self.example_batch and batch is not None:
+                shape[0] = batch
+            return torch.empty(shape, dtype=t.dtype).requires_grad_(t.requires_grad)
+
+        return tree_map(lambda t: fake_like(t) if isinstance(t, torch.Tensor) else t, real_out)
+
+    def elements_of_inputs(self) -> list[torch.Tensor]:
+        return [t for n in self.gm.graph.nodes if n.op == "placeholder" for t in self.elements[n.name]]
+
+    def _concrete(self, size) -> int:
+        return int(self._expr(size).xreplace({BATCH: self.example_batch}))
+
+    def batch_was_specialised(self) -> bool:
+        """True if some op forced the symbolic batch to a constant (e.g. by asking for
+        its sizes as ints), so that expressions made after it are not functions of it."""
+        if self.shape_env is None:
+            return False
+        return any(not self.shape_env.replace(s).free_symbols for s in self.batch_symbols)
+
+    # ---- the loss ------------------------------------------------------------------------
+    def loss_node(self, output_node: fx.Node) -> None:
+        names = [n.name for n in output_node.all_input_nodes]
+        structure = fx.node.map_arg(output_node.args[0], lambda n: self.values[n.name])
+        structure, leaves = self._isolate(structure, self._element_map(names))
+        start = len(self.tracker.events)
+        with self.tracker:
+            loss = self.loss_fn(structure)
+            self.tracker.poll()
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise ProfileError(
+                "loss_fn must return a one-element tensor that requires grad; got "
+                f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}"
+            )
+        events = self.tracker.events[start:]
+        self._set_value("loss", loss)
+        new_uids = {uid for kind, uid, _ in events if kind == "alloc"}
+        self.costs.append(NodeCost(
+            name="loss", op="loss", label="loss", shapes=((),), nbytes=(self._expr(loss.element_size()),),
+            inputs=tuple((n, k) for n in names for k in range(len(self.elements[n]))),
+            outputs=(self._ref_of(loss, new_uids),), requires_grad=(True,), internal=(),
+            saved=(), fwd_events=tuple((kind, uid, self._expr(b)) for kind, uid, b in events),
+            fwd_flops=sympy.Integer(0),
+        ))
+        self._leaves["loss"] = leaves
+        self.grads[("loss", 0)] = None  # backward starts here: autograd makes the ones itself
+
+    # ---- one node, backward ------------------------------------------------------------
+    def backward_node(self, cost: NodeCost) -> None:
+        outs, grad_outs, indices = [], [], []
+        for k, t in enumerate(self.elements[cost.name]):
+            if (cost.name, k) in self.grads and t.requires_grad:
+                outs.append(t)
+                grad_outs.append(self.grads[(cost.name, k)])
+                indices.append(k)
+        if not outs:
+            return
+        leaves = self._leaves[cost.name]
+        targets = [(e, leaf) for e, (leaf, _) in leaves.items() if leaf.requires_grad]
+        params = [] if cost.opaque else self._params_of(cost.name)
+        if cost.opaque:
+            source, real_inputs, real_params = self._opaque_source(cost)
+        self.tracker.poll()
+        start = len(self.tracker.events)
+        with self.tracker, (contextlib.nullcontext() if cost.opaque else FlopCounterMode(display=False)) as flops:
+            if cost.opaque:  # parameter gradients go into .grad in place, as in a real step
+                with unset_fake_temporarily():
+                    torch.autograd.backward(source, inputs=real_inputs + real_params)
+                results, param_results = [t.grad for t in real_inputs], []
+            else:
+                everything = [leaf for _, leaf in targets] + params
+                results = torch.autograd.grad(outs, everything, grad_outs if cost.name != "loss" else None, allow_unused=True)
+                results, param_results = results[: len(targets)], results[len(targets):]
+            self.tracker.poll()
+        events = _own_events(self.tracker.events[start:], cost.fwd_events)
+        if cost.opaque:  # parameter gradients keep their size; activations scale with the batch
+            # the stand-in gradients are the incoming ones, already live: drop their
+            # allocation, and turn their free into a release of that gradient slot
+            stand_ins = dict(zip(_GradientSource.made, indices))
+            events = [
+                ("release_grad", stand_ins[uid], 0) if uid in stand_ins else (kind, uid, b)
+                for kind, uid, b in events
+                if not (kind == "alloc" and uid in stand_ins)
+            ]
+            fixed = {self.tracker.uid_of(g) for g in param_results if g is not None}
+            events = [
+                (kind, uid, b if uid in fixed or kind == "release_grad" else sympy.Integer(b) * BATCH / self.example_batch)
+                for kind, uid, b in events
+            ]
+        new_uids = {uid for kind, uid, _ in events if kind == "alloc"}
+        grad_keys = {storage_key(g): i for i, g in zip(indices, grad_outs) if g is not None}
+        grad_inputs, attr_grads = [], []
+        for (element, _), g in zip(targets, results):
+            if g is None:
+                continue
+            if self._node[element[0]].op == "get_attr":
+                attr_grads.append(g)  # a parameter used by a function: AccumulateGrad adds it in place
+                continue
+            if cost.opaque:
+                ref = ("new", self.tracker.uid_of(g)) if self.tracker.uid_of(g) in new_uids else ("external",)
+                g = self._fake_grad(element)
+            elif storage_key(g) in grad_keys:
+                ref = ("grad_out", grad_keys[storage_key(g)])
+            else:
+                ref = ("new", self.tracker.uid_of(g)) if self.tracker.uid_of(g) in new_uids else ("external",)
+            grad_inputs.append((element, ref))
+            self._accumulate(element, g)
+        param_uids = tuple(
+            self.tracker.uid_of(g) for g in [*param_results, *attr_grads]
+            if g is not None and self.tracker.uid_of(g) in new_uids
+        )
+        cost.has_backward = True
+        cost.bwd_events = tuple((kind, uid, self._expr(b)) for kind, uid, b in events)
+        cost.grad_inputs = tuple(grad_inputs)
+        cost.param_grads = param_uids
+        cost.bwd_flops = self._opaque_bwd_flops.pop(cost.name) if cost.opaque else self._expr(flops.get_total_flops())
+
+    def _params_of(self, name: str) -> list[torch.Tensor]:
+        node = self._node.get(name)
+        if node is None or node.op != "call_module":
+            return []
+        module = self.gm.get_submodule(node.target)
+        return [self.fake_of[id(p)] for p in module.parameters() if p.requires_grad]
+
+    def _opaque_flops(self, node: fx.Node, prepared) -> tuple[sympy.Expr, sympy.Expr]:
+        """Forward and backward FLOPs of an opaque leaf, from one more real step of it
+        on copies, untracked; taken as proportional to the batch."""
+        module, state, real_args, real_kwargs = prepared
+        with unset_fake_temporarily(), FlopCounterMode(display=False) as counter:
+            copies = {k: t.detach().clone().requires_grad_(t.requires_grad) for k, t in state.items()}
+            args, kwargs = tree_map(lambda t: t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t, (real_args, real_kwargs))
+            out = [t for t in tensors_in(functional_call(module, copies, args, kwargs)) if t.requires_grad]
+            forward = counter.get_total_flops()
+            if out:
+                torch.autograd.backward(out, [torch.ones_like(t) for t in out])
+            backward = counter.get_total_flops() - forward
+        scale = BATCH / self.example_batch
+        self._opaque_bwd_flops[node.name] = sympy.Integer(backward) * scale
+        return sympy.Integer(forward) * scale, self._opaque_bwd_flops[node.name]
+
+    def _opaque_source(self, cost: NodeCost):
+        """A scalar whose backward hands the opaque leaf fresh gradients for its outputs,
+        with the harness holding none of them: inside the window the leaf's own graph
+        frees its saved tensors and incoming gradients as eager backward does."""
+        real_args, real_kwargs, real_out, state = self._opaque_real.pop(cost.name)
+        with unset_fake_temporarily():
+            outs = [t for t in tensors_in(real_out) if t.requires_grad]
+            source = _GradientSource.apply(self.tracker, *outs)
+        real_inputs = [t for t in tensors_in((real_args, real_kwargs)) if t.requires_grad]
+        params = [p for p in state.values() if p.requires_grad]
+        with unset_fake_temporarily():
+            for p in params:
+                p.grad = torch.zeros_like(p)
+        return source, real_inputs, params
+
+    def _fake_grad(self, element: tuple[str, int]) -> torch.Tensor:
+        return torch.zeros_like(self.elements[element[0]][element[1]])
+
+    def _accumulate(self, element: tuple[str, int], grad: torch.Tensor) -> None:
+        previous = self.grads.get(element)
+        self.grads[element] = grad if previous is None else previous + grad
+
+    # ---- the whole graph ---------------------------------------------------------------
+    def run(self) -> Costs:
+        self._leaves: dict[str, dict] = {}
+        self._opaque_real: dict[str, tuple] = {}
+        self._opaque_bwd_flops: dict[str, sympy.Expr] = {}
+        self._node = {n.name: n for n in self.gm.graph.nodes}
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(self.inputs):
+            raise ProfileError(
+                f"the model takes {len(placeholders)} positional input(s) "
+                f"({', '.join(n.name for n in placeholders)}) but example_inputs has {len(self.inputs)}"
+            )
+        output_node = None
+        with self.mode:
+            self._fake_state()
+            for node in self.gm.graph.nodes:
+                if node.op == "placeholder":
+                    value = self.inputs[len(self.values)]
+                    self._set_value(node.name, self._fake_input(value) if isinstance(value, torch.Tensor) else value)
+                elif node.op == "get_attr":
+                    attr = _fetch_attr(self.gm, node.target)
+                    if isinstance(attr, torch.Tensor):
+                        attr = self.fake_of.get(id(attr)) or self.mode.from_tensor(attr, static_shapes=True)
+                    self._set_value(node.name, attr)
+                elif node.op == "output":
+                    output_node = node
+                else:
+                    try:
+                        self.forward_node(node)
+                    except ProfileError:
+                        raise
+                    except Exception as error:
+                        raise ProfileError(
+                            f"the example inputs {_shapes(self.inputs)} do not fit the model: node "
+                            f"{_label(node)!r} ({_op_name(self.gm, node)}) failed with "
+                            f"{type(error).__name__}: {error}"
+                        ) from error
+            self.loss_node(output_node)
+            for cost in reversed(self.costs):
+                self.backward_node(cost)
+        sizes = {uid: b for c in self.costs for kind, uid, b in (*c.fwd_events, *c.bwd_events) if kind == "alloc"}
+        outputs = tuple((n.name, k) for n in output_node.all_input_nodes for k in range(len(self.elements[n.name])))
+        return Costs(
+            nodes=self.costs, outputs=outputs, sizes=sizes, example_batch=self.example_batch,
+            input_shapes=_shapes(self.inputs), opaque=tuple(sorted(self.opaque)),
+        )
+
+
+class _GradientSource(torch.autograd.Function):
+    """Backpropagates random gradients into its inputs, allocated inside backward;
+    `made` lists the tracker uids of the last ones, so their events can be dropped."""
+
+    made: list[int] = []
+
+    @staticmethod
+    def forward(ctx, tracker, *outputs):
+        ctx.tracker = tracker
+        ctx.shapes = [(t.shape, t.dtype) for t in outputs]
+        return outputs[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        grads = tuple(torch.randn(shape, dtype=dtype) for shape, dtype in ctx.shapes)
+        ctx.tracker.poll()
+        _GradientSource.made = [ctx.tracker.uid_of(g) for g in grads]
+        return (None, *grads)
+
+
+def _own_events(events, earlier) -> list:
+    """The events of one window, less the frees of storages that other nodes allocated
+    (they are freed when the harness drops them, not by this node)."""
+    own = {uid for kind, uid, _ in earlier if kind == "alloc"} | {uid for kind, uid, _ in events if kind == "alloc"}
+    return [e for e in events if e[0] == "alloc" or e[1] in own]
+
+
+def _example_batch(inputs: tuple) -> int:
+    batches = {t.shape[0] for t in tensors_in(inputs) if t.dim() > 0}
+    if len(batches) > 1:
+        raise ProfileError(
+            f"example inputs have different sizes in dim 0 ({sorted(batches)}); dim 0 of every input "
+            "is taken as the batch dimension"
+        )
+    return batches.pop() if batches else 1
+
+
+def _shapes(inputs: tuple) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(t.shape) for t in tensors_in(inputs))
+
+
+def _state_items(module: nn.Module):
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if node.op == "call_method":
+        return str(node.target)
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _label(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()))[0] if stack else ""
+    return f"{path}:{node.name}" if path else node.name
+
+
+def profile_graph(
+    gm: fx.GraphModule,
+    example_inputs: tuple,
+    loss_fn: Callable,
+    opaque: tuple[str, ...] = (),
+    held_until: dict[str, str] | None = None,
+) -> Costs:
+    """Per-node costs of one training step of `gm` on inputs shaped like `example_inputs`.
+
+    Byte counts and FLOPs are sympy expressions of `batch`: traced with a symbolic
+    batch where every op allows it; where an op forces the batch to a constant, from
+    two static traces (batch b and b + 1), each count taken as affine in the batch.
+    """
+    profiler = _Profiler(gm, example_inputs, loss_fn, opaque)
+    costs = profiler.run()
+    if profiler.batch_was_specialised():
+        log.info("an op fixed the batch size while tracing symbolically; fitting costs from two static traces")
+        batch = profiler.example_batch
+        costs = _affine_fit(
+            _Profiler(gm, example_inputs, loss_fn, opaque, batch=batch).run(),
+            _Profiler(gm, example_inputs, loss_fn, opaque, batch=batch + 1).run(),
+            batch,
+        )
+    costs.held_until = dict(held_until or {})
+    return costs
+
+
+def _affine_fit(first: Costs, second: Costs, batch: int) -> Costs:
+    """Costs whose counts are a*batch + c through the counts of two static traces at
+    `batch` and `batch + 1`; if the traces differ in structure, the costs of the first
+    alone, marked as valid at that batch only."""
+    same = len(first.nodes) == len(second.nodes) and all(
+        [e[:2] for e in a.fwd_events + a.bwd_events] == [e[:2] for e in b.fwd_events + b.bwd_events]
+        for a, b in zip(first.nodes, second.nodes)
+    )
+    if not same:
+        log.warning("the graph's allocations change with the batch size; costs hold at batch %d only", batch)
+        first.batch_symbolic = False
+        return first
+
+    def fit(a: sympy.Expr, b: sympy.Expr) -> sympy.Expr:
+        slope = b - a
+        return sympy.expand(slope * BATCH + a - slope * batch)
+
+    def fit_events(a, b):
+        return tuple((kind, uid, fit(x, y)) for (kind, uid, x), (_, _, y) in zip(a, b))
+
+    for a, b in zip(first.nodes, second.nodes):
+        a.fwd_events, a.bwd_events = fit_events(a.fwd_events, b.fwd_events), fit_events(a.bwd_events, b.bwd_events)
+        a.nbytes = tuple(fit(x, y) for x, y in zip(a.nbytes, b.nbytes))
+        a.fwd_flops, a.bwd_flops = fit(a.fwd_flops, b.fwd_flops), fit(a.bwd_flops, b.bwd_flops)
+    first.sizes = {uid: fit(first.sizes[uid], second.sizes[uid]) for uid in first.sizes}
+    first.example_batch = batch
+    return first

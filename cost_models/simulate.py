@@ -1,0 +1,200 @@
+"""Predict the peak activation memory of one training step from per-node costs.
+
+A pure function of `Costs` and a batch size. It replays the step the way eager
+PyTorch runs it: forward in graph order, each value freed after its last use unless
+autograd saved it or the caller holds it (the outputs); then the loss; then backward
+in reverse order (the CPU autograd engine's order), where each node's gradient
+outputs and saved tensors are released after its backward, parameter gradients are
+added into `.grad` in place and freed, and gradients that meet at a value are summed
+into a fresh tensor, as autograd does under the CPU measurement mode.
+Storages are reference-counted, so views, in-place ops and tensors saved by two
+consumers count once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from cost_models.node_costs import BATCH, Costs
+from cost_models.saved import value_storages
+
+__all__ = ["Simulation", "simulate", "window_peak"]
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """The predicted peak, where it happens, and live bytes after every step."""
+
+    peak_bytes: int
+    peak_at: str
+    timeline: tuple[tuple[str, int], ...]
+    batch: int
+
+
+def window_peak(events, size: dict[int, int], released=lambda index: 0) -> tuple[int, int]:
+    """(highest, final) bytes above the start over one node's events; `released(k)` says
+    how many bytes dropping the gradient of output k frees."""
+    current = highest = 0
+    for kind, uid, _ in events:
+        if kind == "release_grad":
+            current -= released(uid)
+        else:
+            current += size[uid] if kind == "alloc" else -size[uid]
+        highest = max(highest, current)
+    return highest, current
+
+
+class _Replay:
+    def __init__(self, costs: Costs, batch: int):
+        self.costs = costs
+        self.batch = batch
+        self.size = {uid: int(math.ceil(expr.xreplace({BATCH: batch}))) for uid, expr in costs.sizes.items()}
+        self.refs: dict[int, int] = {}
+        self.live = 0
+        self.peak = 0
+        self.peak_at = "start"
+        self.timeline: list[tuple[str, int]] = []
+        self.storage = value_storages(costs)
+        self.fresh = -1
+
+    def check(self, candidate: int, where: str) -> None:
+        if candidate > self.peak:
+            self.peak, self.peak_at = candidate, where
+
+    def hold(self, uid: int | None) -> None:
+        if uid is not None:
+            self.refs[uid] = self.refs.get(uid, 0) + 1
+
+    def release(self, uid: int | None) -> None:
+        if uid is None or uid not in self.refs:
+            return
+        self.refs[uid] -= 1
+        if self.refs[uid] == 0:
+            del self.refs[uid]
+            self.live -= self.size[uid]
+
+    def resolve(self, ref) -> int | None:
+        if ref[0] == "new":
+            return ref[1]
+        if ref[0] == "value":
+            return self.storage.get((ref[1], ref[2]))  # absent: an input of the step
+        return None
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self) -> None:
+        nodes = self.costs.nodes
+        last_use: dict[tuple[str, int], int] = {}
+        position = {node.name: index for index, node in enumerate(nodes)}
+        for index, node in enumerate(nodes):
+            for element in node.inputs:
+                last_use[element] = index
+        for name, until in self.costs.held_until.items():
+            producer = self.costs.by_name.get(name)
+            if producer is None or until not in position:
+                continue
+            for k in range(len(producer.outputs)):
+                last_use[(name, k)] = max(last_use.get((name, k), -1), position[until])
+        release_at: dict[int, list[tuple[str, int]]] = {}
+        for element, index in last_use.items():
+            release_at.setdefault(index, []).append(element)
+        for index, node in enumerate(nodes):
+            highest, _ = window_peak(node.fwd_events, self.size)
+            self.check(self.live + highest, f"forward {node.label}")
+            for k, ref in enumerate(node.outputs):
+                uid = self.storage[(node.name, k)]
+                if ref[0] == "new":
+                    self.live += self.size[uid]
+                self.hold(uid)
+            for uid in node.internal:
+                self.live += self.size[uid]
+                self.hold(uid)
+            for ref in node.saved:
+                if ref[0] == "value":
+                    self.hold(self.resolve(ref))
+            if node.name == "loss":
+                for element in self.costs.outputs:  # the caller holds the outputs until backward ends
+                    self.hold(self.storage.get(element))
+            for element in release_at.get(index, ()):
+                self.release(self.storage.get(element))
+            for k in range(len(node.outputs)):
+                if (node.name, k) not in last_use and node.name != "loss" and (node.name, k) not in self.costs.outputs:
+                    self.release(self.storage[(node.name, k)])
+            self.timeline.append((f"forward {node.label}", self.live))
+
+    # ---- backward --------------------------------------------------------------------------
+    def backward(self) -> None:
+        slots: dict[tuple[str, int], int] = {}  # value element -> storage of its gradient
+        for node in reversed(self.costs.nodes):
+            if not node.has_backward:
+                continue
+            def released(k, node=node):
+                uid = slots.get((node.name, k))
+                return self.size[uid] if uid is not None and self.refs.get(uid) == 1 else 0
+
+            highest, _ = window_peak(node.bwd_events, self.size, released)
+            self.check(self.live + highest, f"backward {node.label}")
+            allocated = [uid for kind, uid, _ in node.bwd_events if kind == "alloc"]
+            freed = {uid for kind, uid, _ in node.bwd_events if kind == "free"}
+            for uid in allocated:
+                if uid not in freed:
+                    self.live += self.size[uid]
+                    self.hold(uid)
+            for uid in freed & set(node.internal):  # saved internals, freed inside its backward
+                self.refs[uid] = 1
+                self.release(uid)
+            incoming = []
+            for element, ref in node.grad_inputs:
+                uid = slots.get((node.name, ref[1])) if ref[0] == "grad_out" else self.resolve(ref)
+                self.hold(uid)
+                incoming.append((element, uid))
+            if node.name == "loss":  # backward() holds the initial gradient until it returns
+                for uid in allocated:
+                    self.hold(uid)
+            for k in range(len(node.outputs)):
+                self.release(slots.pop((node.name, k), None))
+            for ref in node.saved:
+                self.release(self.resolve(ref))
+            for uid in node.internal:
+                self.release(uid)
+            for uid in allocated:  # drop the allocation's own hold: what a slot holds stays,
+                if uid not in freed:  # parameter gradients and temporaries die here
+                    self.release(uid)
+            for element, uid in incoming:
+                self.accumulate(slots, element, uid, node.label)
+            self.timeline.append((f"backward {node.label}", self.live))
+
+    def accumulate(self, slots, element, uid, where: str) -> None:
+        """Sum gradients that meet at a value. Under the CPU measurement mode autograd
+        sums them out of place (the mode's Python references fail its last-reference
+        test for adding in place): a fresh tensor of the value's size, both sides freed.
+        Where sums happen in place (CUDA, no mode), this errs high by one gradient."""
+        if uid is None:
+            return
+        old = slots.get(element)
+        if old is None:
+            slots[element] = uid
+            return
+        self.fresh -= 1
+        producer = self.costs.by_name[element[0]]
+        self.size[self.fresh] = int(math.ceil(producer.nbytes[element[1]].xreplace({BATCH: self.batch})))
+        self.live += self.size[self.fresh]
+        self.hold(self.fresh)
+        self.check(self.live, f"backward {where}")
+        slots[element] = self.fresh
+        self.release(old)
+        self.release(uid)
+
+
+def simulate(costs: Costs, batch: int | None = None) -> Simulation:
+    """The predicted peak of one training step at `batch` (default: the traced batch)."""
+    batch = costs.example_batch if batch is None else batch
+    if batch != costs.example_batch and not costs.batch_symbolic:
+        raise ValueError(
+            f"batch={batch}: this model's allocations change with the batch size in a way its "
+            f"costs cannot express; they hold at batch {costs.example_batch} only: trace at batch {batch}"
+        )
+    replay = _Replay(costs, batch)
+    replay.forward()
+    replay.backward()
+    return Simulation(replay.peak, replay.peak_at, tuple(replay.timeline), batch)

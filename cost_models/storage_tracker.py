@@ -1,0 +1,96 @@
+"""Count the bytes of tensor storages that come alive and die while ops run.
+
+The CPU half of the measurement protocol in ARCHITECTURE.md: a `TorchDispatchMode`
+sees every op, forward and backward (the CPU autograd engine runs in the calling
+thread and keeps the mode). A storage that an op returns and that is not one of the
+op's own inputs' storages is new: its bytes are added. Weak references to the
+storage implementation tell when it is freed: before each op, and when asked, dead
+storages are subtracted. Storages that existed before tracking began (parameters,
+inputs, gradients) are never counted, since an op that returns them returns a view
+of an input.
+
+The same tracker runs on fake tensors, where byte counts may be symbolic (SymInt):
+it then keeps the sequence of events instead of a numeric peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["StorageTracker", "storage_key", "tensors_in"]
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    """A stable identity of the storage under `tensor` (shared by all its views)."""
+    return StorageWeakRef(tensor.untyped_storage()).cdata
+
+
+def tensors_in(tree: Any) -> list[torch.Tensor]:
+    """Every tensor in a nested structure of lists, tuples and dicts."""
+    return [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
+
+
+@dataclass
+class _Live:
+    ref: StorageWeakRef
+    nbytes: Any  # int, or SymInt under a symbolic shape environment
+    uid: int
+
+
+class StorageTracker(TorchDispatchMode):
+    """Adds each new storage's bytes and subtracts them when it is freed.
+
+    `current` and `peak` are kept when byte counts are plain ints. With
+    `record_events`, `events` lists ("alloc", key, nbytes) and ("free", key, nbytes)
+    in order instead, for replay with symbolic sizes; ids are the tracker's own uids,
+    never reused.
+    """
+
+    def __init__(self, record_events: bool = False) -> None:
+        super().__init__()
+        self.record_events = record_events
+        self.current = 0
+        self.peak = 0
+        self.live: dict[int, _Live] = {}
+        self.events: list[tuple[str, int, Any]] = []
+        self._next_uid = 0
+
+    def uid_of(self, tensor: torch.Tensor) -> int | None:
+        """The id this tracker gave the storage under `tensor`, or None if it is not tracked."""
+        entry = self.live.get(storage_key(tensor))
+        return None if entry is None else entry.uid
+
+    def poll(self) -> None:
+        """Subtract the storages that have been freed since the last poll."""
+        for key in [key for key, entry in self.live.items() if entry.ref.expired()]:
+            entry = self.live.pop(key)
+            if self.record_events:
+                self.events.append(("free", entry.uid, entry.nbytes))
+            else:
+                self.current -= entry.nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.poll()
+        kwargs = kwargs or {}
+        inputs = {storage_key(t) for t in tensors_in((args, kwargs))}
+        out = func(*args, **kwargs)
+        for tensor in tensors_in(out):
+            storage = tensor.untyped_storage()
+            key = StorageWeakRef(storage).cdata
+            if key in inputs or key in self.live:
+                continue
+            nbytes = storage.nbytes()
+            self.live[key] = _Live(StorageWeakRef(storage), nbytes, self._next_uid)
+            if self.record_events:
+                self.events.append(("alloc", self._next_uid, nbytes))
+            else:
+                self.current += nbytes
+                self.peak = max(self.peak, self.current)
+            self._next_uid += 1
+        return out

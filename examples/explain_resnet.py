@@ -1,0 +1,38 @@
+"""Where does the training memory of a ResNet go? The main example of `rewriter`.
+
+Measures the peak activation memory of one real training step of the zoo's
+ResNet-18-style model, predicts it from the graph before any step (fake tensors),
+prints the per-node table of what the backward keeps, and answers how large a batch
+would fit a budget. Run: python examples/explain_resnet.py
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the zoo lives beside this file
+
+import rewriter  # noqa: E402
+from examples.zoo import ZOO  # noqa: E402
+from rewriter.plan import format_bytes  # noqa: E402
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    zoo = ZOO["resnet18"]
+    model, images = zoo.test_model(), zoo.test_input(batch=8)
+
+    plan = rewriter.explain(model, images)
+    measured = rewriter.measure_peak(model, images)
+    print(plan)
+    print()
+    print(f"measured peak  {format_bytes(measured):>12}  ({measured:,} bytes)")
+    print(f"predicted peak {format_bytes(plan.predicted_peak_bytes):>12}  ({plan.predicted_peak_bytes:,} bytes), "
+          f"off by {plan.predicted_peak_bytes - measured:+,} bytes")
+    budget = 32 * 2**20
+    print(f"largest batch whose predicted step fits {format_bytes(budget)}: "
+          f"{rewriter.largest_batch(model, images, budget)}")
+
+
+if __name__ == "__main__":
+    main()

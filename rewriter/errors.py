@@ -1,0 +1,15 @@
+"""The exceptions `rewriter` raises: one small hierarchy, each naming the value and the fix."""
+
+__all__ = ["RewriterError", "CaptureError", "InputError"]
+
+
+class RewriterError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class CaptureError(RewriterError):
+    """The model could not be captured as a graph at all (its top level is not traceable)."""
+
+
+class InputError(RewriterError, ValueError):
+    """An argument does not fit: wrong type, a model in eval mode, inputs the model rejects."""

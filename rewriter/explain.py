@@ -1,0 +1,109 @@
+"""explain and largest_batch: the cost model's answers for a model and its inputs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from cost_models.node_costs import BATCH, Costs
+from cost_models.profile import ProfileError, profile_graph
+from cost_models.saved import saved_tensors
+from cost_models.simulate import Simulation, simulate
+from rewriter.errors import InputError
+from rewriter.measure import as_input_tuple, check_trainable, default_loss, preserved_model_state
+from rewriter.plan import NodePlan, Plan
+from rewriter.trace import capture
+
+__all__ = ["explain", "largest_batch", "cost_model", "keep_all_plan"]
+
+log = logging.getLogger(__name__)
+
+
+def cost_model(
+    model: nn.Module, example_inputs: Any, loss_fn: Callable[[Any], torch.Tensor] | None = None
+) -> Costs:
+    """Capture `model` and profile every node on fake tensors: the per-node costs of one
+    training step, with byte counts as sympy expressions of the batch size."""
+    check_trainable(model)
+    inputs = as_input_tuple(example_inputs)
+    captured = capture(model)
+    try:
+        with preserved_model_state(model):  # opaque leaves run for real and draw random inputs
+            return profile_graph(captured.gm, inputs, loss_fn or default_loss, captured.opaque, captured.held_until)
+    except ProfileError as error:
+        raise InputError(str(error)) from error
+
+
+def keep_all_plan(costs: Costs, simulation: Simulation) -> Plan:
+    """The plan that keeps every saved tensor, with the simulator's peak."""
+    saved_by: dict[str, tuple[int, list[str]]] = {}
+    for tensor in saved_tensors(costs, simulation.batch):
+        total, holders = saved_by.get(tensor.owner, (0, []))
+        saved_by[tensor.owner] = (total + tensor.nbytes, holders + [h for h in tensor.held_by if h not in holders])
+    batch = simulation.batch
+
+    def at_batch(shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (batch, *shape[1:]) if shape and shape[0] == costs.example_batch else shape
+
+    nodes = tuple(
+        NodePlan(
+            node=c.name, label=c.label, op=c.op,
+            shape=at_batch(c.shapes[0]) if c.shapes else (),
+            saved_bytes=saved_by.get(c.name, (0, []))[0],
+            held_by=tuple(saved_by.get(c.name, (0, []))[1]),
+            forward_flops=int(c.fwd_flops.xreplace({BATCH: batch})),
+        )
+        for c in costs.nodes
+    )
+    shapes = tuple(at_batch(s) for s in costs.input_shapes)
+    return Plan(
+        nodes=nodes, predicted_peak_bytes=simulation.peak_bytes, baseline_peak_bytes=simulation.peak_bytes,
+        peak_at=simulation.peak_at, batch=batch, input_shapes=shapes, opaque=costs.opaque,
+    )
+
+
+def explain(
+    model: nn.Module, example_inputs: Any, loss_fn: Callable[[Any], torch.Tensor] | None = None
+) -> Plan:
+    """The all-keep plan of `model` on `example_inputs`: every node's saved bytes, who
+    holds them, and the predicted peak of one training step, before any real step.
+
+    `example_inputs` is a tensor or a tuple of positional inputs; dim 0 of each is the
+    batch. `loss_fn(output)` defaults to the sum of the floating outputs. Nothing real
+    is allocated except by opaque leaves, and the model is left unchanged.
+    """
+    costs = cost_model(model, example_inputs, loss_fn)
+    return keep_all_plan(costs, simulate(costs))
+
+
+def largest_batch(
+    model: nn.Module,
+    example_inputs: Any,
+    budget_bytes: int,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    limit: int = 2**20,
+) -> int:
+    """The largest batch whose predicted training-step peak fits `budget_bytes`, from one
+    trace at the example batch (byte counts are expressions of the batch). 0 if even
+    a batch of 1 does not fit."""
+    if not isinstance(budget_bytes, int) or budget_bytes <= 0:
+        raise InputError(f"budget_bytes={budget_bytes!r} must be a positive number of bytes")
+    costs = cost_model(model, example_inputs, loss_fn)
+
+    def fits(batch: int) -> bool:
+        return simulate(costs, batch).peak_bytes <= budget_bytes
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    if high > limit:
+        return low
+    while high - low > 1:  # fits(low), not fits(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low

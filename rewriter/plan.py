@@ -1,0 +1,141 @@
+"""The Plan: what every node's saved memory costs and what to do about it, as a value.
+
+A frozen dataclass keyed by node name. `str(plan)` is a table, largest saved memory
+first; `plan.to_json()` and `Plan.from_json()` round-trip it, so a stored plan can be
+read back and compared, or applied again without solving.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+__all__ = ["NodePlan", "Plan", "format_bytes"]
+
+STRATEGIES = ("keep", "recompute", "invert", "compress", "row_split")
+
+
+def format_bytes(n: int) -> str:
+    """Bytes as a short human string: 3.20 MiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """One graph node: the memory autograd keeps for it and the strategy chosen for it.
+
+    `saved_bytes` is the memory this node allocated that the backward needs (its
+    output kept by `held_by`, or statistics/masks/indices it keeps for itself).
+    """
+
+    node: str
+    label: str
+    op: str
+    shape: tuple[int, ...]
+    saved_bytes: int
+    held_by: tuple[str, ...]
+    forward_flops: int
+    strategy: str = "keep"
+    seconds_added: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r} for node {self.node!r} is not one of {STRATEGIES}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A strategy per node, with the predicted and baseline peaks of one training step.
+
+    `predicted_peak_bytes` is the cost model's peak under this plan;
+    `baseline_peak_bytes` its peak with every saved tensor kept; `budget_bytes` the
+    budget the plan was made for (None for `explain`); `peak_at` the step where the
+    predicted peak falls; `batch` and `input_shapes` the inputs it was made for.
+    """
+
+    nodes: tuple[NodePlan, ...]
+    predicted_peak_bytes: int
+    baseline_peak_bytes: int
+    budget_bytes: int | None = None
+    peak_at: str = ""
+    batch: int = 1
+    input_shapes: tuple[tuple[int, ...], ...] = ()
+    opaque: tuple[str, ...] = ()
+    _index: dict = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", {n.node: n for n in self.nodes})
+
+    # ---- keyed by node name -------------------------------------------------------------
+    def __getitem__(self, node: str) -> NodePlan:
+        try:
+            return self._index[node]
+        except KeyError:
+            raise KeyError(f"no node {node!r} in this plan; its nodes are {list(self._index)[:8]}...") from None
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def saved_bytes(self) -> int:
+        """Memory kept for the backward, summed over all nodes."""
+        return sum(n.saved_bytes for n in self.nodes)
+
+    # ---- JSON ---------------------------------------------------------------------------
+    def to_json(self) -> str:
+        data = {k: v for k, v in asdict(self).items() if k != "_index"}
+        return json.dumps(data, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        data = json.loads(text)
+        nodes = tuple(
+            NodePlan(**{**n, "shape": tuple(n["shape"]), "held_by": tuple(n["held_by"])}) for n in data.pop("nodes")
+        )
+        data["input_shapes"] = tuple(tuple(s) for s in data["input_shapes"])
+        data["opaque"] = tuple(data["opaque"])
+        return cls(nodes=nodes, **data)
+
+    # ---- the table ----------------------------------------------------------------------
+    def __str__(self) -> str:
+        peak = max(self.predicted_peak_bytes, 1)
+        lines = [
+            f"Plan for inputs {', '.join(str(tuple(s)) for s in self.input_shapes)} (batch {self.batch})",
+            f"  predicted peak  {format_bytes(self.predicted_peak_bytes):>12}  ({self.predicted_peak_bytes:,} bytes, at {self.peak_at})",
+            f"  baseline peak   {format_bytes(self.baseline_peak_bytes):>12}",
+            f"  budget          {format_bytes(self.budget_bytes) if self.budget_bytes is not None else 'none':>12}",
+            f"  saved for backward {format_bytes(self.saved_bytes)} in {sum(1 for n in self.nodes if n.saved_bytes)} nodes",
+        ]
+        if self.opaque:
+            lines.append(f"  opaque leaves (not rewritten inside): {', '.join(self.opaque)}")
+        rows = sorted((n for n in self.nodes if n.saved_bytes), key=lambda n: (-n.saved_bytes, n.node))
+        header = ("node", "op", "shape", "saved", "share", "held by", "strategy", "+seconds")
+        table = [header] + [
+            (
+                n.label, n.op, "x".join(map(str, n.shape)) or "scalar", format_bytes(n.saved_bytes),
+                f"{100 * n.saved_bytes / peak:.1f}%", _held(n, self), n.strategy, f"{n.seconds_added:.4f}",
+            )
+            for n in rows
+        ]
+        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+        lines.append("")
+        for i, r in enumerate(table):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def _held(node: NodePlan, plan: Plan) -> str:
+    names = ["itself" if h == node.node else plan[h].label if h in plan else h for h in node.held_by]
+    return ", ".join(names)

@@ -1,0 +1,101 @@
+"""Capture a model as a torch.fx GraphModule that keeps its module structure.
+
+`capture(model)` traces symbolically. Built-in torch.nn layers stay whole
+(`call_module` nodes whose target reads like `layer3.1.conv2`); user modules are
+traced through. A submodule that symbolic tracing cannot follow (data-dependent
+control flow, unsupported Python) is retried as an opaque leaf: one `call_module`
+node that runs it as it is, with a logged warning naming it. Only a top level that
+cannot be captured is an error. Tracing runs on proxies: it allocates no activation
+and changes nothing in the model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten
+
+from rewriter.errors import CaptureError, InputError
+
+__all__ = ["capture", "Captured"]
+
+log = logging.getLogger(__name__)
+
+
+class _ModuleTracer(fx.Tracer):
+    """A tracer that remembers which submodule was being traced when tracing failed."""
+
+    def __init__(self, opaque: frozenset[str]):
+        super().__init__()
+        self.opaque = opaque
+        self.path_stack: list[str] = []
+        self.failed_in: list[str] | None = None
+        self.held_until: dict[str, str] = {}
+
+    def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
+        return qualname in self.opaque or super().is_leaf_module(module, qualname)
+
+    def call_module(self, module, forward, args, kwargs):
+        self.path_stack.append(self.path_of_module(module))
+        try:
+            result = super().call_module(module, forward, args, kwargs)
+            self._note_argument_lifetimes(args, kwargs)
+            return result
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = list(self.path_stack)
+            raise
+        finally:
+            self.path_stack.pop()
+
+
+    def _note_argument_lifetimes(self, args, kwargs) -> None:
+        """Eager Python keeps a module call's arguments alive until the call returns, even
+        past their last use inside it; FX would free them earlier. Remember, for each
+        argument, the last node of the call."""
+        last = next(iter(reversed(self.graph.nodes)), None)
+        for value in tree_flatten((args, kwargs))[0]:
+            if isinstance(value, fx.Proxy) and last is not None and value.node is not last:
+                self.held_until[value.node.name] = last.name
+
+
+class Captured:
+    """The graph of a model: `gm` (a GraphModule sharing the model's parameters),
+    `opaque`, the qualified names of submodules kept as opaque leaves, and
+    `held_until`, node name -> the node until which an eager module call holds it."""
+
+    def __init__(self, gm: fx.GraphModule, opaque: tuple[str, ...], held_until: dict[str, str]):
+        self.gm = gm
+        self.opaque = opaque
+        self.held_until = held_until
+
+
+def capture(model: nn.Module) -> Captured:
+    """Trace `model` into a GraphModule, making untraceable submodules opaque leaves."""
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model={type(model).__name__} is not a torch.nn.Module; pass the model object")
+    opaque: list[str] = []
+    for _ in range(sum(1 for _ in model.modules()) + 1):
+        tracer = _ModuleTracer(frozenset(opaque))
+        try:
+            graph = tracer.trace(model)
+        except Exception as error:
+            failed = tracer.failed_in
+            if not failed:
+                raise CaptureError(
+                    f"cannot capture {type(model).__name__}: its own forward() is not symbolically "
+                    f"traceable ({type(error).__name__}: {error}); move the untraceable part into a "
+                    "submodule, which is then kept as an opaque leaf"
+                ) from error
+            name = failed[-1]
+            log.warning(
+                "submodule %r (%s) is not symbolically traceable (%s: %s); it is kept as an opaque "
+                "leaf: its saved tensors are counted, but no strategy rewrites inside it",
+                name, type(model.get_submodule(name)).__name__, type(error).__name__, error,
+            )
+            opaque.append(name)
+            continue
+        gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+        return Captured(gm, tuple(opaque), tracer.held_until)
+    raise CaptureError(f"cannot capture {type(model).__name__}: tracing did not converge")  # pragma: no cover

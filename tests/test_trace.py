@@ -1,0 +1,57 @@
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from examples.zoo import ZOO
+from rewriter import CaptureError, InputError
+from rewriter.trace import capture
+
+
+def test_nodes_keep_the_module_structure():
+    gm = capture(ZOO["resnet18"].test_model()).gm
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert {"conv1", "layer3.1.conv2", "layer4.0.downsample.0", "fc"} <= targets
+
+
+def test_untraceable_submodule_becomes_an_opaque_leaf(caplog):
+    with caplog.at_level(logging.WARNING, logger="rewriter.trace"):
+        captured = capture(ZOO["data_dependent"].test_model())
+    assert captured.opaque == ("gate",)
+    assert any("'gate'" in r.getMessage() and "opaque leaf" in r.getMessage() for r in caplog.records)
+    gate_nodes = [n for n in captured.gm.graph.nodes if n.op == "call_module" and n.target == "gate"]
+    assert len(gate_nodes) == 1
+
+
+def test_captured_graph_computes_what_the_model_computes():
+    zoo = ZOO["data_dependent"]
+    model, x = zoo.test_model().eval(), zoo.test_input()
+    torch.testing.assert_close(capture(model).gm(x), model(x))
+
+
+def test_untraceable_top_level_is_an_error_naming_it():
+    class TopLevelBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else x
+
+    with pytest.raises(CaptureError, match="TopLevelBranch.*submodule"):
+        capture(TopLevelBranch())
+
+
+def test_capture_needs_a_module():
+    with pytest.raises(InputError, match="not a torch.nn.Module"):
+        capture(lambda x: x)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_capture_changes_nothing_in_the_model(name, unchanged):
+    snapshot, assert_unchanged = unchanged
+    model = ZOO[name].test_model()
+    before = snapshot(model)
+    capture(model)
+    assert_unchanged(model, before)
