@@ -24,12 +24,21 @@ __all__ = ["Simulation", "simulate", "window_peak"]
 
 @dataclass(frozen=True)
 class Simulation:
-    """The predicted peak, where it happens, and live bytes after every step."""
+    """The predicted peak, where it happens, live bytes after every step, and the
+    lifetime of every storage a node allocated: node -> (step it was made, step it
+    was freed), as indexes into `timeline`; a storage alive at the end of the step
+    (the outputs the caller holds) ends at len(timeline)."""
 
     peak_bytes: int
     peak_at: str
     timeline: tuple[tuple[str, int], ...]
     batch: int
+    lifetimes: dict[str, list[tuple[int, int]]]
+
+    def lifetime(self, node: str) -> list[tuple[str, str]]:
+        """The lifetimes of `node`'s storages as step labels."""
+        label = [step for step, _ in self.timeline] + ["end of step"]
+        return [(label[start], label[end]) for start, end in self.lifetimes.get(node, [])]
 
 
 def window_peak(events, size: dict[int, int], released=lambda index: 0) -> tuple[int, int]:
@@ -57,13 +66,17 @@ class _Replay:
         self.timeline: list[tuple[str, int]] = []
         self.storage = value_storages(costs)
         self.fresh = -1
+        self.born: dict[int, tuple[str, int]] = {}  # uid -> (owner node, step)
+        self.lifetimes: dict[str, list[tuple[int, int]]] = {}
 
     def check(self, candidate: int, where: str) -> None:
         if candidate > self.peak:
             self.peak, self.peak_at = candidate, where
 
-    def hold(self, uid: int | None) -> None:
+    def hold(self, uid: int | None, owner: str | None = None) -> None:
         if uid is not None:
+            if uid not in self.refs and owner is not None:
+                self.born[uid] = (owner, len(self.timeline))
             self.refs[uid] = self.refs.get(uid, 0) + 1
 
     def release(self, uid: int | None) -> None:
@@ -73,6 +86,12 @@ class _Replay:
         if self.refs[uid] == 0:
             del self.refs[uid]
             self.live -= self.size[uid]
+            self._died(uid, len(self.timeline))
+
+    def _died(self, uid: int, step: int) -> None:
+        if uid in self.born:
+            owner, start = self.born.pop(uid)
+            self.lifetimes.setdefault(owner, []).append((start, step))
 
     def resolve(self, ref) -> int | None:
         if ref[0] == "new":
@@ -105,10 +124,10 @@ class _Replay:
                 uid = self.storage[(node.name, k)]
                 if ref[0] == "new":
                     self.live += self.size[uid]
-                self.hold(uid)
+                self.hold(uid, node.name)
             for uid in node.internal:
                 self.live += self.size[uid]
-                self.hold(uid)
+                self.hold(uid, node.name)
             for ref in node.saved:
                 if ref[0] == "value":
                     self.hold(self.resolve(ref))
@@ -197,4 +216,6 @@ def simulate(costs: Costs, batch: int | None = None) -> Simulation:
     replay = _Replay(costs, batch)
     replay.forward()
     replay.backward()
-    return Simulation(replay.peak, replay.peak_at, tuple(replay.timeline), batch)
+    for uid in list(replay.born):
+        replay._died(uid, len(replay.timeline))
+    return Simulation(replay.peak, replay.peak_at, tuple(replay.timeline), batch, replay.lifetimes)

@@ -93,6 +93,16 @@ def test_hand_counted_prediction_is_exact():
     assert plan["_0"].saved_bytes == 0  # the conv keeps its input, which is the step's input
 
 
+def test_lifetimes_follow_the_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.ReLU()).train()
+    simulation = simulate(cost_model(model, torch.randn(1, 1, 512, 512)))
+    # the conv output dies once the ReLU has run (nothing saved it); the ReLU output is
+    # the model output, held by the caller to the end of the step
+    assert simulation.lifetime("_0") == [("forward 0", "forward 1")]
+    assert simulation.lifetime("_1") == [("forward 1", "end of step")]
+
+
 @pytest.mark.parametrize("name", ["dropout", "resnet18", "data_dependent", "shared_module"])
 def test_explain_changes_nothing_in_the_model(name, unchanged):
     snapshot, assert_unchanged = unchanged
