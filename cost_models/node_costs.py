@@ -10,6 +10,7 @@ Byte counts are sympy expressions of the symbol `batch`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import sympy
@@ -75,3 +76,14 @@ class Costs:
 
     def __post_init__(self) -> None:
         self.by_name = {n.name: n for n in self.nodes}
+        self._numeric: dict[int, dict[int, int]] = {}
+
+    def sizes_at(self, batch: int) -> dict[int, int]:
+        """Every storage's bytes at `batch`, evaluated once and cached."""
+        if batch not in self._numeric:
+            values = {}
+            for uid, expr in self.sizes.items():
+                value = expr.xreplace({BATCH: batch}) if expr.free_symbols else expr
+                values[uid] = int(math.ceil(value))
+            self._numeric[batch] = values
+        return self._numeric[batch]

@@ -147,7 +147,8 @@ class _Profiler:
         start = len(self.tracker.events)
         # FlopCounterMode hooks module outputs until backward, which would keep an opaque
         # leaf's outputs alive: opaque leaves are counted apart (_opaque_flops)
-        with self.tracker, (contextlib.nullcontext() if opaque else FlopCounterMode(display=False)) as flops:
+        apart = opaque or self._is_segment(node.name)
+        with self.tracker, (contextlib.nullcontext() if apart else FlopCounterMode(display=False)) as flops:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 if opaque:
                     out = self._run_opaque(node, prepared)
@@ -174,6 +175,9 @@ class _Profiler:
         self._set_value(node.name, out)
         out_uids = {r[1] for r in outputs if r[0] == "new"}
         internal = tuple(sorted(new_uids - freed - out_uids))
+        if node.op == "call_module" and hasattr(self.gm.get_submodule(node.target), "checkpointed_code"):
+            # a checkpoint keeps its inputs for the rerun (its own hooks hide them from ours)
+            saved = [storage_key(t) for t in tensors_in((args, kwargs))]
         saved_refs = []
         for key in saved:
             ref = self._ref_of_key(key, new_uids)
@@ -193,7 +197,13 @@ class _Profiler:
             internal=internal,
             saved=tuple(saved_refs),
             fwd_events=tuple((kind, uid, self._expr(b)) for kind, uid, b in events),
-            fwd_flops=self._opaque_flops(node, prepared)[0] if opaque else self._expr(flops.get_total_flops()),
+            # a checkpointed segment's FLOPs are its members' (the pipeline counts the
+            # rerun): FlopCounterMode's module hooks would keep the rerun's tensors alive
+            fwd_flops=(
+                self._opaque_flops(node, prepared)[0] if opaque
+                else sympy.Integer(0) if apart
+                else self._expr(flops.get_total_flops())
+            ),
             opaque=opaque,
         ))
         self._leaves[node.name] = leaves
@@ -201,6 +211,11 @@ class _Profiler:
     def _run(self, node: fx.Node, args, kwargs):
         if node.op == "call_module":
             module = self.gm.get_submodule(node.target)
+            code = getattr(module, "checkpointed_code", None)
+            if code is not None:  # a checkpointed segment: its code runs on the fake state
+                state = {k: self.fake_of[id(t)] for k, t in _state_items(code)}
+                buffers = [self.fake_of[id(b)] for b in module.stat_buffers()]
+                return module.run(lambda *a: functional_call(code, state, a), *args, stat_buffers=buffers)
             state = {k: self.fake_of[id(t)] for k, t in _state_items(module)}
             return functional_call(module, state, args, kwargs)
         if node.op == "call_function":
@@ -304,22 +319,33 @@ class _Profiler:
         leaves = self._leaves[cost.name]
         targets = [(e, leaf) for e, (leaf, _) in leaves.items() if leaf.requires_grad]
         params = [] if cost.opaque else self._params_of(cost.name)
+        # a node of many ops frees its incoming gradient after its first op: feed it
+        # through a gradient source that the harness does not hold (see _GradientSource)
+        segment = self._is_segment(cost.name)
         if cost.opaque:
             source, real_inputs, real_params = self._opaque_source(cost)
+        elif segment:
+            source = _GradientSource.apply(self.tracker, *outs)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         self.tracker.poll()
         start = len(self.tracker.events)
-        with self.tracker, (contextlib.nullcontext() if cost.opaque else FlopCounterMode(display=False)) as flops:
+        with self.tracker, (contextlib.nullcontext() if cost.opaque or segment else FlopCounterMode(display=False)) as flops:
             if cost.opaque:  # parameter gradients go into .grad in place, as in a real step
                 with unset_fake_temporarily():
                     torch.autograd.backward(source, inputs=real_inputs + real_params)
                 results, param_results = [t.grad for t in real_inputs], []
+            elif segment:
+                torch.autograd.backward(source, inputs=[leaf for _, leaf in targets] + params)
+                results, param_results = [leaf.grad for _, leaf in targets], []
             else:
                 everything = [leaf for _, leaf in targets] + params
                 results = torch.autograd.grad(outs, everything, grad_outs if cost.name != "loss" else None, allow_unused=True)
                 results, param_results = results[: len(targets)], results[len(targets):]
             self.tracker.poll()
         events = _own_events(self.tracker.events[start:], cost.fwd_events)
-        if cost.opaque:  # parameter gradients keep their size; activations scale with the batch
+        if cost.opaque or segment:
             # the stand-in gradients are the incoming ones, already live: drop their
             # allocation, and turn their free into a release of that gradient slot
             stand_ins = dict(zip(_GradientSource.made, indices))
@@ -328,6 +354,7 @@ class _Profiler:
                 for kind, uid, b in events
                 if not (kind == "alloc" and uid in stand_ins)
             ]
+        if cost.opaque:  # parameter gradients keep their size; activations scale with the batch
             fixed = {self.tracker.uid_of(g) for g in param_results if g is not None}
             events = [
                 (kind, uid, b if uid in fixed or kind == "release_grad" else sympy.Integer(b) * BATCH / self.example_batch)
@@ -359,13 +386,22 @@ class _Profiler:
         cost.bwd_events = tuple((kind, uid, self._expr(b)) for kind, uid, b in events)
         cost.grad_inputs = tuple(grad_inputs)
         cost.param_grads = param_uids
-        cost.bwd_flops = self._opaque_bwd_flops.pop(cost.name) if cost.opaque else self._expr(flops.get_total_flops())
+        cost.bwd_flops = (
+            self._apart_bwd_flops.pop(cost.name) if cost.opaque
+            else sympy.Integer(0) if segment
+            else self._expr(flops.get_total_flops())
+        )
+
+    def _is_segment(self, name: str) -> bool:
+        node = self._node.get(name)
+        return node is not None and node.op == "call_module" and hasattr(self.gm.get_submodule(node.target), "checkpointed_code")
 
     def _params_of(self, name: str) -> list[torch.Tensor]:
         node = self._node.get(name)
         if node is None or node.op != "call_module":
             return []
         module = self.gm.get_submodule(node.target)
+        module = getattr(module, "checkpointed_code", module)  # a segment's parameters are its code's
         return [self.fake_of[id(p)] for p in module.parameters() if p.requires_grad]
 
     def _opaque_flops(self, node: fx.Node, prepared) -> tuple[sympy.Expr, sympy.Expr]:
@@ -381,8 +417,8 @@ class _Profiler:
                 torch.autograd.backward(out, [torch.ones_like(t) for t in out])
             backward = counter.get_total_flops() - forward
         scale = BATCH / self.example_batch
-        self._opaque_bwd_flops[node.name] = sympy.Integer(backward) * scale
-        return sympy.Integer(forward) * scale, self._opaque_bwd_flops[node.name]
+        self._apart_bwd_flops[node.name] = sympy.Integer(backward) * scale
+        return sympy.Integer(forward) * scale, self._apart_bwd_flops[node.name]
 
     def _opaque_source(self, cost: NodeCost):
         """A scalar whose backward hands the opaque leaf fresh gradients for its outputs,
@@ -410,7 +446,7 @@ class _Profiler:
     def run(self) -> Costs:
         self._leaves: dict[str, dict] = {}
         self._opaque_real: dict[str, tuple] = {}
-        self._opaque_bwd_flops: dict[str, sympy.Expr] = {}
+        self._apart_bwd_flops: dict[str, sympy.Expr] = {}  # opaque leaves' FLOPs, counted apart
         self._node = {n.name: n for n in self.gm.graph.nodes}
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(self.inputs):

@@ -58,7 +58,7 @@ class _Replay:
     def __init__(self, costs: Costs, batch: int):
         self.costs = costs
         self.batch = batch
-        self.size = {uid: int(math.ceil(expr.xreplace({BATCH: batch}))) for uid, expr in costs.sizes.items()}
+        self.size = dict(costs.sizes_at(batch))
         self.refs: dict[int, int] = {}
         self.live = 0
         self.peak = 0

@@ -1,6 +1,6 @@
 """The exceptions `rewriter` raises: one small hierarchy, each naming the value and the fix."""
 
-__all__ = ["RewriterError", "CaptureError", "InputError"]
+__all__ = ["RewriterError", "CaptureError", "InputError", "BudgetError"]
 
 
 class RewriterError(Exception):
@@ -13,3 +13,11 @@ class CaptureError(RewriterError):
 
 class InputError(RewriterError, ValueError):
     """An argument does not fit: wrong type, a model in eval mode, inputs the model rejects."""
+
+
+class BudgetError(RewriterError, ValueError):
+    """No plan fits the budget. `minimum_bytes` is the smallest budget a plan reaches."""
+
+    def __init__(self, message: str, minimum_bytes: int):
+        super().__init__(message)
+        self.minimum_bytes = minimum_bytes

@@ -65,6 +65,7 @@ class Plan:
     batch: int = 1
     input_shapes: tuple[tuple[int, ...], ...] = ()
     opaque: tuple[str, ...] = ()
+    segments: tuple[tuple[str, str], ...] = ()  # (segment output node, recompute mode), for apply_plan
     _index: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +105,7 @@ class Plan:
         )
         data["input_shapes"] = tuple(tuple(s) for s in data["input_shapes"])
         data["opaque"] = tuple(data["opaque"])
+        data["segments"] = tuple(tuple(s) for s in data.get("segments", ()))
         return cls(nodes=nodes, **data)
 
     # ---- the table ----------------------------------------------------------------------
@@ -118,6 +120,9 @@ class Plan:
         ]
         if self.opaque:
             lines.append(f"  opaque leaves (not rewritten inside): {', '.join(self.opaque)}")
+        if self.segments:
+            added = sum(n.seconds_added for n in self.nodes)
+            lines.append(f"  recomputed segments: {len(self.segments)}, est. seconds added per step {added:.4f}")
         rows = sorted((n for n in self.nodes if n.saved_bytes), key=lambda n: (-n.saved_bytes, n.node))
         header = ("node", "op", "shape", "saved", "share", "held by", "strategy", "+seconds")
         table = [header] + [

@@ -16,6 +16,7 @@ import logging
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
+from passes.recompute import RecomputeSegment, adopt_structure
 from rewriter.errors import CaptureError, InputError
 
 __all__ = ["capture", "Captured"]
@@ -34,7 +35,7 @@ class _ModuleTracer(fx.Tracer):
         self.held_until: dict[str, str] = {}
 
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
-        return qualname in self.opaque or super().is_leaf_module(module, qualname)
+        return qualname in self.opaque or isinstance(module, RecomputeSegment) or super().is_leaf_module(module, qualname)
 
     def call_module(self, module, forward, args, kwargs):
         self.path_stack.append(self.path_of_module(module))
@@ -96,6 +97,6 @@ def capture(model: nn.Module) -> Captured:
             )
             opaque.append(name)
             continue
-        gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+        gm = adopt_structure(fx.GraphModule(tracer.root, graph, class_name=type(model).__name__), model)
         return Captured(gm, tuple(opaque), tracer.held_until)
     raise CaptureError(f"cannot capture {type(model).__name__}: tracing did not converge")  # pragma: no cover

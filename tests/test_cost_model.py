@@ -8,7 +8,7 @@ import rewriter
 from cost_models.saved import saved_tensors
 from cost_models.simulate import simulate
 from examples.zoo import ZOO
-from rewriter.explain import cost_model
+from rewriter.report import cost_model
 from tests.conftest import MiB
 from tests.test_measure import HAND_COUNTED_PEAK
 

@@ -1,0 +1,253 @@
+"""Recompute: drop the tensors a segment saves for backward and rerun the segment there.
+
+A segment is a run of graph nodes between two cut points where a single tensor
+crosses (a ResNet block, a VGG stage). `apply` replaces each chosen segment by one
+`RecomputeSegment` call, a non-reentrant `torch.utils.checkpoint` over the segment's
+own code:
+
+- "selective": the outputs of expensive ops (convolution, matrix products) are kept
+  through a selective-checkpoint policy; only the cheap ones (BatchNorm, activations,
+  pooling, concatenation, elementwise) are rerun: the Memory-Efficient DenseNets trade.
+- "full": everything inside is rerun.
+
+BatchNorm running statistics and `num_batches_tracked` are updated once per step: the
+recomputation runs between a snapshot and a restore of the segment's BatchNorm
+buffers. Dropout draws the same masks: the RNG state is preserved for the rerun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+__all__ = ["RecomputeSegment", "Segment", "MODES", "segments", "apply", "adopt_structure", "KEPT_OPS"]
+
+MODES = ("selective", "full")
+
+aten = torch.ops.aten
+KEPT_OPS = frozenset({
+    aten.convolution.default, aten._convolution.default, aten.mm.default, aten.addmm.default,
+    aten.bmm.default, aten.baddbmm.default,
+})
+
+
+def _keep_expensive(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Nodes `nodes` (graph order) whose only tensor output used later is `output`;
+    `expensive` are the nodes whose outputs selective mode keeps; selective mode is
+    offered only where no node changes a kept output in place (`selective_ok`)."""
+
+    nodes: tuple[str, ...]
+    inputs: tuple[str, ...]
+    output: str
+    expensive: tuple[str, ...] = ()
+    selective_ok: bool = True
+
+    def modes(self) -> tuple[str, ...]:
+        return MODES if self.selective_ok else ("full",)
+
+
+class _RestoreBatchNormStats:
+    """Snapshot BatchNorm buffers on enter and restore them on exit, so that a rerun of
+    the forward leaves running statistics as the first run left them."""
+
+    def __init__(self, buffers: list[torch.Tensor]):
+        self.buffers = buffers
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self):
+        self.saved = [(b, b.detach().clone()) for b in self.buffers]
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for buffer, value in self.saved:
+                buffer.copy_(value)
+        self.saved = []
+        return False
+
+
+class RecomputeSegment(nn.Module):
+    """Runs a segment under non-reentrant checkpointing.
+
+    `checkpointed_code` is a GraphModule over the owner's own submodules; it is kept
+    out of the module tree (no parameter, buffer or state_dict key of its own), so the
+    rewritten model has the state_dict keys of the original.
+    """
+
+    def __init__(self, code, mode: str, norms: list[nn.Module] | None = None):
+        """`code` runs the segment: a GraphModule over the owner's submodules, or any
+        callable (an exported module's method), then with `norms`, the BatchNorm
+        modules it calls."""
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {MODES}")
+        object.__setattr__(self, "checkpointed_code", code)
+        object.__setattr__(self, "_norms", norms)
+        self.mode = mode
+
+    def forward(self, *inputs):
+        return self.run(self.checkpointed_code, *inputs)
+
+    def norms(self) -> list[nn.Module]:
+        """The BatchNorm modules the segment calls."""
+        if self._norms is not None:
+            return list(self._norms)
+        return [m for m in self.checkpointed_code.modules() if isinstance(m, _BatchNorm)]
+
+    def stat_buffers(self) -> list[torch.Tensor]:
+        """The BatchNorm buffers (running statistics, counts) of the segment."""
+        return [b for m in self.norms() for b in m.buffers()]
+
+    def run(self, code, *inputs, stat_buffers: list[torch.Tensor] | None = None):
+        """Checkpoint `code` (the segment's code, or a stand-in with the same signature,
+        then with `stat_buffers` the stand-ins of `self.stat_buffers()`)."""
+        norms = self.stat_buffers() if stat_buffers is None else stat_buffers
+
+        def contexts():
+            if self.mode == "selective":
+                forward_context, recompute_context = create_selective_checkpoint_contexts(_keep_expensive)
+            else:
+                forward_context, recompute_context = contextlib.nullcontext(), contextlib.nullcontext()
+            @contextlib.contextmanager
+            def recompute():  # the restore must run outside the selective-checkpoint mode
+                with _RestoreBatchNormStats(norms), recompute_context:
+                    yield
+
+            return forward_context, recompute()
+
+        return checkpoint(code, *inputs, use_reentrant=False, preserve_rng_state=True, context_fn=contexts)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+
+_EXPENSIVE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+_EXPENSIVE_FUNCTIONS = frozenset({
+    torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+    torch.nn.functional.linear, torch.matmul, torch.mm, torch.bmm, torch.conv2d,
+})
+_COMPUTE = ("call_module", "call_function", "call_method")
+
+
+def _is_expensive(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _EXPENSIVE_MODULES)
+    return node.op == "call_function" and node.target in _EXPENSIVE_FUNCTIONS
+
+
+def _mutates_an_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") or name.startswith("i") and name[1:] in {"add", "sub", "mul", "truediv"} or bool(node.kwargs.get("inplace"))
+
+
+def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = ()) -> list[Segment]:
+    """Candidate segments: runs of compute nodes between cut points where one tensor
+    crosses, merged so that each ends after an expensive op (conv, linear, matmul).
+    A run that would change one of its inputs in place is not a candidate (the
+    checkpoint keeps its inputs for the rerun), nor one that calls an opaque leaf
+    (module paths in `opaque`: its code is not known to rerun alike)."""
+    nodes = [n for n in gm.graph.nodes if n.op in _COMPUTE]
+    position = {n: i for i, n in enumerate(nodes)}
+    last_use = {n: max([position.get(u, len(nodes)) for u in n.users] or [position[n]]) for n in nodes}
+    found: list[Segment] = []
+    start, live, expensive = 0, set(), False
+    for i, node in enumerate(nodes):
+        live = {v for v in live | {node} if last_use[v] > i}
+        expensive = expensive or _is_expensive(gm, node)
+        mutated_next = i + 1 < len(nodes) and _mutates_an_input(gm, nodes[i + 1]) and node in nodes[i + 1].all_input_nodes[:1]
+        at_cut = len(live) == 1 and node in live and not mutated_next
+        if at_cut and expensive or i == len(nodes) - 1:
+            run = nodes[start:i + 1]
+            members = set(run)
+            outside = [a for m in run for a in m.all_input_nodes if a not in members and a.op != "get_attr"]
+            mutated = any(_mutates_an_input(gm, m) and m.all_input_nodes and m.all_input_nodes[0] not in members for m in run)
+            calls_opaque = any(m.op == "call_module" and m.target in opaque for m in run)
+            if at_cut and not mutated and not calls_opaque:
+                expensive_nodes = {m for m in run if _is_expensive(gm, m)}
+                selective_ok = not any(
+                    _mutates_an_input(gm, m) and m.all_input_nodes and m.all_input_nodes[0] in expensive_nodes for m in run
+                )
+                found.append(Segment(
+                    tuple(m.name for m in run), tuple(dict.fromkeys(a.name for a in outside)), node.name,
+                    tuple(m.name for m in run if m in expensive_nodes), selective_ok,
+                ))
+            start, expensive = i + 1, False
+    return found
+
+
+def apply(gm: fx.GraphModule, chosen: dict[str, str], all_segments: list[Segment]) -> fx.GraphModule:
+    """A new GraphModule where each segment named in `chosen` (output name -> mode) runs
+    as a RecomputeSegment. `gm` is not modified; parameters are shared."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    by_output = {s.output: s for s in all_segments if s.output in chosen}
+    member = {name: s for s in by_output.values() for name in s.nodes}
+    new = adopt_structure(fx.GraphModule(gm, fx.Graph(), class_name=type(gm).__name__), gm)
+    count = 0
+    for node in gm.graph.nodes:
+        segment = member.get(node.name)
+        if segment is None:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            continue
+        if node.name != segment.output:
+            continue
+        code, outside = _segment_code(gm, segment)
+        target = f"rewriter_recompute_{count}"
+        count += 1
+        new.add_submodule(target, RecomputeSegment(code, chosen[segment.output]))
+        call = graph.create_node("call_module", target, tuple(env[n] for n in outside), name=segment.output)
+        call.meta["rewriter"] = {"strategy": "recompute", "mode": chosen[segment.output], "nodes": segment.nodes}
+        env[node] = call
+    new.graph = graph
+    new.recompile()
+    return new
+
+
+def adopt_structure(new: nn.Module, source: nn.Module) -> nn.Module:
+    """Make `new`'s top-level submodules, parameters and buffers `source`'s own objects,
+    in `source`'s order (what `new` has beyond them follows), so that both have the
+    same state_dict keys in the same order and share every parameter."""
+    for table, own in (("_modules", source._modules), ("_parameters", source._parameters), ("_buffers", source._buffers)):
+        current = getattr(new, table)
+        extra = {k: v for k, v in current.items() if k not in own}
+        current.clear()
+        current.update(own)
+        current.update(extra)
+    new._non_persistent_buffers_set = set(source._non_persistent_buffers_set)
+    return new
+
+
+def _segment_code(gm: fx.GraphModule, segment: Segment) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """The segment as a GraphModule over gm's submodules, and the outside nodes it reads."""
+    inside = {n for n in gm.graph.nodes if n.name in set(segment.nodes)}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    outside: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node not in inside:
+            continue
+        for arg in node.all_input_nodes:
+            if arg in env:
+                continue
+            if arg.op == "get_attr":
+                env[arg] = graph.get_attr(arg.target)
+            else:
+                outside.append(arg)
+                env[arg] = graph.placeholder(arg.name)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[next(n for n in inside if n.name == segment.output)])
+    return fx.GraphModule(gm, graph, class_name="Segment"), outside

@@ -1,0 +1,161 @@
+"""save and load: a rewritten module as readable Python, its weights and its plan.
+
+`save(module, folder)` writes
+  module.py   the rewritten forward, and one method per recomputed segment, as Python
+  leaves.pt   the leaf layers (Conv2d, BatchNorm2d, ...) by module path
+  weights.pt  the state_dict
+  plan.json   the plan
+`load(folder)` imports module.py and returns a module that trains as the saved one.
+The code imports torch and rewriter only (an opaque leaf of the user's own class
+needs that class importable when leaves.pt is read).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from passes.recompute import RecomputeSegment
+from rewriter.errors import InputError
+from rewriter.plan import Plan
+
+__all__ = ["save", "load", "build", "segment"]
+
+
+_PREAMBLE = [  # the names FX's generated code may use
+    "import torch",
+    "from math import inf, nan",
+    "from torch import device",
+    "import torch.fx._pytree as fx_pytree",
+    "import torch.utils._pytree as pytree",
+    "NoneType = type(None)",
+]
+_KNOWN = {"torch", "inf", "nan", "device", "fx_pytree", "pytree", "NoneType"}
+
+
+def _imports(globals_: dict) -> list[str]:
+    """Import lines for the graph's globals beyond FX's usual ones."""
+    lines = []
+    for name, value in sorted(globals_.items()):
+        if name in _KNOWN:
+            continue
+        qualname, module = getattr(value, "__qualname__", ""), getattr(value, "__module__", None)
+        if inspect.ismodule(value):
+            lines.append(f"import {value.__name__} as {name}")
+        elif module and qualname and "<" not in qualname and "." not in qualname:
+            lines.append(f"from {module} import {qualname} as {name}")
+        else:
+            raise InputError(f"cannot export: the graph calls {name}={value!r}, which has no importable name")
+    return lines
+
+
+def _method(gm: fx.GraphModule, name: str) -> tuple[str, dict]:
+    code = gm.graph.python_code(root_module="self")
+    source = code.src.strip().replace("def forward(self", f"def {name}(self", 1)
+    return textwrap.indent(source, "    "), code.globals
+
+
+def save(module: fx.GraphModule, folder: str | Path) -> Path:
+    """Write `module` (what `optimize` or `apply_plan` returned) to `folder`."""
+    if not isinstance(module, fx.GraphModule):
+        raise InputError(f"save() takes the module optimize() returns (a GraphModule); got {type(module).__name__}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    methods, globals_, segments = [], {}, []
+    forward, used = _method(module, "forward")
+    globals_.update(used)
+    for name, child in module.named_children():
+        if isinstance(child, RecomputeSegment):
+            code, used = _method(child.checkpointed_code, f"_{name}")
+            methods.append(code)
+            globals_.update(used)
+            owner_paths = {id(m): path for path, m in module.named_modules()}
+            norms = [owner_paths[id(m)] for m in child.norms()]
+            segments.append(f"        self.{name} = rewriter.export.segment(self, self._{name}, {child.mode!r}, {norms!r})")
+    targets = _call_targets(module)
+    modules = {
+        path: m for path, m in module.named_modules()
+        if path and not isinstance(m, RecomputeSegment) and not any(path.startswith(t + ".") for t in targets)
+        and (path in targets or (not list(m.children()) and (m._parameters or m._buffers)))
+    }
+    leaves = {"modules": modules, "parameters": dict(module._parameters), "buffers": dict(module._buffers)}
+    torch.save(leaves, folder / "leaves.pt")
+    torch.save(module.state_dict(), folder / "weights.pt")
+    plan = getattr(module, "plan", None)
+    if plan is not None:
+        (folder / "plan.json").write_text(plan.to_json())
+    class_name = type(module).__name__
+    text = "\n".join([
+        f'"""{class_name}, rewritten by rewriter. Load it with rewriter.load(this folder)."""',
+        *_PREAMBLE,
+        "import rewriter.export",
+        *_imports(globals_),
+        "",
+        "",
+        f"class {class_name}(torch.nn.Module):",
+        "    def __init__(self, leaves):",
+        "        super().__init__()",
+        "        rewriter.export.build(self, leaves)",
+        *segments,
+        "",
+        forward,
+        *("\n" + m for m in methods),
+        "",
+    ])
+    (folder / "module.py").write_text(text)
+    return folder
+
+
+def _call_targets(module: fx.GraphModule) -> set[str]:
+    targets = {n.target for n in module.graph.nodes if n.op == "call_module"}
+    for child in module.children():
+        if isinstance(child, RecomputeSegment):
+            targets |= {n.target for n in child.checkpointed_code.graph.nodes if n.op == "call_module"}
+    return targets
+
+
+def build(owner: nn.Module, leaves: dict) -> None:
+    """Place each saved module at its path under `owner` (making containers on the way)
+    and the root's own parameters and buffers, in the saved order."""
+    for path, leaf in leaves["modules"].items():
+        *parents, name = path.split(".")
+        node = owner
+        for part in parents:
+            if part not in node._modules:
+                node.add_module(part, nn.Module())
+            node = node._modules[part]
+        node.add_module(name, leaf)
+    for name, param in leaves["parameters"].items():
+        owner.register_parameter(name, param)
+    for name, buffer in leaves["buffers"].items():
+        owner.register_buffer(name, buffer)
+
+
+def segment(owner: nn.Module, code, mode: str, norms: list[str]) -> RecomputeSegment:
+    """A RecomputeSegment running one of `owner`'s methods."""
+    return RecomputeSegment(code, mode, [owner.get_submodule(path) for path in norms])
+
+
+def load(folder: str | Path) -> nn.Module:
+    """The module `save` wrote to `folder`, with its weights and (if saved) `.plan`."""
+    folder = Path(folder)
+    if not (folder / "module.py").exists():
+        raise InputError(f"{folder} holds no module.py; pass a folder written by rewriter.save")
+    name = f"rewriter_saved_{abs(hash(folder.resolve()))}"
+    spec = importlib.util.spec_from_file_location(name, folder / "module.py")
+    code = importlib.util.module_from_spec(spec)
+    sys.modules[name] = code
+    spec.loader.exec_module(code)
+    classes = [v for v in vars(code).values() if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == name]
+    leaves = torch.load(folder / "leaves.pt", weights_only=False)
+    module = classes[0](leaves)
+    module.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
+    if (folder / "plan.json").exists():
+        module.plan = Plan.from_json((folder / "plan.json").read_text())
+    return module

@@ -1,0 +1,288 @@
+"""optimize: a module that trains like the model with a training-step peak under a budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+
+from cost_models.compose import compose
+from cost_models.node_costs import BATCH, Costs
+from cost_models.profile import ProfileError, profile_graph
+from cost_models.runtime import ROOFLINES
+from cost_models.saved import saved_tensors
+from cost_models.simulate import simulate
+from passes import recompute
+from rewriter.errors import BudgetError, InputError
+from rewriter.report import keep_all_plan
+from rewriter.measure import as_input_tuple, check_trainable, default_loss, preserved_model_state
+from rewriter.plan import Plan, format_bytes
+from rewriter.solve import Choice, solve
+from rewriter.trace import capture
+
+__all__ = ["optimize", "apply_plan", "parse_budget", "STRATEGIES", "AVAILABLE_STRATEGIES"]
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("recompute", "invert", "compress", "row_split")
+AVAILABLE_STRATEGIES = ("recompute",)
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(budget: int | str) -> int:
+    """Bytes from an int or a string such as "512MiB", "2GB", "1.5 GiB"."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+        raise InputError(f"budget_bytes={budget!r} must be a number of bytes or a string such as '512MiB'")
+    if isinstance(budget, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?\s*", budget.lower())
+        if not match:
+            raise InputError(f"budget_bytes={budget!r} is not a size; write it as 536870912, '512MiB' or '2GB'")
+        budget = int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+    if budget <= 0:
+        raise InputError(f"budget_bytes={budget} must be positive")
+    return budget
+
+
+def _strategies(strategies) -> tuple[str, ...]:
+    if strategies is None:
+        return AVAILABLE_STRATEGIES
+    names = (strategies,) if isinstance(strategies, str) else tuple(strategies)
+    for name in names:
+        if name not in STRATEGIES:
+            raise InputError(f"strategies contains {name!r}; the strategies are {STRATEGIES}")
+        if name not in AVAILABLE_STRATEGIES:
+            raise InputError(f"strategy {name!r} is not available in this version; available: {AVAILABLE_STRATEGIES}")
+    return names
+
+
+def _margin(budget: int) -> int:
+    """Room the solver leaves under the budget for the cost model's error on rewritten
+    graphs (measured on the zoo: at most 516 bytes under)."""
+    return max(4096, budget // 200)
+
+
+class _Planner:
+    """Everything `optimize` learns about one model and input signature."""
+
+    def __init__(self, model: nn.Module, inputs: tuple, loss_fn: Callable):
+        self.model = model
+        self.inputs = inputs
+        self.loss_fn = loss_fn
+        captured = capture(model)
+        self.gm = captured.gm
+        self.opaque = captured.opaque
+        self.eager = self._profile(self.gm, captured.held_until)  # the model as Python runs it
+        self.base = dataclasses.replace(self.eager, held_until={})  # as a GraphModule runs it
+        self.segments = recompute.segments(self.gm, self.opaque)
+        self.device = "cuda" if any(t.is_cuda for t in inputs if isinstance(t, torch.Tensor)) else "cpu"
+        self.alternatives: dict[str, Costs] = {}
+
+    def _profile(self, gm: fx.GraphModule, held_until: dict) -> Costs:
+        try:
+            with preserved_model_state(self.model):
+                return profile_graph(gm, self.inputs, self.loss_fn, self.opaque, held_until)
+        except ProfileError as error:
+            raise InputError(str(error)) from error
+
+    def profile_modes(self) -> None:
+        """Profile the graph with every segment in each mode (or, where a segment lacks
+        that mode, its last one): the records plans are composed from, and at the same
+        time the predictions of the two extreme plans."""
+        for mode in recompute.MODES:
+            chosen = self.extreme(mode)
+            self.alternatives[mode] = self._profile(recompute.apply(self.gm, chosen, self.segments), {})
+
+    def extreme(self, mode: str) -> dict[str, str]:
+        return {s.output: mode if mode in s.modes() else s.modes()[-1] for s in self.segments}
+
+    def composed(self, assignment: dict[str, str]) -> Costs:
+        modes = list(self.alternatives)
+        members = {s.output: s.nodes for s in self.segments}
+        return compose(self.base, [self.alternatives[m] for m in modes], {k: modes.index(v) for k, v in assignment.items()}, members)
+
+    def choices(self) -> tuple[list[Choice], dict[str, tuple[str, ...]]]:
+        batch = self.base.example_batch
+        roofline = ROOFLINES[self.device]
+        saved_by_owner: dict[str, int] = {}
+        for tensor in saved_tensors(self.base):
+            saved_by_owner[tensor.owner] = saved_by_owner.get(tensor.owner, 0) + tensor.nbytes
+        choices, options = [], {}
+        for segment in self.segments:
+            modes = tuple(m for m in segment.modes() if m in self.alternatives)
+            if not modes:
+                continue
+            seconds, saved = [0.0], [0]
+            for mode in modes:
+                kept = segment.expensive if mode == "selective" else ()
+                rerun = [n for n in segment.nodes if n not in kept]  # rerun once more in backward
+                flops = sum(float(self.base.by_name[n].fwd_flops.xreplace({BATCH: batch})) for n in rerun)
+                moved = sum(sum(float(b.xreplace({BATCH: batch})) for b in self.base.by_name[n].nbytes) for n in rerun)
+                seconds.append(roofline.seconds(flops, moved))
+                saved.append(sum(saved_by_owner.get(n, 0) for n in segment.nodes if n not in kept))
+            choices.append(Choice(segment.output, tuple(seconds), tuple(saved)))
+            options[segment.output] = modes
+        return choices, options
+
+    def plan(self, assignment: dict[str, str], budget: int | None, seconds: dict[str, float]) -> tuple[fx.GraphModule, Plan]:
+        gm = recompute.apply(self.gm, assignment, self.segments) if assignment else fx.GraphModule(
+            self.gm, self.gm.graph, class_name=type(self.model).__name__)
+        recompute.adopt_structure(gm, self.model)
+        known = [costs for mode, costs in self.alternatives.items() if assignment == self.extreme(mode)]
+        rewritten = known[0] if known else self._profile(gm, {}) if assignment else self.base
+        simulation = simulate(rewritten)
+        plan = keep_all_plan(self.base, simulate(self.base))
+        by_output = {s.output: s for s in self.segments}
+        nodes = []
+        for node in plan.nodes:
+            segment = next((s for out, s in by_output.items() if out in assignment and node.node in s.nodes), None)
+            if segment is None:
+                nodes.append(node)
+                continue
+            kept = segment.expensive if assignment[segment.output] == "selective" else ()
+            nodes.append(dataclasses.replace(
+                node, strategy="keep" if node.node in kept else "recompute",
+                seconds_added=seconds.get(segment.output, 0.0) if node.node == segment.output else 0.0,
+            ))
+        plan = dataclasses.replace(
+            plan, nodes=tuple(nodes), predicted_peak_bytes=simulation.peak_bytes,
+            baseline_peak_bytes=simulate(self.eager).peak_bytes, budget_bytes=budget, peak_at=simulation.peak_at,
+            segments=tuple(sorted(assignment.items())),
+        )
+        return gm, plan
+
+
+def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callable, strategies: tuple[str, ...]) -> fx.GraphModule:
+    planner = _Planner(model, inputs, loss_fn)
+    baseline = simulate(planner.eager).peak_bytes
+    if budget >= baseline:
+        gm, plan = planner.plan({}, budget, {})
+        gm.plan = plan
+        return gm
+    if "recompute" not in strategies or not planner.segments:
+        raise _budget_error(budget, min(_smallest_budget(simulate(planner.base).peak_bytes), baseline), strategies)
+    planner.profile_modes()
+    choices, options = planner.choices()
+
+    def modes_of(assignment: dict[str, int]) -> dict[str, str]:
+        return {k: options[k][v - 1] for k, v in assignment.items()}
+
+    def seconds_of(assignment: dict[str, int]) -> dict[str, float]:
+        return {c.key: c.seconds[assignment[c.key]] for c in choices if c.key in assignment}
+
+    def peak(assignment: dict[str, int]) -> int:
+        return simulate(planner.composed(modes_of(assignment))).peak_bytes
+
+    room = budget - _margin(budget) // 2  # what a verified plan's predicted peak must stay under
+    limit = budget - _margin(budget)
+    for _ in range(3):
+        solution = solve(choices, peak, limit)
+        if not solution.fits:
+            break
+        gm, plan = planner.plan(modes_of(solution.assignment), budget, seconds_of(solution.assignment))
+        if plan.predicted_peak_bytes <= room:
+            return _chosen(gm, plan, budget)
+        limit -= plan.predicted_peak_bytes - solution.peak_bytes + _margin(budget) // 2  # composed ran low: tighten
+    # Fall back on the two extremes (every segment at its first, or at its last,
+    # option), verified on the rewritten graph: deterministic, so the minimum that the
+    # error names is a budget at which this same plan is found and fits.
+    extremes = [{c.key: len(c.seconds) - 1 for c in choices}, {c.key: 1 for c in choices}]
+    verified = [planner.plan(modes_of(e), budget, seconds_of(e)) for e in extremes]  # profiled already
+    gm, plan = min(verified, key=lambda pair: pair[1].predicted_peak_bytes)
+    if plan.predicted_peak_bytes <= room:
+        return _chosen(gm, plan, budget)
+    raise _budget_error(budget, min(_smallest_budget(plan.predicted_peak_bytes), baseline), strategies)
+
+
+def _chosen(gm: fx.GraphModule, plan: Plan, budget: int) -> fx.GraphModule:
+    log.info("plan: %d segments recomputed, predicted peak %s for budget %s",
+             len(plan.segments), format_bytes(plan.predicted_peak_bytes), format_bytes(budget))
+    gm.plan = plan
+    return gm
+
+
+def _smallest_budget(peak: int) -> int:
+    """The least budget under which a verified plan with this predicted peak is accepted."""
+    budget = peak + _margin(peak) // 2
+    while budget - _margin(budget) // 2 < peak:
+        budget += peak - (budget - _margin(budget) // 2)
+    return budget
+
+
+def _budget_error(budget: int, minimum: int, strategies: tuple[str, ...]) -> BudgetError:
+    return BudgetError(
+        f"budget_bytes={budget} ({format_bytes(budget)}) is below the smallest reachable peak "
+        f"{format_bytes(minimum)} ({minimum} bytes) for this model and input with strategies {strategies}; "
+        f"raise the budget, use a smaller batch (rewriter.largest_batch), or, as they land, allow more strategies",
+        minimum,
+    )
+
+
+class LazyOptimized(nn.Module):
+    """What `optimize` returns without example inputs: plans on the first call for each
+    input signature (shapes, dtypes, devices) and runs that plan's module. It has the
+    model's state_dict keys and shares its parameters."""
+
+    def __init__(self, model: nn.Module, budget: int, loss_fn: Callable, strategies: tuple[str, ...]):
+        super().__init__()
+        recompute.adopt_structure(self, model)
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_planned", {})
+        self.budget_bytes = budget
+        self._loss_fn = loss_fn
+        self._strategies = strategies
+        self.plan: Plan | None = None
+
+    def forward(self, *inputs):
+        key = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t) for t in inputs)
+        if key not in self._planned:
+            self._planned[key] = _optimize_for(self._model, self.budget_bytes, inputs, self._loss_fn, self._strategies)
+        module = self._planned[key]
+        self.plan = module.plan
+        return module(*inputs)
+
+
+def optimize(
+    model: nn.Module,
+    budget_bytes: int | str,
+    example_inputs: Any = None,
+    *,
+    strategies: str | tuple[str, ...] | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> nn.Module:
+    """A module that trains `model`'s own parameters to the same results with a training
+    step whose peak activation memory stays under `budget_bytes` (an int, or "512MiB").
+
+    With `example_inputs`, plans now and returns a GraphModule with `.plan`; without,
+    returns a module that plans on the first call for each input signature.
+    `strategies` restricts the strategies used (default: all available). Raises
+    BudgetError (with `.minimum_bytes`) when no plan fits.
+    """
+    budget = parse_budget(budget_bytes)
+    chosen = _strategies(strategies)
+    check_trainable(model)
+    loss_fn = loss_fn or default_loss
+    if example_inputs is None:
+        return LazyOptimized(model, budget, loss_fn, chosen)
+    return _optimize_for(model, budget, as_input_tuple(example_inputs), loss_fn, chosen)
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
+    """Rewrite `model` as a stored `plan` says, without solving again."""
+    check_trainable(model)
+    captured = capture(model)
+    gm = captured.gm
+    segments = recompute.segments(gm, captured.opaque)
+    known = {s.output for s in segments}
+    unknown = [out for out, _ in plan.segments if out not in known]
+    if unknown:
+        raise InputError(f"plan segments {unknown} are not segments of this model's graph; was the plan made for another model?")
+    rewritten = recompute.apply(gm, dict(plan.segments), segments)
+    recompute.adopt_structure(rewritten, model)
+    rewritten.plan = plan
+    return rewritten

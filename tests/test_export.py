@@ -1,0 +1,52 @@
+"""save/load: readable Python that trains as the saved module does."""
+
+import re
+
+import pytest
+import torch
+
+import rewriter
+from examples.zoo import ZOO
+from tests.test_optimize import assert_trains_like
+
+
+@pytest.mark.parametrize("name", ["resnet18", "dropout", "densenet_bc"])
+def test_saved_module_loads_and_trains_identically(name, tmp_path):
+    zoo = ZOO[name]
+    model, x = zoo.test_model(), zoo.test_input()
+    budget = int(0.7 * rewriter.measure_peak(model, x))
+    try:
+        optimized = rewriter.optimize(model, budget, x)
+    except rewriter.BudgetError as error:
+        optimized = rewriter.optimize(model, error.minimum_bytes, x)
+    rewriter.save(optimized, tmp_path)
+    loaded = rewriter.load(tmp_path)
+
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    assert loaded.plan == optimized.plan
+    assert rewriter.measure_peak(loaded, x) == rewriter.measure_peak(optimized, x)
+    assert_trains_like(zoo.test_model(), loaded, loaded, x)
+
+
+def test_saved_code_is_readable_python_importing_torch_and_rewriter_only(tmp_path):
+    zoo = ZOO["resnet18"]
+    model, x = zoo.test_model(), zoo.test_input()
+    optimized = rewriter.optimize(model, int(0.6 * rewriter.measure_peak(model, x)), x)
+    assert optimized.plan.segments
+    rewriter.save(optimized, tmp_path)
+    code = (tmp_path / "module.py").read_text()
+    imported = set(re.findall(r"^(?:import|from) ([\w.]+)", code, flags=re.M))
+    assert {name.split(".")[0] for name in imported} <= {"torch", "rewriter", "math"}
+    assert "class ResNet(torch.nn.Module)" in code
+    assert "def forward(self, x):" in code
+    assert code.count("rewriter.export.segment(") == len(optimized.plan.segments)
+
+
+def test_load_needs_a_saved_folder(tmp_path):
+    with pytest.raises(rewriter.InputError, match="no module.py"):
+        rewriter.load(tmp_path)
+
+
+def test_save_needs_a_rewritten_module(tmp_path):
+    with pytest.raises(rewriter.InputError, match="GraphModule"):
+        rewriter.save(torch.nn.Linear(2, 2), tmp_path)

@@ -1,0 +1,174 @@
+"""optimize(): the measured peak under the budget, and training exactly as the model does."""
+
+import collections
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rewriter
+from examples.zoo import ZOO
+from passes.recompute import RecomputeSegment, segments
+from rewriter.trace import capture
+from rewriter.pipeline import parse_budget
+from tests.conftest import MiB
+
+
+def train_step(model: nn.Module, x: torch.Tensor, seed: int = 7) -> torch.Tensor:
+    torch.manual_seed(seed)  # the same dropout masks for both
+    out = model(x)
+    out.sum().backward()
+    return out.detach()
+
+
+def assert_trains_like(reference: nn.Module, model: nn.Module, optimized: nn.Module, x: torch.Tensor) -> None:
+    """One step of each: outputs, every .grad, and every buffer (BatchNorm running
+    statistics and num_batches_tracked) equal."""
+    torch.testing.assert_close(train_step(optimized, x), train_step(reference, x))
+    for (name, p), (_, q) in zip(reference.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    for (name, b), (_, c) in zip(reference.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(c, b, msg=name)
+
+
+@pytest.mark.parametrize("fraction", [0.8, 0.5, 0.3])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_measured_peak_fits_the_budget_and_training_is_unchanged(name, fraction):
+    zoo = ZOO[name]
+    model, x = zoo.test_model(), zoo.test_input()
+    budget = int(fraction * rewriter.measure_peak(model, x))
+    try:
+        optimized = rewriter.optimize(model, budget, x)
+    except rewriter.BudgetError as error:
+        # honest minimum: at that budget a plan exists and fits when measured
+        assert error.minimum_bytes > budget
+        optimized = rewriter.optimize(model, error.minimum_bytes, x)
+        budget = error.minimum_bytes
+    assert rewriter.measure_peak(optimized, x) <= budget
+    assert_trains_like(zoo.test_model(), model, optimized, x)
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_reruns_what_the_plan_says_and_updates_statistics_once(mode):
+    zoo = ZOO["resnet18"]
+    model, x = zoo.test_model(), zoo.test_input()
+    blocks = [s.output for s in segments(capture(model).gm)][1:4]
+    plan = dataclasses.replace(rewriter.optimize(model, 10**12, x).plan, segments=tuple((b, mode) for b in blocks))
+    optimized = rewriter.apply_plan(model, plan)
+    rerun = [
+        m for m in optimized.modules() if isinstance(m, RecomputeSegment)
+        for m in [m.checkpointed_code.get_submodule(n.target) for n in m.checkpointed_code.graph.nodes if n.op == "call_module"]
+    ]
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in rerun)
+    convs = sum(isinstance(m, nn.Conv2d) for m in rerun)
+    assert norms > 0 and convs > 0
+
+    eager, rewritten = CountOps(), CountOps()
+    reference = zoo.test_model()
+    with eager:
+        train_step(reference, x)
+    with rewritten:
+        train_step(optimized, x)
+    aten = torch.ops.aten
+    # every BatchNorm of a recomputed segment runs twice; convolutions run twice only in
+    # full mode (selective keeps their outputs)
+    assert rewritten.counts[aten.native_batch_norm.default] == eager.counts[aten.native_batch_norm.default] + norms
+    assert rewritten.counts[aten.convolution.default] == eager.counts[aten.convolution.default] + (convs if mode == "full" else 0)
+    for (_, b), (_, c) in zip(reference.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(c, b)  # running statistics updated once
+    assert all(int(m.num_batches_tracked) == 1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_budget_at_or_above_baseline_returns_the_graph_unchanged():
+    zoo = ZOO["vgg"]
+    model, x = zoo.test_model(), zoo.test_input()
+    optimized = rewriter.optimize(model, rewriter.measure_peak(model, x), x)
+    assert optimized.plan.segments == ()
+    assert all(n.strategy == "keep" for n in optimized.plan.nodes)
+    assert not any(isinstance(m, RecomputeSegment) for m in optimized.modules())
+    assert_trains_like(zoo.test_model(), model, optimized, x)
+
+
+def test_state_dict_keys_and_parameters_are_the_models_own():
+    zoo = ZOO["resnet18"]
+    model, x = zoo.test_model(), zoo.test_input()
+    optimized = rewriter.optimize(model, int(0.6 * rewriter.measure_peak(model, x)), x)
+    assert list(optimized.state_dict()) == list(model.state_dict())
+    for name, p in model.named_parameters():
+        assert optimized.get_parameter(name) is p
+
+
+def test_plan_round_trips_and_reapplies_without_solving():
+    zoo = ZOO["resnet18"]
+    model, x = zoo.test_model(), zoo.test_input()
+    optimized = rewriter.optimize(model, int(0.6 * rewriter.measure_peak(model, x)), x)
+    plan = rewriter.Plan.from_json(optimized.plan.to_json())
+    assert plan == optimized.plan and plan.segments
+    again = rewriter.apply_plan(model, plan)
+    assert rewriter.measure_peak(again, x) == rewriter.measure_peak(optimized, x)
+    assert "recompute" in str(plan)
+
+
+def test_plan_for_another_model_is_rejected():
+    zoo = ZOO["resnet18"]
+    model, x = zoo.test_model(), zoo.test_input()
+    plan = rewriter.optimize(model, int(0.6 * rewriter.measure_peak(model, x)), x).plan
+    with pytest.raises(rewriter.InputError, match="another model"):
+        rewriter.apply_plan(ZOO["vgg"].test_model(), plan)
+
+
+def test_without_example_inputs_plans_per_input_shape():
+    zoo = ZOO["resnet18"]
+    model = zoo.test_model()
+    budget = int(0.6 * rewriter.measure_peak(model, zoo.test_input()))
+    lazy = rewriter.optimize(model, budget)
+    assert list(lazy.state_dict()) == list(model.state_dict())
+    lazy(zoo.test_input()).sum().backward()
+    first = lazy.plan
+    assert first is not None and first.batch == 4
+    lazy(zoo.test_input(batch=2)).sum().backward()
+    assert lazy.plan.batch == 2 and lazy.plan != first
+
+
+def test_budgets_as_strings():
+    assert parse_budget("512MiB") == 512 * MiB
+    assert parse_budget("2GB") == 2 * 10**9
+    assert parse_budget("1.5 GiB") == 3 * 2**29
+    assert parse_budget(4096) == 4096
+    for bad in ["lots", "12 parsecs", 0, -5, 1.5]:
+        with pytest.raises(rewriter.InputError, match="budget_bytes"):
+            parse_budget(bad)
+
+
+def test_bad_arguments_are_clear_errors():
+    zoo = ZOO["vgg"]
+    model, x = zoo.test_model(), zoo.test_input()
+    with pytest.raises(rewriter.InputError, match="eval mode"):
+        rewriter.optimize(zoo.test_model().eval(), "1MiB", x)
+    with pytest.raises(rewriter.InputError, match="'swap'"):
+        rewriter.optimize(model, "1MiB", x, strategies=("recompute", "swap"))
+    with pytest.raises(rewriter.InputError, match="'invert' is not available"):
+        rewriter.optimize(model, "1MiB", x, strategies="invert")
+    with pytest.raises(rewriter.InputError, match="do not fit the model"):
+        rewriter.optimize(model, "1MiB", torch.randn(2, 7, 32, 32))
+
+
+def test_budget_error_names_the_minimum():
+    zoo = ZOO["resnet18"]
+    model, x = zoo.test_model(), zoo.test_input()
+    with pytest.raises(rewriter.BudgetError, match=r"below the smallest reachable peak") as caught:
+        rewriter.optimize(model, 1024, x)
+    assert isinstance(caught.value, ValueError)
+    assert 1024 < caught.value.minimum_bytes <= rewriter.measure_peak(model, x)

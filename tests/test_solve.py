@@ -1,0 +1,74 @@
+"""The solver against exhaustive search, on problems small enough to enumerate."""
+
+import itertools
+import random
+
+import pytest
+
+from rewriter.solve import EXACT_LIMIT, Choice, solve
+
+
+def brute_force(choices, peak, limit):
+    """Independent of the solver: every assignment, the cheapest that fits."""
+    best = None
+    for picks in itertools.product(*(range(len(c.seconds)) for c in choices)):
+        assignment = {c.key: p for c, p in zip(choices, picks) if p}
+        if peak(assignment) > limit:
+            continue
+        seconds = sum(c.seconds[p] for c, p in zip(choices, picks))
+        if best is None or seconds < best[0] - 1e-12:
+            best = (seconds, assignment)
+    return best
+
+
+def random_problem(seed: int, n: int, options: int):
+    rng = random.Random(seed)
+    choices = [
+        Choice(f"s{i}", (0.0, *sorted(rng.uniform(0.1, 3.0) for _ in range(options - 1))),
+               (0, *sorted((rng.randint(1, 50) for _ in range(options - 1)))))
+        for i in range(n)
+    ]
+    base = 100 * n
+    saved = {c.key: [0] + [rng.randint(5, 60) for _ in range(options - 1)] for c in choices}
+    pairs = [(rng.choice(choices).key, rng.choice(choices).key) for _ in range(n)]
+
+    def peak(assignment):  # not additive: recomputing two neighbours costs a transient
+        value = base - sum(saved[k][o] for k, o in assignment.items())
+        value += sum(15 for a, b in pairs if a in assignment and b in assignment and a != b)
+        return value
+
+    return choices, peak, base
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("n,options", [(12, 2), (7, 3), (4, 3)])
+def test_exact_on_small_problems(seed, n, options):
+    choices, peak, base = random_problem(seed, n, options)
+    for limit in (int(base * 0.95), int(base * 0.8), int(base * 0.6)):
+        expected = brute_force(choices, peak, limit)
+        solution = solve(choices, peak, limit)
+        if expected is None:
+            assert not solution.fits
+            assert solution.peak_bytes > limit
+        else:
+            assert solution.fits and peak(solution.assignment) <= limit
+            assert solution.seconds == pytest.approx(expected[0])
+
+
+def test_greedy_fits_on_large_problems():
+    choices, peak, base = random_problem(0, 60, 3)
+    assert 3**60 > EXACT_LIMIT
+    for limit in (int(base * 0.9), int(base * 0.7)):
+        solution = solve(choices, peak, limit)
+        assert solution.fits and peak(solution.assignment) <= limit
+        assert solution.evaluations < 2 * 60 * 3 + 100  # two descent passes at most
+
+
+def test_nothing_fits_reports_the_lowest_peak_seen():
+    choices, peak, base = random_problem(3, 5, 2)
+    solution = solve(choices, peak, 0)
+    assert not solution.fits
+    assert solution.peak_bytes == min(
+        peak({c.key: p for c, p in zip(choices, picks) if p})
+        for picks in itertools.product(*(range(len(c.seconds)) for c in choices))
+    )
