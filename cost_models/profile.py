@@ -22,7 +22,7 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.func import functional_call
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from cost_models.node_costs import BATCH, Costs, NodeCost
@@ -176,8 +176,11 @@ class _Profiler:
         out_uids = {r[1] for r in outputs if r[0] == "new"}
         internal = tuple(sorted(new_uids - freed - out_uids))
         if node.op == "call_module" and hasattr(self.gm.get_submodule(node.target), "checkpointed_code"):
-            # a checkpoint keeps its inputs for the rerun (its own hooks hide them from ours)
+            # a checkpoint keeps its inputs for the rerun, and a selective one the outputs
+            # of the ops it keeps, its own output among them (its hooks hide both from ours)
             saved = [storage_key(t) for t in tensors_in((args, kwargs))]
+            if self.gm.get_submodule(node.target).keeps_output:
+                saved += [storage_key(t) for t in tensors_in(out)]
         saved_refs = []
         for key in saved:
             ref = self._ref_of_key(key, new_uids)

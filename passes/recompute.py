@@ -25,7 +25,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-__all__ = ["RecomputeSegment", "Segment", "MODES", "segments", "apply", "adopt_structure", "KEPT_OPS"]
+__all__ = ["RecomputeSegment", "Segment", "MODES", "GRANULARITIES", "segments", "apply", "adopt_structure", "KEPT_OPS"]
 
 MODES = ("selective", "full")
 
@@ -84,16 +84,18 @@ class RecomputeSegment(nn.Module):
     rewritten model has the state_dict keys of the original.
     """
 
-    def __init__(self, code, mode: str, norms: list[nn.Module] | None = None):
+    def __init__(self, code, mode: str, norms: list[nn.Module] | None = None, keeps_output: bool = False):
         """`code` runs the segment: a GraphModule over the owner's submodules, or any
         callable (an exported module's method), then with `norms`, the BatchNorm
-        modules it calls."""
+        modules it calls. `keeps_output`: the output comes from an op whose outputs
+        selective mode keeps, so the checkpoint holds it until the segment's backward."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
         object.__setattr__(self, "checkpointed_code", code)
         object.__setattr__(self, "_norms", norms)
         self.mode = mode
+        self.keeps_output = keeps_output and mode == "selective"
 
     def forward(self, *inputs):
         return self.run(self.checkpointed_code, *inputs)
@@ -154,35 +156,56 @@ def _mutates_an_input(gm: fx.GraphModule, node: fx.Node) -> bool:
     return name.endswith("_") or name.startswith("i") and name[1:] in {"add", "sub", "mul", "truediv"} or bool(node.kwargs.get("inplace"))
 
 
-def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = ()) -> list[Segment]:
-    """Candidate segments: runs of compute nodes between cut points where one tensor
-    crosses, merged so that each ends after an expensive op (conv, linear, matmul).
-    A run that would change one of its inputs in place is not a candidate (the
-    checkpoint keeps its inputs for the rerun), nor one that calls an opaque leaf
-    (module paths in `opaque`: its code is not known to rerun alike)."""
+GRANULARITIES = ("coarse", "fine")
+
+
+def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = (), granularity: str = "coarse") -> list[Segment]:
+    """Candidate segments, disjoint, in graph order. A run of compute nodes closes after
+    an expensive op (conv, linear, matmul) where
+
+    - "coarse": a single tensor crosses the cut after it (a ResNet block, a VGG layer);
+    - "fine": a single value made inside the run is used after it, whatever the run
+      reads from before (a DenseNet layer over all earlier features, half a block).
+
+    Not candidates: a run that changes one of its inputs in place, or whose input a
+    later node changes in place (the checkpoint keeps its inputs for the rerun), or that
+    calls an opaque leaf (module paths in `opaque`: its code is not known to rerun alike)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
     nodes = [n for n in gm.graph.nodes if n.op in _COMPUTE]
     position = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max([position.get(u, len(nodes)) for u in n.users] or [position[n]]) for n in nodes}
+    mutated_at = {}  # node -> positions of nodes that change it in place
+    for i, n in enumerate(nodes):
+        if _mutates_an_input(gm, n) and n.all_input_nodes:
+            mutated_at.setdefault(n.all_input_nodes[0], []).append(i)
     found: list[Segment] = []
     start, live, expensive = 0, set(), False
     for i, node in enumerate(nodes):
         live = {v for v in live | {node} if last_use[v] > i}
         expensive = expensive or _is_expensive(gm, node)
-        mutated_next = i + 1 < len(nodes) and _mutates_an_input(gm, nodes[i + 1]) and node in nodes[i + 1].all_input_nodes[:1]
-        at_cut = len(live) == 1 and node in live and not mutated_next
-        if at_cut and expensive or i == len(nodes) - 1:
-            run = nodes[start:i + 1]
+        mutated_next = i + 1 < len(nodes) and node in mutated_at and i + 1 in mutated_at[node]
+        if granularity == "fine":
+            # a cheap value the run begins with that later nodes read too (a DenseNet
+            # block's input) stays out of it: it could never be recomputed inside
+            while start < i and last_use[nodes[start]] > i and not _is_expensive(gm, nodes[start]):
+                start += 1
+            expensive = any(_is_expensive(gm, m) for m in nodes[start:i + 1])
+        run = nodes[start:i + 1]
+        escaping = live if granularity == "coarse" else {m for m in run if last_use[m] > i}
+        closes = escaping == {node} and not mutated_next
+        if closes and expensive or i == len(nodes) - 1:
             members = set(run)
-            outside = [a for m in run for a in m.all_input_nodes if a not in members and a.op != "get_attr"]
-            mutated = any(_mutates_an_input(gm, m) and m.all_input_nodes and m.all_input_nodes[0] not in members for m in run)
+            outside = list(dict.fromkeys(a for m in run for a in m.all_input_nodes if a not in members and a.op != "get_attr"))
+            changes_input = any(m in mutated_at and any(start <= j for j in mutated_at[m]) for m in outside)
             calls_opaque = any(m.op == "call_module" and m.target in opaque for m in run)
-            if at_cut and not mutated and not calls_opaque:
+            if closes and not changes_input and not calls_opaque:
                 expensive_nodes = {m for m in run if _is_expensive(gm, m)}
                 selective_ok = not any(
                     _mutates_an_input(gm, m) and m.all_input_nodes and m.all_input_nodes[0] in expensive_nodes for m in run
                 )
                 found.append(Segment(
-                    tuple(m.name for m in run), tuple(dict.fromkeys(a.name for a in outside)), node.name,
+                    tuple(m.name for m in run), tuple(a.name for a in outside), node.name,
                     tuple(m.name for m in run if m in expensive_nodes), selective_ok,
                 ))
             start, expensive = i + 1, False
@@ -208,7 +231,8 @@ def apply(gm: fx.GraphModule, chosen: dict[str, str], all_segments: list[Segment
         code, outside = _segment_code(gm, segment)
         target = f"rewriter_recompute_{count}"
         count += 1
-        new.add_submodule(target, RecomputeSegment(code, chosen[segment.output]))
+        keeps_output = segment.output in segment.expensive
+        new.add_submodule(target, RecomputeSegment(code, chosen[segment.output], keeps_output=keeps_output))
         call = graph.create_node("call_module", target, tuple(env[n] for n in outside), name=segment.output)
         call.meta["rewriter"] = {"strategy": "recompute", "mode": chosen[segment.output], "nodes": segment.nodes}
         env[node] = call

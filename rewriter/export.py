@@ -77,7 +77,9 @@ def save(module: fx.GraphModule, folder: str | Path) -> Path:
             globals_.update(used)
             owner_paths = {id(m): path for path, m in module.named_modules()}
             norms = [owner_paths[id(m)] for m in child.norms()]
-            segments.append(f"        self.{name} = rewriter.export.segment(self, self._{name}, {child.mode!r}, {norms!r})")
+            segments.append(
+                f"        self.{name} = rewriter.export.segment(self, self._{name}, {child.mode!r}, {norms!r}, {child.keeps_output!r})"
+            )
     targets = _call_targets(module)
     modules = {
         path: m for path, m in module.named_modules()
@@ -137,9 +139,9 @@ def build(owner: nn.Module, leaves: dict) -> None:
         owner.register_buffer(name, buffer)
 
 
-def segment(owner: nn.Module, code, mode: str, norms: list[str]) -> RecomputeSegment:
+def segment(owner: nn.Module, code, mode: str, norms: list[str], keeps_output: bool) -> RecomputeSegment:
     """A RecomputeSegment running one of `owner`'s methods."""
-    return RecomputeSegment(code, mode, [owner.get_submodule(path) for path in norms])
+    return RecomputeSegment(code, mode, [owner.get_submodule(path) for path in norms], keeps_output)
 
 
 def load(folder: str | Path) -> nn.Module:

@@ -12,14 +12,13 @@ from torch import fx, nn
 
 from cost_models.compose import compose
 from cost_models.node_costs import BATCH, Costs
-from cost_models.profile import ProfileError, profile_graph
 from cost_models.runtime import ROOFLINES
 from cost_models.saved import saved_tensors
 from cost_models.simulate import simulate
 from passes import recompute
 from rewriter.errors import BudgetError, InputError
-from rewriter.report import keep_all_plan
-from rewriter.measure import as_input_tuple, check_trainable, default_loss, preserved_model_state
+from rewriter.report import keep_all_plan, profile_model_graph
+from rewriter.measure import as_input_tuple, check_trainable, default_loss
 from rewriter.plan import Plan, format_bytes
 from rewriter.solve import Choice, solve
 from rewriter.trace import capture
@@ -79,16 +78,21 @@ class _Planner:
         self.opaque = captured.opaque
         self.eager = self._profile(self.gm, captured.held_until)  # the model as Python runs it
         self.base = dataclasses.replace(self.eager, held_until={})  # as a GraphModule runs it
+        self.granularity = "coarse"
         self.segments = recompute.segments(self.gm, self.opaque)
         self.device = "cuda" if any(t.is_cuda for t in inputs if isinstance(t, torch.Tensor)) else "cpu"
         self.alternatives: dict[str, Costs] = {}
 
     def _profile(self, gm: fx.GraphModule, held_until: dict) -> Costs:
-        try:
-            with preserved_model_state(self.model):
-                return profile_graph(gm, self.inputs, self.loss_fn, self.opaque, held_until)
-        except ProfileError as error:
-            raise InputError(str(error)) from error
+        return profile_model_graph(self.model, gm, self.inputs, self.loss_fn, self.opaque, held_until)
+
+    def use(self, granularity: str) -> bool:
+        """Cut the graph into segments this way; False if that gives the same segments."""
+        found = recompute.segments(self.gm, self.opaque, granularity)
+        if granularity != self.granularity and found == self.segments:
+            return False
+        self.granularity, self.segments, self.alternatives = granularity, found, {}
+        return True
 
     def profile_modes(self) -> None:
         """Profile the graph with every segment in each mode (or, where a segment lacks
@@ -152,7 +156,7 @@ class _Planner:
         plan = dataclasses.replace(
             plan, nodes=tuple(nodes), predicted_peak_bytes=simulation.peak_bytes,
             baseline_peak_bytes=simulate(self.eager).peak_bytes, budget_bytes=budget, peak_at=simulation.peak_at,
-            segments=tuple(sorted(assignment.items())),
+            segments=tuple(sorted(assignment.items())), granularity=self.granularity,
         )
         return gm, plan
 
@@ -164,8 +168,24 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
         gm, plan = planner.plan({}, budget, {})
         gm.plan = plan
         return gm
-    if "recompute" not in strategies or not planner.segments:
+    if "recompute" not in strategies:
         raise _budget_error(budget, min(_smallest_budget(simulate(planner.base).peak_bytes), baseline), strategies)
+    found, lowest = [], []
+    for granularity in recompute.GRANULARITIES:
+        if not planner.use(granularity) or not planner.segments:
+            continue
+        outcome = _search(planner, budget)
+        (found if isinstance(outcome, tuple) else lowest).append(outcome)
+    if found:  # the verified plan that adds the least time
+        gm, plan = min(found, key=lambda pair: sum(n.seconds_added for n in pair[1].nodes))
+        return _chosen(gm, plan, budget)
+    reachable = min(lowest) if lowest else simulate(planner.base).peak_bytes
+    raise _budget_error(budget, min(_smallest_budget(reachable), baseline), strategies)
+
+
+def _search(planner: _Planner, budget: int) -> tuple[fx.GraphModule, Plan] | int:
+    """A verified plan for the planner's segments under `budget`, or else the lowest
+    predicted peak of a verified plan it could find."""
     planner.profile_modes()
     choices, options = planner.choices()
 
@@ -186,17 +206,15 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
             break
         gm, plan = planner.plan(modes_of(solution.assignment), budget, seconds_of(solution.assignment))
         if plan.predicted_peak_bytes <= room:
-            return _chosen(gm, plan, budget)
+            return gm, plan
         limit -= plan.predicted_peak_bytes - solution.peak_bytes + _margin(budget) // 2  # composed ran low: tighten
     # Fall back on the two extremes (every segment at its first, or at its last,
-    # option), verified on the rewritten graph: deterministic, so the minimum that the
-    # error names is a budget at which this same plan is found and fits.
+    # option), verified on the rewritten graph (profiled already): deterministic, so
+    # the minimum that an error names is a budget at which this plan is found and fits.
     extremes = [{c.key: len(c.seconds) - 1 for c in choices}, {c.key: 1 for c in choices}]
-    verified = [planner.plan(modes_of(e), budget, seconds_of(e)) for e in extremes]  # profiled already
-    gm, plan = min(verified, key=lambda pair: pair[1].predicted_peak_bytes)
-    if plan.predicted_peak_bytes <= room:
-        return _chosen(gm, plan, budget)
-    raise _budget_error(budget, min(_smallest_budget(plan.predicted_peak_bytes), baseline), strategies)
+    gm, plan = min((planner.plan(modes_of(e), budget, seconds_of(e)) for e in extremes),
+                   key=lambda pair: pair[1].predicted_peak_bytes)
+    return (gm, plan) if plan.predicted_peak_bytes <= room else plan.predicted_peak_bytes
 
 
 def _chosen(gm: fx.GraphModule, plan: Plan, budget: int) -> fx.GraphModule:
@@ -277,7 +295,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
     check_trainable(model)
     captured = capture(model)
     gm = captured.gm
-    segments = recompute.segments(gm, captured.opaque)
+    segments = recompute.segments(gm, captured.opaque, plan.granularity)
     known = {s.output for s in segments}
     unknown = [out for out, _ in plan.segments if out not in known]
     if unknown:

@@ -66,6 +66,7 @@ class Plan:
     input_shapes: tuple[tuple[int, ...], ...] = ()
     opaque: tuple[str, ...] = ()
     segments: tuple[tuple[str, str], ...] = ()  # (segment output node, recompute mode), for apply_plan
+    granularity: str = "coarse"  # how the graph was cut into segments (passes.recompute.segments)
     _index: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ from rewriter.measure import as_input_tuple, check_trainable, default_loss, pres
 from rewriter.plan import NodePlan, Plan
 from rewriter.trace import capture
 
-__all__ = ["explain", "largest_batch", "cost_model", "keep_all_plan"]
+__all__ = ["explain", "largest_batch", "cost_model", "keep_all_plan", "profile_model_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,18 @@ def cost_model(
     """Capture `model` and profile every node on fake tensors: the per-node costs of one
     training step, with byte counts as sympy expressions of the batch size."""
     check_trainable(model)
-    inputs = as_input_tuple(example_inputs)
     captured = capture(model)
+    return profile_model_graph(
+        model, captured.gm, as_input_tuple(example_inputs), loss_fn or default_loss, captured.opaque, captured.held_until
+    )
+
+
+def profile_model_graph(model: nn.Module, gm, inputs: tuple, loss_fn: Callable, opaque: tuple[str, ...], held_until: dict) -> Costs:
+    """Profile `gm` (a graph of `model`), leaving `model` as it was (opaque leaves run for
+    real and draw random inputs); inputs that do not fit are an InputError."""
     try:
-        with preserved_model_state(model):  # opaque leaves run for real and draw random inputs
-            return profile_graph(captured.gm, inputs, loss_fn or default_loss, captured.opaque, captured.held_until)
+        with preserved_model_state(model):
+            return profile_graph(gm, inputs, loss_fn, opaque, held_until)
     except ProfileError as error:
         raise InputError(str(error)) from error
 

@@ -1,0 +1,175 @@
+"""Peak memory against step time: rewriter's recompute beside PyTorch's own tools.
+
+For the zoo's ResNet-50-style and DenseNet-BC models, at budgets 0.75, 0.5, 0.3 and
+0.2 x the eager peak: rewriter.optimize; per-block torch.utils.checkpoint;
+checkpoint_sequential at several segment counts; and torch.compile(backend="aot_eager")
+with torch._functorch.config.activation_memory_budget at the same fractions. Peak:
+rewriter.measure_peak (the dispatch-mode protocol on CPU, the allocator on CUDA).
+Time: median of 3 training steps after a warm-up, untracked, as a ratio to eager.
+Writes benchmarks/results/recompute_frontier_<device>.md and prints it.
+
+    python benchmarks/recompute_frontier.py            # CPU sizes below; --device cuda on a GPU
+"""
+
+import argparse
+import copy
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import rewriter  # noqa: E402
+from examples.zoo.densenet import DenseLayer, DenseNetBC, Transition  # noqa: E402
+from examples.zoo.resnet import Bottleneck, resnet50_style  # noqa: E402
+
+FRACTIONS = (0.75, 0.5, 0.3, 0.2)
+CASES = {  # name: (builder, block types for per-block checkpointing, input shape on CPU, on CUDA)
+    "resnet50": (resnet50_style, (Bottleneck,), (8, 3, 128, 128), (32, 3, 224, 224)),
+    "densenet_bc": (DenseNetBC, (DenseLayer, Transition), (32, 3, 32, 32), (128, 3, 32, 32)),
+}
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args):
+        if len(args) == 1 and isinstance(args[0], list):  # DenseNet layers take the (growing) feature list:
+            features = args[0]  # pass its tensors, so the rerun sees the list as it was
+            return checkpoint(lambda *tensors: self.block(list(tensors)), *features, use_reentrant=False)
+        return checkpoint(self.block, *args, use_reentrant=False)
+
+
+def per_block(model: nn.Module, types) -> nn.Module:
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, types):
+                setattr(parent, name, Checkpointed(child))
+    return model
+
+
+def flattened(model: nn.Module) -> nn.Sequential:
+    """The model as one Sequential (for checkpoint_sequential)."""
+    if isinstance(model, DenseNetBC):
+        return nn.Sequential(model.stem, *model.features, model.norm, model.relu, model.pool, nn.Flatten(1), model.fc)
+    return nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, *model.layer1, *model.layer2,
+                         *model.layer3, *model.layer4, model.avgpool, nn.Flatten(1), model.fc)
+
+
+class Sequentially(nn.Module):
+    def __init__(self, model: nn.Module, segments: int):
+        super().__init__()
+        self.body = flattened(copy.deepcopy(model))
+        self.segments = segments
+
+    def forward(self, x):
+        return checkpoint_sequential(self.body, self.segments, x, use_reentrant=False)
+
+
+def step_seconds(model: nn.Module, x: torch.Tensor) -> float:
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    step()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", nargs="*", default=list(CASES))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name_of_device = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    lines = [
+        f"# Recompute frontier on {name_of_device}",
+        "",
+        f"torch {torch.__version__}. Command: `python benchmarks/recompute_frontier.py --device {args.device}`.",
+        "Peak: rewriter.measure_peak (ARCHITECTURE.md's protocol). Time: median of 3 steps, as a ratio to eager;",
+        "ratios within about ±0.1 of each other are noise on this machine.",
+        "",
+        "Note: on CPU the peak is counted by a TorchDispatchMode, and torch.compile (dynamo) runs the",
+        "eager code, not the compiled graphs, while such a mode is active (checked: a counting backend is",
+        "not called under it). So torch.compile's peak is only measured on CUDA (allocator statistics).",
+        "Plain torch.utils.checkpoint updates BatchNorm running statistics twice per step; rewriter once.",
+        "",
+        "| model | input | method | budget | measured peak | peak / eager | time / eager | fits |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def measured(model_name, shape, method, budget, module, base_peak, base_seconds):
+        """A row for `module`, or for the error it raises (a peer that cannot run it)."""
+        try:
+            row(model_name, shape, method, budget, rewriter.measure_peak(module, x), base_peak, step_seconds(module, x), base_seconds)
+        except RuntimeError as error:
+            reason = str(error).splitlines()[0][:90]
+            lines.append(f"| {model_name} | {'x'.join(map(str, shape))} | {method} | {'' if budget is None else f'{budget / 2**20:.1f} MiB'} | fails: {reason} | | | |")
+            print(lines[-1], flush=True)
+
+    def row(model_name, shape, method, budget, peak, base_peak, seconds, base_seconds):
+        fits = "" if budget is None else ("yes" if peak <= budget else "**no**")
+        lines.append(
+            f"| {model_name} | {'x'.join(map(str, shape))} | {method} | {'' if budget is None else f'{budget / 2**20:.1f} MiB'} "
+            f"| {peak / 2**20:.1f} MiB | {peak / base_peak:.2f} | {seconds / base_seconds:.2f} | {fits} |"
+        )
+        print(lines[-1], flush=True)
+
+    for model_name in args.models:
+        build, types, cpu_shape, cuda_shape = CASES[model_name]
+        shape = cuda_shape if device.type == "cuda" else cpu_shape
+        torch.manual_seed(0)
+        model = build().to(device).train()
+        x = torch.randn(shape, device=device)
+        base_peak, base_seconds = rewriter.measure_peak(model, x), step_seconds(model, x)
+        row(model_name, shape, "eager", None, base_peak, base_peak, base_seconds, base_seconds)
+        measured(model_name, shape, "checkpoint per block", None, per_block(model, types), base_peak, base_seconds)
+        for segments in (2, 4, 8):
+            measured(model_name, shape, f"checkpoint_sequential({segments})", None, Sequentially(model, segments), base_peak, base_seconds)
+        for fraction in FRACTIONS:
+            budget = int(fraction * base_peak)
+            try:
+                measured(model_name, shape, "rewriter", budget, rewriter.optimize(model, budget, x), base_peak, base_seconds)
+            except rewriter.BudgetError as error:
+                lines.append(f"| {model_name} | {'x'.join(map(str, shape))} | rewriter | {budget / 2**20:.1f} MiB | BudgetError: smallest reachable {error.minimum_bytes / 2**20:.1f} MiB ({error.minimum_bytes / base_peak:.2f}) | | | |")
+                print(lines[-1], flush=True)
+                if fraction == FRACTIONS[-1]:  # rewriter's lowest point, at the budget the error named
+                    measured(model_name, shape, "rewriter at BudgetError.minimum_bytes", error.minimum_bytes,
+                             rewriter.optimize(model, error.minimum_bytes, x), base_peak, base_seconds)
+            torch._dynamo.reset()
+            with torch._functorch.config.patch(activation_memory_budget=fraction):
+                compiled = torch.compile(model, backend="aot_eager")
+                step_seconds(compiled, x)  # compile outside the measurement
+                method = f"torch.compile aot_eager, activation_memory_budget={fraction}"
+                if device.type == "cuda":
+                    measured(model_name, shape, method, budget, compiled, base_peak, base_seconds)
+                else:  # dynamo runs eager code while a TorchDispatchMode is active: no CPU peak
+                    lines.append(
+                        f"| {model_name} | {'x'.join(map(str, shape))} | {method} | {budget / 2**20:.1f} MiB "
+                        f"| not measurable on CPU (see note) | | {step_seconds(compiled, x) / base_seconds:.2f} | |"
+                    )
+                    print(lines[-1], flush=True)
+    out = ROOT / "benchmarks" / "results" / f"recompute_frontier_{device.type}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
