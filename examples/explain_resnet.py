@@ -5,7 +5,8 @@ Measures the peak activation memory of one real training step of the zoo's
 ResNet-18-style model, predicts it from the graph before any step (fake tensors),
 prints the per-node table of what the backward keeps, answers how large a batch
 would fit a budget, then rewrites the model to train in half its peak and measures
-that. Run: python examples/explain_resnet.py
+that (or, if half is out of reach, at the least budget a plan reaches). Run:
+python examples/explain_resnet.py
 """
 
 import logging
@@ -35,12 +36,17 @@ def main() -> None:
     print(f"largest batch whose predicted step fits {format_bytes(budget)}: "
           f"{rewriter.largest_batch(model, images, budget)}")
 
-    half = measured // 2
-    optimized = rewriter.optimize(model, half, images)
+    budget = measured // 2
     print()
-    print(f"optimize(model, {half:,} bytes): {len(optimized.plan.segments)} segments recomputed")
+    try:
+        optimized = rewriter.optimize(model, budget, images)
+    except rewriter.BudgetError as error:  # says the least budget a plan reaches: take that
+        print(f"BudgetError: {error}")
+        budget = error.minimum_bytes
+        optimized = rewriter.optimize(model, budget, images)
+    print(f"optimize(model, {budget:,} bytes): {len(optimized.plan.segments)} segments recomputed")
     print(f"  predicted peak {format_bytes(optimized.plan.predicted_peak_bytes):>12}")
-    print(f"  measured peak  {format_bytes(rewriter.measure_peak(optimized, images)):>12}  (budget {format_bytes(half)})")
+    print(f"  measured peak  {format_bytes(rewriter.measure_peak(optimized, images)):>12}  (budget {format_bytes(budget)})")
 
 
 if __name__ == "__main__":
