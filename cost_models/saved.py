@@ -9,10 +9,9 @@ storage it views, so views add nothing.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from cost_models.node_costs import BATCH, Costs
+from cost_models.node_costs import Costs
 
 __all__ = ["SavedTensor", "saved_tensors", "value_storages"]
 
@@ -55,8 +54,9 @@ def saved_tensors(costs: Costs, batch: int | None = None) -> list[SavedTensor]:
             uid = ref[1] if ref[0] == "new" else storage.get((ref[1], ref[2]))
             if uid is not None and node.name not in holders.setdefault(uid, []):
                 holders[uid].append(node.name)
+    size = costs.sizes_at(batch)
     found = [
-        SavedTensor(owner[uid], int(math.ceil(costs.sizes[uid].xreplace({BATCH: batch}))), tuple(names))
+        SavedTensor(owner[uid], size[uid], tuple(names))
         for uid, names in holders.items()
         if uid in owner
     ]

@@ -78,6 +78,8 @@ class _Planner:
         self.opaque = captured.opaque
         self.eager = self._profile(self.gm, captured.held_until)  # the model as Python runs it
         self.base = dataclasses.replace(self.eager, held_until={})  # as a GraphModule runs it
+        self.eager_peak = simulate(self.eager).peak_bytes
+        self.keep_all = keep_all_plan(self.base, simulate(self.base))
         self.granularity = "coarse"
         self.segments = recompute.segments(self.gm, self.opaque)
         self.device = "cuda" if any(t.is_cuda for t in inputs if isinstance(t, torch.Tensor)) else "cpu"
@@ -140,7 +142,7 @@ class _Planner:
         known = [costs for mode, costs in self.alternatives.items() if assignment == self.extreme(mode)]
         rewritten = known[0] if known else self._profile(gm, {}) if assignment else self.base
         simulation = simulate(rewritten)
-        plan = keep_all_plan(self.base, simulate(self.base))
+        plan = self.keep_all
         by_output = {s.output: s for s in self.segments}
         nodes = []
         for node in plan.nodes:
@@ -155,7 +157,7 @@ class _Planner:
             ))
         plan = dataclasses.replace(
             plan, nodes=tuple(nodes), predicted_peak_bytes=simulation.peak_bytes,
-            baseline_peak_bytes=simulate(self.eager).peak_bytes, budget_bytes=budget, peak_at=simulation.peak_at,
+            baseline_peak_bytes=self.eager_peak, budget_bytes=budget, peak_at=simulation.peak_at,
             segments=tuple(sorted(assignment.items())), granularity=self.granularity,
         )
         return gm, plan
@@ -163,7 +165,7 @@ class _Planner:
 
 def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callable, strategies: tuple[str, ...]) -> fx.GraphModule:
     planner = _Planner(model, inputs, loss_fn)
-    baseline = simulate(planner.eager).peak_bytes
+    baseline = planner.eager_peak
     if budget >= baseline:
         gm, plan = planner.plan({}, budget, {})
         gm.plan = plan
