@@ -1,7 +1,7 @@
 """Peak memory against step time: rewriter's recompute beside PyTorch's own tools.
 
 For the zoo's ResNet-50-style and DenseNet-BC models, at budgets 0.75, 0.5, 0.3 and
-0.2 x the eager peak: rewriter.optimize; per-block torch.utils.checkpoint;
+0.2 x the eager peak: rewriter.optimize with recompute alone; per-block torch.utils.checkpoint;
 checkpoint_sequential at several segment counts; and torch.compile(backend="aot_eager")
 with torch._functorch.config.activation_memory_budget at the same fractions. Peak:
 rewriter.measure_peak (the dispatch-mode protocol on CPU, the allocator on CUDA).
@@ -147,13 +147,13 @@ measured 0.69 to 1.44): read them as rough.",
         for fraction in FRACTIONS:
             budget = int(fraction * base_peak)
             try:
-                measured(model_name, shape, "rewriter", budget, rewriter.optimize(model, budget, x), base_peak, base_seconds)
+                measured(model_name, shape, "rewriter", budget, rewriter.optimize(model, budget, x, strategies="recompute"), base_peak, base_seconds)
             except rewriter.BudgetError as error:
                 lines.append(f"| {model_name} | {'x'.join(map(str, shape))} | rewriter | {budget / 2**20:.1f} MiB | BudgetError: smallest reachable {error.minimum_bytes / 2**20:.1f} MiB ({error.minimum_bytes / base_peak:.2f}) | | | |")
                 print(lines[-1], flush=True)
                 if fraction == FRACTIONS[-1]:  # rewriter's lowest point, at the budget the error named
                     measured(model_name, shape, "rewriter at BudgetError.minimum_bytes", error.minimum_bytes,
-                             rewriter.optimize(model, error.minimum_bytes, x), base_peak, base_seconds)
+                             rewriter.optimize(model, error.minimum_bytes, x, strategies="recompute"), base_peak, base_seconds)
             torch._dynamo.reset()
             with torch._functorch.config.patch(activation_memory_budget=fraction):
                 compiled = torch.compile(model, backend="aot_eager")

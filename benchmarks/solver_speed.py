@@ -2,7 +2,8 @@
 
 Builds the zoo's BatchNorm -> LeakyReLU -> conv chain 166 blocks deep (503 nodes),
 profiles it and its rewrites once, then times `solve` alone, from budgets where a few
-segments suffice to the lowest reachable. Writes benchmarks/results/solver_speed.md.
+choices suffice to the lowest reachable: with recompute segments alone, and with the
+invert chains beside them (the default). Writes benchmarks/results/solver_speed.md.
 
     python benchmarks/solver_speed.py
 """
@@ -28,35 +29,38 @@ def main() -> None:
     torch.manual_seed(0)
     model = BNLeakyChain(channels=8, depth=166).train()
     x = torch.randn(2, 3, 16, 16)
-    start = time.perf_counter()
-    planner = _Planner(model, (x,), default_loss)
-    planner.profile_modes()
-    choices, options = planner.choices()
-    nodes = len(planner.base.nodes) - 1  # less the loss
-    setup = time.perf_counter() - start
-    baseline = simulate(planner.base).peak_bytes
-
-    def peak(assignment):
-        return simulate(planner.composed({k: options[k][v - 1] for k, v in assignment.items()})).peak_bytes
-
-    lines = [
-        f"# Solver speed on {platform.machine()} CPU, torch {torch.__version__}",
-        "",
-        f"BNLeakyChain(depth=166): {nodes} graph nodes, {len(choices)} segments with "
-        f"{', '.join(sorted({str(len(c.seconds)) for c in choices}))} options each; profiling took {setup:.1f} s (not timed below).",
-        "Command: `python benchmarks/solver_speed.py`",
-        "",
-        "| budget / baseline | fits | segments chosen | peak evaluations | solve seconds |",
-        "|---|---|---|---|---|",
-    ]
-    for fraction in (0.9, 0.7, 0.5, 0.4):
+    lines = [f"# Solver speed on {platform.machine()} CPU, torch {torch.__version__}", ""]
+    for strategies in (("recompute",), ("recompute", "invert")):
         start = time.perf_counter()
-        solution = solve(choices, peak, int(fraction * baseline))
-        seconds = time.perf_counter() - start
-        lines.append(f"| {fraction} | {'yes' if solution.fits else 'no'} | {len(solution.assignment)} | {solution.evaluations} | {seconds:.2f} |")
-        print(lines[-1], flush=True)
+        planner = _Planner(model, (x,), default_loss, strategies)
+        planner.profile_modes()
+        choices, options = planner.choices()
+        nodes = len(planner.base.nodes) - 1  # less the loss
+        setup = time.perf_counter() - start
+        baseline = simulate(planner.base).peak_bytes
+
+        def peak(assignment):
+            return simulate(planner.composed({k: options[k][v - 1] for k, v in assignment.items()})).peak_bytes
+
+        lines += [
+            f"## strategies {strategies}",
+            "",
+            f"BNLeakyChain(depth=166): {nodes} graph nodes, {len(planner.segments)} segments and "
+            f"{len(planner.chains)} invert chains, {len(choices)} choices; profiling took {setup:.1f} s (not timed below).",
+            "Command: `python benchmarks/solver_speed.py`",
+            "",
+            "| budget / baseline | fits | choices taken | peak evaluations | solve seconds |",
+            "|---|---|---|---|---|",
+        ]
+        for fraction in (0.9, 0.7, 0.5, 0.4):
+            start = time.perf_counter()
+            solution = solve(choices, peak, int(fraction * baseline))
+            seconds = time.perf_counter() - start
+            lines.append(f"| {fraction} | {'yes' if solution.fits else 'no'} | {len(solution.assignment)} | {solution.evaluations} | {seconds:.2f} |")
+            print(lines[-1], flush=True)
+        lines.append("")
     out = ROOT / "benchmarks" / "results" / "solver_speed.md"
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines))
     print(f"wrote {out.relative_to(ROOT)}")
 
 

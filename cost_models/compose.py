@@ -1,9 +1,11 @@
 """Costs of a plan without profiling it: composed from profiled records.
 
-The graph is profiled once as it is and once per recompute mode with every candidate
-segment in that mode. A plan's costs take, for each segment, either its nodes'
-records from the first profile or the segment's record from the profile of the
-chosen mode. Each profile numbers its storages from 0, so each is shifted apart.
+The graph is profiled once as it is and once per alternative (a recompute mode, say)
+with every candidate segment rewritten that way. A plan's costs take, for each
+segment, either its nodes' records from the first profile or the segment's record
+from the profile of the chosen alternative. Each profile numbers its storages from
+0, so each alternative's are shifted apart, once, when the `Composer` is built: the
+solver composes hundreds of plans from the same profiles.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 
 from cost_models.node_costs import Costs, NodeCost
 
-__all__ = ["compose"]
+__all__ = ["Composer", "compose"]
 
 _SHIFT = 10**7
 
@@ -26,8 +28,6 @@ def _shift_events(events, offset: int):
 
 
 def _shifted(node: NodeCost, offset: int) -> NodeCost:
-    if offset == 0:
-        return node
     return dataclasses.replace(
         node,
         outputs=tuple(_shift_ref(r, offset) for r in node.outputs),
@@ -40,24 +40,54 @@ def _shifted(node: NodeCost, offset: int) -> NodeCost:
     )
 
 
+class Composer:
+    """Composes plans from `base` and `alternatives`. `units[key] = (out, members)`: a
+    rewritable unit (a recompute segment, an invert chain) whose nodes `members` in
+    `base` each alternative holds as one node named `out`. Units chosen together must
+    not share nodes."""
+
+    def __init__(self, base: Costs, alternatives: list[Costs], units: dict[str, tuple[str, tuple[str, ...]]]):
+        self.base = base
+        self.units = units
+        batch = base.example_batch
+        self._nodes: list[dict[str, NodeCost]] = []
+        self._sizes: list[tuple[dict, dict[int, int]]] = []
+        for index, alternative in enumerate(alternatives):
+            offset = (index + 1) * _SHIFT
+            outs = {out for out, _ in units.values() if out in alternative.by_name}
+            self._nodes.append({out: _shifted(alternative.by_name[out], offset) for out in outs})
+            self._sizes.append((
+                {uid + offset: b for uid, b in alternative.sizes.items()},
+                {uid + offset: b for uid, b in alternative.sizes_at(batch).items()},
+            ))
+        self._base_numeric = base.sizes_at(batch)
+
+    def __call__(self, choice: dict[str, int]) -> Costs:
+        """`base` with each unit in `choice` replaced by its record in
+        `alternatives[choice[key]]`."""
+        dropped, replaced, used = set(), {}, set()
+        for key, index in choice.items():
+            out, members = self.units[key]
+            if used & set(members):
+                raise ValueError(f"compose: unit {key!r} shares nodes with another chosen unit")
+            used.update(members)
+            dropped.update(m for m in members if m != out)
+            replaced[out] = self._nodes[index][out]
+        nodes = [replaced.get(node.name, node) for node in self.base.nodes if node.name not in dropped]
+        sizes, numeric = dict(self.base.sizes), dict(self._base_numeric)
+        for index in sorted(set(choice.values())):
+            symbolic, evaluated = self._sizes[index]
+            sizes.update(symbolic)
+            numeric.update(evaluated)
+        base = self.base
+        composed = Costs(
+            nodes=nodes, outputs=base.outputs, sizes=sizes, example_batch=base.example_batch,
+            input_shapes=base.input_shapes, opaque=base.opaque, held_until={}, batch_symbolic=base.batch_symbolic,
+        )
+        composed.prime_sizes(base.example_batch, numeric)
+        return composed
+
+
 def compose(base: Costs, alternatives: list[Costs], choice: dict[str, int], members: dict[str, tuple[str, ...]]) -> Costs:
-    """`base` with each segment `out` in `choice` replaced by node `out` of
-    `alternatives[choice[out]]`; `members[out]` are the segment's nodes in `base`."""
-    dropped = {name for out in choice for name in members[out] if name != out}
-    nodes = []
-    for node in base.nodes:
-        if node.name in dropped:
-            continue
-        if node.name in choice:
-            index = choice[node.name]
-            nodes.append(_shifted(alternatives[index].by_name[node.name], (index + 1) * _SHIFT))
-        else:
-            nodes.append(node)
-    sizes = dict(base.sizes)
-    for index, alternative in enumerate(alternatives):
-        if index in choice.values():
-            sizes.update({uid + (index + 1) * _SHIFT: b for uid, b in alternative.sizes.items()})
-    return Costs(
-        nodes=nodes, outputs=base.outputs, sizes=sizes, example_batch=base.example_batch,
-        input_shapes=base.input_shapes, opaque=base.opaque, held_until={}, batch_symbolic=base.batch_symbolic,
-    )
+    """One plan's costs, segments keyed by their output node (see `Composer`)."""
+    return Composer(base, alternatives, {out: (out, nodes) for out, nodes in members.items()})(choice)

@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
@@ -219,6 +220,9 @@ class _Profiler:
                 state = {k: self.fake_of[id(t)] for k, t in _state_items(code)}
                 buffers = [self.fake_of[id(b)] for b in module.stat_buffers()]
                 return module.run(lambda *a: functional_call(code, state, a), *args, stat_buffers=buffers)
+            if hasattr(module, "code_parameters"):  # an invert chain: its units run gm's modules
+                with self._fake_model():
+                    return module(*args, **kwargs)
             state = {k: self.fake_of[id(t)] for k, t in _state_items(module)}
             return functional_call(module, state, args, kwargs)
         if node.op == "call_function":
@@ -340,7 +344,9 @@ class _Profiler:
                     torch.autograd.backward(source, inputs=real_inputs + real_params)
                 results, param_results = [t.grad for t in real_inputs], []
             elif segment:
-                torch.autograd.backward(source, inputs=[leaf for _, leaf in targets] + params)
+                module = self.gm.get_submodule(self._node[cost.name].target)
+                with contextlib.nullcontext() if hasattr(module, "checkpointed_code") else self._fake_model():
+                    torch.autograd.backward(source, inputs=[leaf for _, leaf in targets] + params)
                 results, param_results = [leaf.grad for _, leaf in targets], []
             else:
                 everything = [leaf for _, leaf in targets] + params
@@ -395,16 +401,24 @@ class _Profiler:
             else self._expr(flops.get_total_flops())
         )
 
+    def _fake_model(self):
+        """gm's parameters and buffers swapped for their fakes (for modules that call
+        gm's submodules themselves, forward and backward)."""
+        state = {k: self.fake_of[id(t)] for k, t in _state_items(self.gm)}
+        return _reparametrize_module(self.gm, state)
+
     def _is_segment(self, name: str) -> bool:
+        """A node of many ops (a recomputed segment, an invert chain)."""
         node = self._node.get(name)
-        return node is not None and node.op == "call_module" and hasattr(self.gm.get_submodule(node.target), "checkpointed_code")
+        return node is not None and node.op == "call_module" and hasattr(self.gm.get_submodule(node.target), "code_parameters")
 
     def _params_of(self, name: str) -> list[torch.Tensor]:
         node = self._node.get(name)
         if node is None or node.op != "call_module":
             return []
         module = self.gm.get_submodule(node.target)
-        module = getattr(module, "checkpointed_code", module)  # a segment's parameters are its code's
+        if hasattr(module, "code_parameters"):  # a segment's or chain's parameters are its code's
+            return [self.fake_of[id(p)] for p in module.code_parameters() if p.requires_grad]
         return [self.fake_of[id(p)] for p in module.parameters() if p.requires_grad]
 
     def _opaque_flops(self, node: fx.Node, prepared) -> tuple[sympy.Expr, sympy.Expr]:

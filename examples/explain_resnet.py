@@ -44,7 +44,8 @@ def main() -> None:
         print(f"BudgetError: {error}")
         budget = error.minimum_bytes
         optimized = rewriter.optimize(model, budget, images)
-    print(f"optimize(model, {budget:,} bytes): {len(optimized.plan.segments)} segments recomputed")
+    plan = optimized.plan
+    print(f"optimize(model, {budget:,} bytes): {len(plan.segments)} segments recomputed, {len(plan.inverted)} chains inverted")
     print(f"  predicted peak {format_bytes(optimized.plan.predicted_peak_bytes):>12}")
     print(f"  measured peak  {format_bytes(rewriter.measure_peak(optimized, images)):>12}  (budget {format_bytes(budget)})")
 

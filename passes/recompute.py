@@ -100,6 +100,10 @@ class RecomputeSegment(nn.Module):
     def forward(self, *inputs):
         return self.run(self.checkpointed_code, *inputs)
 
+    def code_parameters(self) -> list[nn.Parameter]:
+        """The parameters the segment's code uses (not registered on this module)."""
+        return list(self.checkpointed_code.parameters())
+
     def norms(self) -> list[nn.Module]:
         """The BatchNorm modules the segment calls."""
         if self._norms is not None:
@@ -165,7 +169,7 @@ def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = (), granularity: str 
 
     - "coarse": a single tensor crosses the cut after it (a ResNet block, a VGG layer);
     - "fine": a single value made inside the run is used after it, whatever the run
-      reads from before (a DenseNet layer over all earlier features, half a block).
+      reads from before (half a DenseNet layer: its bottleneck, then the rest).
 
     Not candidates: a run that changes one of its inputs in place, or whose input a
     later node changes in place (the checkpoint keeps its inputs for the rerun), or that

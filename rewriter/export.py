@@ -1,7 +1,8 @@
 """save and load: a rewritten module as readable Python, its weights and its plan.
 
 `save(module, folder)` writes
-  module.py   the rewritten forward, and one method per recomputed segment, as Python
+  module.py   the rewritten forward, and one method per recomputed segment and per
+              unit of an inverted chain, as Python
   leaves.pt   the leaf layers (Conv2d, BatchNorm2d, ...) by module path
   weights.pt  the state_dict
   plan.json   the plan
@@ -21,11 +22,12 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from passes.invert import InvertChain, Unit, _Step
 from passes.recompute import RecomputeSegment
 from rewriter.errors import InputError
 from rewriter.plan import Plan
 
-__all__ = ["save", "load", "build", "segment"]
+__all__ = ["save", "load", "build", "segment", "invert_chain"]
 
 
 _PREAMBLE = [  # the names FX's generated code may use
@@ -70,12 +72,27 @@ def save(module: fx.GraphModule, folder: str | Path) -> Path:
     methods, globals_, segments = [], {}, []
     forward, used = _method(module, "forward")
     globals_.update(used)
+    owner_paths = {id(m): path for path, m in module.named_modules()}
     for name, child in module.named_children():
+        if isinstance(child, InvertChain):
+            specs = []
+            for i, step in enumerate(child.steps):
+                spec = {"kind": step.unit.kind, "arg": step.unit.arg, "factor": step.unit.factor,
+                        "modules": [owner_paths[id(m)] for m in step.modules],
+                        "module": owner_paths[id(step.module)] if step.module is not None else None,
+                        "inplace": step.inplace, "inverse_dims": step.inverse_dims}
+                for part, code in (("code", step.code), ("f", step.f), ("g", step.g)):
+                    if code is not None:
+                        text, used = _method(code, f"_{name}_{i}_{part}")
+                        methods.append(text)
+                        globals_.update(used)
+                        spec[part] = f"_{name}_{i}_{part}"
+                specs.append(spec)
+            segments.append(f"        self.{name} = rewriter.export.invert_chain(self, {specs!r})")
         if isinstance(child, RecomputeSegment):
             code, used = _method(child.checkpointed_code, f"_{name}")
             methods.append(code)
             globals_.update(used)
-            owner_paths = {id(m): path for path, m in module.named_modules()}
             norms = [owner_paths[id(m)] for m in child.norms()]
             segments.append(
                 f"        self.{name} = rewriter.export.segment(self, self._{name}, {child.mode!r}, {norms!r}, {child.keeps_output!r})"
@@ -83,7 +100,7 @@ def save(module: fx.GraphModule, folder: str | Path) -> Path:
     targets = _call_targets(module)
     modules = {
         path: m for path, m in module.named_modules()
-        if path and not isinstance(m, RecomputeSegment) and not any(path.startswith(t + ".") for t in targets)
+        if path and not isinstance(m, (RecomputeSegment, InvertChain)) and not any(path.startswith(t + ".") for t in targets)
         and (path in targets or (not list(m.children()) and (m._parameters or m._buffers)))
     }
     leaves = {"modules": modules, "parameters": dict(module._parameters), "buffers": dict(module._buffers)}
@@ -119,6 +136,11 @@ def _call_targets(module: fx.GraphModule) -> set[str]:
     for child in module.children():
         if isinstance(child, RecomputeSegment):
             targets |= {n.target for n in child.checkpointed_code.graph.nodes if n.op == "call_module"}
+        if isinstance(child, InvertChain):
+            for step in child.steps:
+                for code in (step.code, step.f, step.g):
+                    if code is not None:
+                        targets |= {n.target for n in code.graph.nodes if n.op == "call_module"}
     return targets
 
 
@@ -142,6 +164,20 @@ def build(owner: nn.Module, leaves: dict) -> None:
 def segment(owner: nn.Module, code, mode: str, norms: list[str], keeps_output: bool) -> RecomputeSegment:
     """A RecomputeSegment running one of `owner`'s methods."""
     return RecomputeSegment(code, mode, [owner.get_submodule(path) for path in norms], keeps_output)
+
+
+def invert_chain(owner: nn.Module, specs: list[dict]) -> InvertChain:
+    """An InvertChain whose units run `owner`'s methods (as `save` described them)."""
+    steps = []
+    for spec in specs:
+        unit = Unit(spec["kind"], (), "", "", tuple(spec["arg"]), factor=spec["factor"])
+        steps.append(_Step(
+            unit, getattr(owner, spec["code"]), [owner.get_submodule(p) for p in spec["modules"]],
+            owner.get_submodule(spec["module"]) if spec["module"] else None, spec["inplace"],
+            getattr(owner, spec["f"]) if "f" in spec else None, getattr(owner, spec["g"]) if "g" in spec else None,
+            spec["inverse_dims"],
+        ))
+    return InvertChain(steps)
 
 
 def load(folder: str | Path) -> nn.Module:

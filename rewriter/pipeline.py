@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from typing import Any, Callable
 
 import torch
 from torch import fx, nn
 
-from cost_models.compose import compose
+from cost_models.compose import Composer
 from cost_models.node_costs import BATCH, Costs
 from cost_models.runtime import ROOFLINES
 from cost_models.saved import saved_tensors
 from cost_models.simulate import simulate
-from passes import recompute
+from passes import invert, recompute
 from rewriter.errors import BudgetError, InputError
 from rewriter.report import keep_all_plan, profile_model_graph
-from rewriter.measure import as_input_tuple, check_trainable, default_loss
+from rewriter.measure import as_input_tuple, check_trainable, default_loss, preserved_model_state
 from rewriter.plan import Plan, format_bytes
 from rewriter.solve import Choice, solve
 from rewriter.trace import capture
@@ -28,7 +29,7 @@ __all__ = ["optimize", "apply_plan", "parse_budget", "STRATEGIES", "AVAILABLE_ST
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("recompute", "invert", "compress", "row_split")
-AVAILABLE_STRATEGIES = ("recompute",)
+AVAILABLE_STRATEGIES = ("recompute", "invert")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -66,10 +67,13 @@ def _margin(budget: int) -> int:
     return max(4096, budget // 200)
 
 
+_INVERT = "invert:"  # the solver's key of an invert chain: this prefix and the chain's output
+
+
 class _Planner:
     """Everything `optimize` learns about one model and input signature."""
 
-    def __init__(self, model: nn.Module, inputs: tuple, loss_fn: Callable):
+    def __init__(self, model: nn.Module, inputs: tuple, loss_fn: Callable, strategies: tuple[str, ...] = ("recompute",)):
         self.model = model
         self.inputs = inputs
         self.loss_fn = loss_fn
@@ -81,36 +85,64 @@ class _Planner:
         self.eager_peak = simulate(self.eager).peak_bytes
         self.keep_all = keep_all_plan(self.base, simulate(self.base))
         self.granularity = "coarse"
-        self.segments = recompute.segments(self.gm, self.opaque)
+        self.segments = recompute.segments(self.gm, self.opaque) if "recompute" in strategies else []
+        self._tried: list[list] = []  # the segment lists `use` has handed out
+        self.chains: list[invert.Chain] = []
+        self.inverted: Costs | None = None  # the profile with every chain inverted
+        if "invert" in strategies:
+            with preserved_model_state(model):
+                factors = invert.calibrate(self.gm, inputs)
+            self.chains = [c for c in invert.chains(self.gm, self.opaque, factors) if self._gains(c)]
         self.device = "cuda" if any(t.is_cuda for t in inputs if isinstance(t, torch.Tensor)) else "cpu"
         self.alternatives: dict[str, Costs] = {}
+
+    def _gains(self, chain: invert.Chain) -> bool:
+        """Whether inverting the chain frees a tensor: one that only its members save."""
+        owned = {t.owner for t in saved_tensors(self.base) if set(t.held_by) <= set(chain.nodes)}
+        return any(n in owned for n in chain.nodes if n != chain.output)
 
     def _profile(self, gm: fx.GraphModule, held_until: dict) -> Costs:
         return profile_model_graph(self.model, gm, self.inputs, self.loss_fn, self.opaque, held_until)
 
     def use(self, granularity: str) -> bool:
-        """Cut the graph into segments this way; False if that gives the same segments."""
+        """Cut the graph into segments this way; False if an earlier `use` gave the same
+        segments (nothing new to search)."""
         found = recompute.segments(self.gm, self.opaque, granularity)
-        if granularity != self.granularity and found == self.segments:
+        if found in self._tried:
             return False
+        self._tried.append(found)
         self.granularity, self.segments, self.alternatives = granularity, found, {}
         return True
 
     def profile_modes(self) -> None:
-        """Profile the graph with every segment in each mode (or, where a segment lacks
-        that mode, its last one): the records plans are composed from, and at the same
-        time the predictions of the two extreme plans."""
-        for mode in recompute.MODES:
-            chosen = self.extreme(mode)
-            self.alternatives[mode] = self._profile(recompute.apply(self.gm, chosen, self.segments), {})
+        """Profile the graph with every segment in each recompute mode (or, where a
+        segment lacks that mode, its last one), and with every chain inverted: the
+        records plans are composed from, and at the same time the predictions of the
+        extreme plans."""
+        if self.segments:
+            for mode in recompute.MODES:
+                self.alternatives[mode] = self._profile(recompute.apply(self.gm, self.extreme(mode), self.segments), {})
+        if self.chains:
+            if self.inverted is None:
+                self.inverted = self._profile(invert.apply(self.gm, [c.output for c in self.chains], self.chains), {})
+            self.alternatives["invert"] = self.inverted
+        units = {s.output: (s.output, s.nodes) for s in self.segments}
+        units.update({_INVERT + c.output: (c.output, c.nodes) for c in self.chains})
+        self._composer = Composer(self.base, list(self.alternatives.values()), units)
 
     def extreme(self, mode: str) -> dict[str, str]:
         return {s.output: mode if mode in s.modes() else s.modes()[-1] for s in self.segments}
 
+    def compatible(self, assignment: dict[str, str]) -> dict[str, str]:
+        """`assignment` less the chains that share a node with a recomputed segment
+        (the segment reruns them; inverting inside it is moot)."""
+        recomputed = {n for s in self.segments if s.output in assignment for n in s.nodes}
+        chains = {_INVERT + c.output: c for c in self.chains}
+        return {k: v for k, v in assignment.items() if k not in chains or not recomputed & set(chains[k].nodes)}
+
     def composed(self, assignment: dict[str, str]) -> Costs:
         modes = list(self.alternatives)
-        members = {s.output: s.nodes for s in self.segments}
-        return compose(self.base, [self.alternatives[m] for m in modes], {k: modes.index(v) for k, v in assignment.items()}, members)
+        return self._composer({k: modes.index(v) for k, v in self.compatible(assignment).items()})
 
     def choices(self) -> tuple[list[Choice], dict[str, tuple[str, ...]]]:
         batch = self.base.example_batch
@@ -118,6 +150,12 @@ class _Planner:
         saved_by_owner: dict[str, int] = {}
         for tensor in saved_tensors(self.base):
             saved_by_owner[tensor.owner] = saved_by_owner.get(tensor.owner, 0) + tensor.nbytes
+
+        def rerun_seconds(nodes, times: float = 1.0, move: float = 1.0) -> float:
+            flops = sum(float(self.base.by_name[n].fwd_flops.xreplace({BATCH: batch})) for n in nodes)
+            moved = sum(sum(float(b.xreplace({BATCH: batch})) for b in self.base.by_name[n].nbytes) for n in nodes)
+            return roofline.seconds(times * flops, move * moved)
+
         choices, options = [], {}
         for segment in self.segments:
             modes = tuple(m for m in segment.modes() if m in self.alternatives)
@@ -127,54 +165,84 @@ class _Planner:
             for mode in modes:
                 kept = segment.expensive if mode == "selective" else ()
                 rerun = [n for n in segment.nodes if n not in kept]  # rerun once more in backward
-                flops = sum(float(self.base.by_name[n].fwd_flops.xreplace({BATCH: batch})) for n in rerun)
-                moved = sum(sum(float(b.xreplace({BATCH: batch})) for b in self.base.by_name[n].nbytes) for n in rerun)
-                seconds.append(roofline.seconds(flops, moved))
+                seconds.append(rerun_seconds(rerun))
                 saved.append(sum(saved_by_owner.get(n, 0) for n in segment.nodes if n not in kept))
-            choices.append(Choice(segment.output, tuple(seconds), tuple(saved)))
+            choices.append(Choice(segment.output, tuple(seconds), tuple(saved), frozenset(segment.nodes)))
             options[segment.output] = modes
+        if "invert" in self.alternatives:
+            for chain in self.chains:
+                # each unit is inverted (elementwise, or a coupling's F and G once more) and rerun
+                nodes = chain.nodes
+                coupled = [n for u in chain.units if u.kind == "coupling" for n in u.f + u.g]
+                seconds = rerun_seconds(nodes, move=2.0) + rerun_seconds(coupled)
+                saved = sum(saved_by_owner.get(n, 0) for n in nodes if n != chain.output)
+                choices.append(Choice(_INVERT + chain.output, (0.0, seconds), (0, saved), frozenset(chain.nodes)))
+                options[_INVERT + chain.output] = ("invert",)
         return choices, options
 
-    def plan(self, assignment: dict[str, str], budget: int | None, seconds: dict[str, float]) -> tuple[fx.GraphModule, Plan]:
-        gm = recompute.apply(self.gm, assignment, self.segments) if assignment else fx.GraphModule(
-            self.gm, self.gm.graph, class_name=type(self.model).__name__)
+    def apply(self, assignment: dict[str, str]) -> fx.GraphModule:
+        """The rewritten graph: segments recomputed, then chains inverted."""
+        assignment = self.compatible(assignment)
+        segments = {k: v for k, v in assignment.items() if not k.startswith(_INVERT)}
+        chains = [k[len(_INVERT):] for k in assignment if k.startswith(_INVERT)]
+        gm = recompute.apply(self.gm, segments, self.segments) if segments else self.gm
+        if chains:
+            gm = invert.apply(gm, chains, self.chains)
+        if gm is self.gm:
+            gm = fx.GraphModule(self.gm, self.gm.graph, class_name=type(self.model).__name__)
         recompute.adopt_structure(gm, self.model)
-        known = [costs for mode, costs in self.alternatives.items() if assignment == self.extreme(mode)]
+        return gm
+
+    def plan(self, assignment: dict[str, str], budget: int | None, seconds: dict[str, float]) -> tuple[fx.GraphModule, Plan]:
+        assignment = self.compatible(assignment)
+        gm = self.apply(assignment)
+        known = [costs for mode, costs in self.alternatives.items() if mode in recompute.MODES and assignment == self.extreme(mode)]
+        if self.chains and assignment == {_INVERT + c.output: "invert" for c in self.chains}:
+            known.append(self.inverted)
         rewritten = known[0] if known else self._profile(gm, {}) if assignment else self.base
         simulation = simulate(rewritten)
-        plan = self.keep_all
-        by_output = {s.output: s for s in self.segments}
+        by_output = {s.output: s for s in self.segments if s.output in assignment}
+        chains = {c.output: c for c in self.chains if _INVERT + c.output in assignment}
+        strategy: dict[str, tuple[str, float, float]] = {}  # node -> (strategy, seconds, error factor)
+        for out, segment in by_output.items():
+            kept = segment.expensive if assignment[out] == "selective" else ()
+            for n in segment.nodes:
+                strategy[n] = ("keep" if n in kept else "recompute", seconds.get(out, 0.0) if n == out else 0.0, 1.0)
+        for out, chain in chains.items():
+            growth = 1.0
+            for unit in reversed(chain.units):  # a unit's input is rebuilt through it and all after it
+                growth *= unit.factor
+                for n in unit.nodes:
+                    strategy[n] = ("invert", seconds.get(_INVERT + out, 0.0) if n == out else 0.0, growth)
         nodes = []
-        for node in plan.nodes:
-            segment = next((s for out, s in by_output.items() if out in assignment and node.node in s.nodes), None)
-            if segment is None:
-                nodes.append(node)
-                continue
-            kept = segment.expensive if assignment[segment.output] == "selective" else ()
-            nodes.append(dataclasses.replace(
-                node, strategy="keep" if node.node in kept else "recompute",
-                seconds_added=seconds.get(segment.output, 0.0) if node.node == segment.output else 0.0,
-            ))
+        for node in self.keep_all.nodes:
+            if node.node in strategy:
+                name, added, growth = strategy[node.node]
+                node = dataclasses.replace(node, strategy=name, seconds_added=added, error_factor=growth)
+            nodes.append(node)
         plan = dataclasses.replace(
-            plan, nodes=tuple(nodes), predicted_peak_bytes=simulation.peak_bytes,
+            self.keep_all, nodes=tuple(nodes), predicted_peak_bytes=simulation.peak_bytes,
             baseline_peak_bytes=self.eager_peak, budget_bytes=budget, peak_at=simulation.peak_at,
-            segments=tuple(sorted(assignment.items())), granularity=self.granularity,
+            segments=tuple(sorted((k, v) for k, v in assignment.items() if not k.startswith(_INVERT))),
+            granularity=self.granularity,
+            inverted=tuple((c.input, c.output) for c in chains.values()),
         )
         return gm, plan
 
 
 def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callable, strategies: tuple[str, ...]) -> fx.GraphModule:
-    planner = _Planner(model, inputs, loss_fn)
+    planner = _Planner(model, inputs, loss_fn, strategies)
     baseline = planner.eager_peak
     if budget >= baseline:
         gm, plan = planner.plan({}, budget, {})
         gm.plan = plan
         return gm
-    if "recompute" not in strategies:
-        raise _budget_error(budget, min(_smallest_budget(simulate(planner.base).peak_bytes), baseline), strategies)
     found, lowest = [], []
-    for granularity in recompute.GRANULARITIES:
-        if not planner.use(granularity) or not planner.segments:
+    # each way of cutting segments is searched with the invert chains beside it
+    for granularity in recompute.GRANULARITIES if "recompute" in strategies else (None,):
+        if granularity is not None and not planner.use(granularity):
+            continue
+        if not planner.segments and not planner.chains:
             continue
         outcome = _search(planner, budget)
         (found if isinstance(outcome, tuple) else lowest).append(outcome)
@@ -210,18 +278,21 @@ def _search(planner: _Planner, budget: int) -> tuple[fx.GraphModule, Plan] | int
         if plan.predicted_peak_bytes <= room:
             return gm, plan
         limit -= plan.predicted_peak_bytes - solution.peak_bytes + _margin(budget) // 2  # composed ran low: tighten
-    # Fall back on the two extremes (every segment at its first, or at its last,
-    # option), verified on the rewritten graph (profiled already): deterministic, so
-    # the minimum that an error names is a budget at which this plan is found and fits.
+    # Fall back on the extremes (every segment at its first, or at its last, option,
+    # with the chains they leave; every chain alone), verified on the rewritten graph:
+    # deterministic, so the minimum that an error names is a budget at which this plan
+    # is found and fits.
     extremes = [{c.key: len(c.seconds) - 1 for c in choices}, {c.key: 1 for c in choices}]
+    if planner.segments and planner.chains:
+        extremes.append({c.key: 1 for c in choices if c.key.startswith(_INVERT)})
     gm, plan = min((planner.plan(modes_of(e), budget, seconds_of(e)) for e in extremes),
                    key=lambda pair: pair[1].predicted_peak_bytes)
     return (gm, plan) if plan.predicted_peak_bytes <= room else plan.predicted_peak_bytes
 
 
 def _chosen(gm: fx.GraphModule, plan: Plan, budget: int) -> fx.GraphModule:
-    log.info("plan: %d segments recomputed, predicted peak %s for budget %s",
-             len(plan.segments), format_bytes(plan.predicted_peak_bytes), format_bytes(budget))
+    log.info("plan: %d segments recomputed, %d chains inverted, predicted peak %s for budget %s",
+             len(plan.segments), len(plan.inverted), format_bytes(plan.predicted_peak_bytes), format_bytes(budget))
     gm.plan = plan
     return gm
 
@@ -235,10 +306,13 @@ def _smallest_budget(peak: int) -> int:
 
 
 def _budget_error(budget: int, minimum: int, strategies: tuple[str, ...]) -> BudgetError:
+    unused = [s for s in AVAILABLE_STRATEGIES if s not in strategies]
+    more = f"allow strategies {unused}" if unused else "wait for the strategies still to come"
     return BudgetError(
         f"budget_bytes={budget} ({format_bytes(budget)}) is below the smallest reachable peak "
         f"{format_bytes(minimum)} ({minimum} bytes) for this model and input with strategies {strategies}; "
-        f"raise the budget, use a smaller batch (rewriter.largest_batch), or, as they land, allow more strategies",
+        f"raise the budget, use a smaller batch (rewriter.largest_batch), or {more} "
+        f"(not yet available: {[s for s in STRATEGIES if s not in AVAILABLE_STRATEGIES]})",
         minimum,
     )
 
@@ -302,7 +376,16 @@ def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
     unknown = [out for out, _ in plan.segments if out not in known]
     if unknown:
         raise InputError(f"plan segments {unknown} are not segments of this model's graph; was the plan made for another model?")
-    rewritten = recompute.apply(gm, dict(plan.segments), segments)
+    rewritten = recompute.apply(gm, dict(plan.segments), segments) if plan.segments else gm
+    if plan.inverted:
+        candidates = invert.chains(gm, captured.opaque, bound=math.inf)
+        try:
+            chains = [invert.chain_between(candidates, first, last) for first, last in plan.inverted]
+        except KeyError as error:
+            raise InputError(f"{error.args[0]}; was the plan made for another model?") from None
+        rewritten = invert.apply(rewritten, [c.output for c in chains], chains)
+    if rewritten is gm:
+        rewritten = fx.GraphModule(gm, gm.graph, class_name=type(model).__name__)
     recompute.adopt_structure(rewritten, model)
     rewritten.plan = plan
     return rewritten

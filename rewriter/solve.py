@@ -2,8 +2,9 @@
 
 Generic over where the options come from: a choice is a key and the seconds each of
 its options adds (option 0 is "leave it as it is", adding nothing); `peak(assignment)`
-predicts the peak of any assignment (key -> option index). The solver never looks
-at a graph.
+predicts the peak of any assignment (key -> option index). Two choices whose
+`members` meet (a recompute segment and an invert chain over the same nodes) are
+never both taken. The solver never looks at a graph.
 
 - Up to `EXACT_LIMIT` assignments: all of them, cheapest first; the first that fits
   is the optimum.
@@ -27,6 +28,16 @@ class Choice:
     key: str
     seconds: tuple[float, ...]  # seconds added by each option; option 0 adds 0
     saved_bytes: tuple[int, ...] = ()  # bytes each option takes off the kept memory (for ordering)
+    members: frozenset = frozenset()  # what it rewrites: choices whose members meet exclude each other
+
+
+def _conflicts(chosen: list[Choice]) -> bool:
+    seen: set = set()
+    for choice in chosen:
+        if seen & choice.members:
+            return True
+        seen |= choice.members
+    return False
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,8 @@ def solve(choices: list[Choice], peak: Callable[[dict[str, int]], int], limit: i
     if total <= EXACT_LIMIT:
         options = []
         for picks in itertools.product(*(range(len(c.seconds)) for c in choices)):
+            if _conflicts([c for c, p in zip(choices, picks) if p]):
+                continue
             seconds = sum(c.seconds[p] for c, p in zip(choices, picks))
             options.append((seconds, picks))
         options.sort(key=lambda item: (item[0], sum(1 for p in item[1] if p)))
@@ -102,10 +115,20 @@ def _greedy(choices, evaluate, limit) -> dict[str, int] | None:
     def seconds(assignment: dict[str, int]) -> float:
         return sum(by_key[k].seconds[o] for k, o in assignment.items())
 
-    def prefix(k: int) -> dict[str, int]:
-        return {c.key: o for _, c, o in ranked[:k]}
+    def taken(pairs) -> dict[str, int]:
+        """The pairs (choice, option) in order, less those that meet one taken before."""
+        assignment, seen = {}, set()
+        for choice, option in pairs:
+            if not seen & choice.members:
+                assignment[choice.key] = option
+                seen |= choice.members
+        return assignment
 
-    extremes = [{c.key: 1 for c in choices}, {c.key: len(c.seconds) - 1 for c in choices}]
+    def prefix(k: int) -> dict[str, int]:
+        return taken((c, o) for _, c, o in ranked[:k])
+
+    in_rank = [c for _, c, _ in ranked]
+    extremes = [taken((c, 1) for c in in_rank), taken((c, len(c.seconds) - 1) for c in in_rank)]
     feasible_extremes = [e for e in extremes if fits(e)]
     if fits(prefix(len(ranked))):
         low, high = 0, len(ranked)
@@ -126,6 +149,8 @@ def _greedy(choices, evaluate, limit) -> dict[str, int] | None:
                     trial = {k: v for k, v in assignment.items() if k != choice.key}
                     if option:
                         trial[choice.key] = option
+                        if _conflicts([by_key[k] for k in trial]):
+                            continue
                     value = evaluate(trial) if trial != assignment else current
                     if value < current:
                         assignment, current = trial, value

@@ -35,7 +35,8 @@ class _ModuleTracer(fx.Tracer):
         self.held_until: dict[str, str] = {}
 
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
-        return qualname in self.opaque or isinstance(module, RecomputeSegment) or super().is_leaf_module(module, qualname)
+        rewritten = isinstance(module, RecomputeSegment) or hasattr(module, "code_parameters")  # our own calls
+        return qualname in self.opaque or rewritten or super().is_leaf_module(module, qualname)
 
     def call_module(self, module, forward, args, kwargs):
         self.path_stack.append(self.path_of_module(module))

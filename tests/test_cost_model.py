@@ -27,7 +27,7 @@ def test_predicted_peak_matches_measured(name, factor):
     plan = rewriter.explain(model, x)
     measured = rewriter.measure_peak(model, x)
     assert relative_error(plan.predicted_peak_bytes, measured) <= TOLERANCE, (plan.predicted_peak_bytes, measured)
-    assert plan.baseline_peak_bytes == plan.predicted_peak_bytes
+    assert plan.budget_bytes is None and {n.strategy for n in plan.nodes} == {"keep"}  # explain rewrites nothing
 
 
 @pytest.mark.parametrize("name", ["resnet18", "densenet_bc", "unet", "data_dependent"])

@@ -28,6 +28,31 @@ def test_saved_module_loads_and_trains_identically(name, tmp_path):
     assert_trains_like(zoo.test_model(), loaded, loaded, x)
 
 
+@pytest.mark.parametrize("name, strategies", [("bn_leaky_chain", None), ("revnet", "invert")])
+def test_saved_invert_chains_load_and_train_identically(name, strategies, tmp_path):
+    zoo = ZOO[name]
+    model, x = zoo.test_model(), zoo.test_input()
+    budget = int(0.6 * rewriter.measure_peak(model, x))
+    try:
+        optimized = rewriter.optimize(model, budget, x, strategies=strategies)
+    except rewriter.BudgetError as error:
+        optimized = rewriter.optimize(model, error.minimum_bytes, x, strategies=strategies)
+    assert optimized.plan.inverted
+    rewriter.save(optimized, tmp_path)
+    code = (tmp_path / "module.py").read_text()
+    assert code.count("rewriter.export.invert_chain(") == len(optimized.plan.inverted)
+    loaded = rewriter.load(tmp_path)
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    assert rewriter.measure_peak(loaded, x) == rewriter.measure_peak(optimized, x)
+    reference = zoo.test_model()
+    torch.manual_seed(7)
+    loaded(x).sum().backward()
+    torch.manual_seed(7)
+    reference(x).sum().backward()
+    for (n, p), (_, q) in zip(reference.named_parameters(), loaded.named_parameters()):
+        assert torch.linalg.vector_norm(q.grad - p.grad) <= 1e-4 * torch.linalg.vector_norm(p.grad) + 1e-6, n
+
+
 def test_saved_code_is_readable_python_importing_torch_and_rewriter_only(tmp_path):
     zoo = ZOO["resnet18"]
     model, x = zoo.test_model(), zoo.test_input()

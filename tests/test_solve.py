@@ -72,3 +72,42 @@ def test_nothing_fits_reports_the_lowest_peak_seen():
         peak({c.key: p for c, p in zip(choices, picks) if p})
         for picks in itertools.product(*(range(len(c.seconds)) for c in choices))
     )
+
+
+def _with_overlaps(choices, seed):
+    """The same choices, where some share members (a chain inside a segment)."""
+    rng = random.Random(seed)
+    return [Choice(c.key, c.seconds, c.saved_bytes, frozenset({f"n{i}", f"n{rng.randrange(len(choices))}"}))
+            for i, c in enumerate(choices)]
+
+
+def _meet(choices, assignment) -> bool:
+    members = [c.members for c in choices if c.key in assignment]
+    return any(a & b for i, a in enumerate(members) for b in members[i + 1:])
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_choices_that_share_members_are_never_taken_together(seed):
+    choices, peak, base = random_problem(seed, 10, 2)
+    choices = _with_overlaps(choices, seed)
+    for limit in (int(base * 0.9), int(base * 0.75)):
+        best = None
+        for picks in itertools.product((0, 1), repeat=len(choices)):
+            assignment = {c.key: 1 for c, p in zip(choices, picks) if p}
+            if not _meet(choices, assignment) and peak(assignment) <= limit:
+                seconds = sum(c.seconds[1] for c in choices if c.key in assignment)
+                best = seconds if best is None else min(best, seconds)
+        solution = solve(choices, peak, limit)
+        assert not _meet(choices, solution.assignment)
+        assert solution.fits == (best is not None)
+        if best is not None:
+            assert solution.seconds == pytest.approx(best)
+
+
+def test_greedy_never_takes_choices_that_share_members():
+    choices, peak, base = random_problem(1, 60, 3)
+    choices = _with_overlaps(choices, 1)
+    for limit in (int(base * 0.95), int(base * 0.85)):
+        solution = solve(choices, peak, limit)
+        assert not _meet(choices, solution.assignment)
+        assert solution.fits and peak(solution.assignment) <= limit

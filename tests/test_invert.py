@@ -1,0 +1,176 @@
+"""Invert: saved tensors rebuilt from kept outputs; gradients as eager's, memory flat in depth."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rewriter
+from examples.zoo import ZOO
+from examples.zoo.plain import BNLeakyChain
+from examples.zoo.revnet import RevNetStyle
+from passes import invert
+from rewriter.measure import preserved_model_state
+from rewriter.trace import capture
+
+RTOL = 1e-4  # the issue's bound for fp32 gradients through rebuilt tensors, in norm per tensor
+ATOL = 1e-6  # for gradients that are zero but for rounding (a bias before BatchNorm): eager's own noise is 1e-8
+
+
+class EveryKind(nn.Module):
+    """One chain through every kind of elementwise and rearranging unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.prelu = nn.PReLU(8, init=0.25)
+        self.elu = nn.ELU(alpha=1.0)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.prelu(self.bn(self.conv1(x)))
+        y = F.leaky_relu(y * 2.0 + 0.5, 0.2)
+        y = self.elu(y)
+        y = F.pixel_unshuffle(y, 2).permute(0, 1, 3, 2)
+        y = F.pixel_shuffle(y.contiguous(), 2)
+        return torch.flatten(self.conv2(y), 1)
+
+
+def inverted(model: nn.Module, x: torch.Tensor) -> tuple[torch.fx.GraphModule, list[invert.Chain]]:
+    """`model` with every candidate chain inverted."""
+    captured = capture(model)
+    with preserved_model_state(model):
+        factors = invert.calibrate(captured.gm, (x,))
+    chains = invert.chains(captured.gm, captured.opaque, factors)
+    return invert.apply(captured.gm, [c.output for c in chains], chains), chains
+
+
+def step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(7)
+    out = model(x)
+    out.square().mean().backward()
+    return out.detach()
+
+
+def assert_same_training(reference: nn.Module, model: nn.Module, rewritten: nn.Module, x: torch.Tensor) -> None:
+    """Outputs and BatchNorm statistics as eager's (the forward is the model's own
+    code); every gradient within RTOL of eager's, in norm."""
+    torch.testing.assert_close(step(rewritten, x), step(reference, x))
+    for (name, p), (_, q) in zip(reference.named_parameters(), model.named_parameters()):
+        error = torch.linalg.vector_norm(q.grad - p.grad)
+        assert error <= RTOL * torch.linalg.vector_norm(p.grad) + ATOL, f"{name}: error {error:.3g} of {torch.linalg.vector_norm(p.grad):.3g}"
+    for (name, b), (_, c) in zip(reference.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(c, b, msg=name)
+
+
+def test_every_unit_kind_rebuilds_its_input():
+    torch.manual_seed(0)
+    model = EveryKind().train()
+    reference = EveryKind().train()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 12, 10)
+    gm, chains = inverted(model, x)
+    kinds = {u.kind for c in chains for u in c.units}
+    assert kinds == {"batch_norm", "prelu", "affine", "leaky_relu", "elu", "rearrange"}
+    assert_same_training(reference, model, gm, x)
+
+
+@pytest.mark.parametrize("name", ["bn_leaky_chain", "mobilenet_v2", "resnet18", "revnet", "inplace", "shared_module", "data_dependent"])
+def test_zoo_models_with_every_chain_inverted_train_as_eager(name):
+    zoo = ZOO[name]
+    model, x = zoo.test_model(), zoo.test_input()
+    gm, chains = inverted(model, x)
+    assert chains
+    assert_same_training(zoo.test_model(), model, gm, x)
+
+
+@pytest.mark.parametrize("depth", [4, 16])
+def test_coupling_stacks_rebuild_exactly_enough(depth):
+    torch.manual_seed(0)
+    model, reference = RevNetStyle(channels=16, depth=depth).train(), RevNetStyle(channels=16, depth=depth).train()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    gm, chains = inverted(model, x)
+    assert sum(u.kind == "coupling" for c in chains for u in c.units) == depth
+    assert_same_training(reference, model, gm, x)
+
+
+def test_memory_of_inverted_coupling_stacks_is_flat_in_depth():
+    x = torch.randn(2, 3, 32, 32)
+    peaks = {}
+    for depth in (4, 16):
+        torch.manual_seed(0)
+        model = RevNetStyle(channels=16, depth=depth).train()
+        gm, _ = inverted(model, x)
+        peaks[depth] = rewriter.measure_peak(gm, x)
+        eager = rewriter.measure_peak(model, x)
+        assert peaks[depth] < eager
+    assert peaks[16] < 1.15 * peaks[4], peaks
+
+
+def test_the_solver_picks_invert_where_it_is_cheaper_than_recompute():
+    zoo = ZOO["bn_leaky_chain"]
+    model, x = zoo.test_model(), zoo.test_input()
+    budget = int(0.6 * rewriter.measure_peak(model, x))
+    both = rewriter.optimize(model, budget, x)
+    recompute_only = rewriter.optimize(model, budget, x, strategies="recompute")
+    assert both.plan.inverted
+    added = sum(n.seconds_added for n in both.plan.nodes)
+    assert added < sum(n.seconds_added for n in recompute_only.plan.nodes)
+    assert rewriter.measure_peak(both, x) <= budget
+    assert_same_training(zoo.test_model(), model, both, x)
+
+
+def test_a_near_zero_gamma_is_kept_not_inverted():
+    torch.manual_seed(0)
+    model = BNLeakyChain(channels=8, depth=3).train()
+    with torch.no_grad():
+        model.body[3].weight[2] = 1e-7  # the second BatchNorm
+    x = torch.randn(2, 3, 8, 8)
+    _, chains = inverted(model, x)
+    inverted_nodes = {n for c in chains for n in c.nodes}
+    assert "body_0" in inverted_nodes and "body_3" not in inverted_nodes
+
+
+def test_weights_that_move_past_the_bound_fall_back_to_keeping_the_input(caplog):
+    torch.manual_seed(0)
+    model, reference = BNLeakyChain(channels=8, depth=3).train(), BNLeakyChain(channels=8, depth=3).train()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    gm, chains = inverted(model, x)
+    assert any("body_3" in c.nodes for c in chains)
+    with torch.no_grad():
+        for m in (model, reference):
+            m.body[3].weight[2] = 1e-7
+    with caplog.at_level(logging.WARNING, logger="passes.invert"):
+        assert_same_training(reference, model, gm, x)
+    assert "is kept instead" in caplog.text
+
+
+def test_the_plan_shows_inverted_nodes_with_their_error_factor_and_reapplies():
+    zoo = ZOO["bn_leaky_chain"]
+    model, x = zoo.test_model(), zoo.test_input()
+    optimized = rewriter.optimize(model, int(0.6 * rewriter.measure_peak(model, x)), x)
+    plan = optimized.plan
+    rows = [n for n in plan.nodes if n.strategy == "invert"]
+    assert rows and all(n.error_factor >= 1.0 for n in rows)
+    assert max(n.error_factor for n in rows) == pytest.approx(10.0, rel=0.5)  # 1/slope, slope 0.1, times BN's
+    assert "error x" in str(plan) and "inverted chains: " in str(plan)
+    assert rewriter.Plan.from_json(plan.to_json()) == plan
+    again = rewriter.apply_plan(model, plan)
+    assert rewriter.measure_peak(again, x) == rewriter.measure_peak(optimized, x)
+    assert_same_training(zoo.test_model(), model, again, x)
+
+
+def test_invert_alone_names_an_honest_minimum():
+    zoo = ZOO["bn_leaky_chain"]
+    model, x = zoo.test_model(), zoo.test_input()
+    with pytest.raises(rewriter.BudgetError) as caught:
+        rewriter.optimize(model, int(0.3 * rewriter.measure_peak(model, x)), x, strategies="invert")
+    minimum = caught.value.minimum_bytes
+    optimized = rewriter.optimize(model, minimum, x, strategies="invert")
+    assert optimized.plan.inverted and not optimized.plan.segments
+    assert rewriter.measure_peak(optimized, x) <= minimum
