@@ -104,8 +104,8 @@ def main() -> None:
         "",
         f"torch {torch.__version__}. Command: `python benchmarks/recompute_frontier.py --device {args.device}`.",
         "Peak: rewriter.measure_peak (ARCHITECTURE.md's protocol). Time: median of 3 steps, as a ratio to eager;",
-        "on this 2-core machine they vary by up to ±0.4 between runs (a compiled step that recomputes nothing
-measured 0.69 to 1.44): read them as rough.",
+        "on this 2-core machine they vary by up to ±0.4 between runs (a compiled step that recomputes nothing",
+        "measured 0.69 to 1.44): read them as rough.",
         "",
         "Note: on CPU the peak is counted by a TorchDispatchMode, and torch.compile (dynamo) runs the",
         "eager code, not the compiled graphs, while such a mode is active (checked: a counting backend is",
