@@ -8,6 +8,8 @@ values are used only by the next unit:
 - BatchNorm in training mode: its input is rebuilt from its output and the batch mean
   and inverse std the forward computed (In-Place ABN);
 - lossless rearrangements: view/reshape/flatten, permute, pixel_shuffle/unshuffle;
+- fork-joins: `chunk` or `split` into pieces, elementwise units on each piece, `cat`
+  of the pieces back along the same dimension;
 - additive couplings `x1, x2 = chunk(x)`, `y1 = x1 + F(x2)`, `y2 = x2 + G(y1)`,
   `cat(y1, y2)`, found as a pattern on the graph (the RevNet trick): x2 = y2 - G(y1),
   x1 = y1 - F(x2).
@@ -29,6 +31,7 @@ whose factors have grown past the bound keeps its input instead, with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import operator
@@ -69,6 +72,7 @@ class Unit:
     f: tuple[str, ...] = ()
     g: tuple[str, ...] = ()
     factor: float = 1.0
+    branches: tuple[tuple["Unit", ...], ...] = ()  # a fork-join's elementwise units per piece
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class Chain:
 
     def saves_anything(self) -> bool:
         """Whether eager autograd saves a tensor inside the chain (else inverting gains nothing)."""
-        return any(u.kind not in ("rearrange", "affine") for u in self.units)
+        return any(u.kind not in ("rearrange", "affine", "fork_join") or any(b for b in u.branches) for u in self.units)
 
 
 # ---- recognising units --------------------------------------------------------------------
@@ -233,6 +237,49 @@ def _coupling(gm: fx.GraphModule, chunk: fx.Node, order: dict[fx.Node, int]) -> 
     return None
 
 
+def _fork_join(gm: fx.GraphModule, split: fx.Node, factors: dict[str, float]) -> Unit | None:
+    """The fork-join that starts at `split` (chunk or split), or None: each piece runs
+    through elementwise units used once, and one `cat` joins the pieces in order along
+    the dimension they were cut on."""
+    if split.op == "call_function" and split.target in (torch.chunk, torch.split):
+        how = "chunk" if split.target is torch.chunk else "split"
+    elif split.op == "call_method" and split.target in ("chunk", "split"):
+        how = split.target
+    else:
+        return None
+    size = split.args[1] if len(split.args) > 1 else split.kwargs.get("chunks" if how == "chunk" else "split_size_or_sections")
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if not isinstance(size, (int, list, tuple)) or not isinstance(dim, int) or not isinstance(split.args[0], fx.Node):
+        return None
+    pieces = {u.args[1]: u for u in split.users if u.op == "call_function" and u.target is operator.getitem}
+    if len(pieces) != len(split.users) or set(pieces) != set(range(len(pieces))):
+        return None
+    branches, ends, nodes = [], [], [split]
+    for index in range(len(pieces)):
+        value, branch = pieces[index], []
+        nodes.append(value)
+        while len(value.users) == 1:
+            user = next(iter(value.users))
+            found = _elementwise(gm, user)
+            if found is None or found[0] == "rearrange" or _tensor_input(user) is not value or _mutates_an_input(gm, user):
+                break
+            unit = Unit(found[0], (user.name,), value.name, user.name, found[1])
+            branch.append(dataclasses.replace(unit, factor=factors.get(user.name, _static_factor(unit))))
+            nodes.append(user)
+            value = user
+        branches.append(tuple(branch))
+        ends.append(value)
+    join = next(iter(ends[0].users)) if len(ends[0].users) == 1 else None
+    if join is None or join.op != "call_function" or join.target is not torch.cat:
+        return None
+    join_dim = join.args[1] if len(join.args) > 1 else join.kwargs.get("dim", 0)
+    if list(join.args[0]) != ends or join_dim != dim or any(len(e.users) != 1 for e in ends):
+        return None
+    factor = max((math.prod(u.factor for u in branch) for branch in branches), default=1.0)
+    return Unit("fork_join", tuple(n.name for n in nodes + [join]), split.args[0].name, join.name,
+                (how, size, dim), factor=factor, branches=tuple(branches))
+
+
 def _traceable_rerun(module: nn.Module) -> bool:
     return not any(isinstance(m, _RANDOM_MODULES) for m in module.modules())
 
@@ -252,7 +299,7 @@ def chains(gm: fx.GraphModule, opaque: tuple[str, ...] = (), factors: dict[str, 
     for node in nodes:
         if node in taken or node.op == "placeholder" or (node.op == "call_module" and node.target in opaque):
             continue
-        unit = _coupling(gm, node, order)
+        unit = _coupling(gm, node, order) or _fork_join(gm, node, factors)
         if unit is None:
             found = _elementwise(gm, node)
             source = _tensor_input(node)
@@ -262,8 +309,8 @@ def chains(gm: fx.GraphModule, opaque: tuple[str, ...] = (), factors: dict[str, 
             unit = Unit(kind, (node.name,), source.name, node.name, arg)
         by_name = {n.name: n for n in gm.graph.nodes}
         taken.update(by_name[n] for n in unit.nodes)
-        factor = factors.get(unit.output, _static_factor(unit))
-        units[by_name[unit.input]] = Unit(unit.kind, unit.nodes, unit.input, unit.output, unit.arg, unit.f, unit.g, factor)
+        factor = unit.factor if unit.kind == "fork_join" else factors.get(unit.output, _static_factor(unit))
+        units[by_name[unit.input]] = dataclasses.replace(unit, factor=factor)
     by_name = {n.name: n for n in gm.graph.nodes}
     mutated = {n.all_input_nodes[0] for n in gm.graph.nodes if n.op != "placeholder" and n.all_input_nodes and _mutates_an_input(gm, n)}
     starts = [u for u in units.values() if not any(o.output == u.input for o in units.values())
@@ -381,13 +428,16 @@ class _Step:
     """A unit, ready to run: `code(x)` its forward; `inverse(out, info)` its input."""
 
     def __init__(self, unit: Unit, code, modules: list[nn.Module], module: nn.Module | None = None,
-                 inplace: bool = False, f=None, g=None, inverse_dims: tuple[int, ...] | None = None):
+                 inplace: bool = False, f=None, g=None, inverse_dims: tuple[int, ...] | None = None,
+                 branches: list[list["_Step"]] | None = None):
         """`code` runs the unit (a GraphModule over the owner's submodules, or any
         callable: an exported module's method); `modules`, the submodules it calls;
         `module`, the one whose weights the inverse reads (BatchNorm, PReLU); `f`, `g`:
-        a coupling's functions; `inverse_dims`: the permutation undoing a permute."""
+        a coupling's functions; `inverse_dims`: the permutation undoing a permute;
+        `branches`: a fork-join's steps per piece."""
         self.unit, self.code, self.modules, self.module = unit, code, modules, module
         self.inplace, self.f, self.g, self.inverse_dims = inplace, f, g, inverse_dims
+        self.branches = branches or []
 
     @classmethod
     def from_graph(cls, gm: fx.GraphModule, unit: Unit) -> "_Step":
@@ -410,8 +460,25 @@ class _Step:
             dims = node.args[1:] if node.op == "call_method" else node.args[1]
             dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
             inverse_dims = tuple(sorted(range(len(dims)), key=lambda i: dims[i]))
+        branches = [[cls.from_graph(gm, u) for u in branch] for branch in unit.branches]
         code = _subgraph(gm, unit.nodes, [unit.input], unit.output)
-        return cls(unit, code, modules, module, inplace, f, g, inverse_dims)
+        return cls(unit, code, modules, module, inplace, f, g, inverse_dims, branches)
+
+    def _cut(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A fork-join's pieces of `tensor` (its input, output or gradient), as its split makes them."""
+        how, size, dim = self.unit.arg
+        return torch.chunk(tensor, size, dim) if how == "chunk" else torch.split(tensor, size, dim)
+
+    def _branch_infos(self, info: tuple) -> list[list[tuple]]:
+        """A fork-join's flat `info`, per branch and step (BatchNorm keeps two tensors)."""
+        rest, found = list(info), []
+        for branch in self.branches:
+            found.append([])
+            for step in branch:
+                count = 2 if step.unit.kind == "batch_norm" else 0
+                found[-1].append(tuple(rest[:count]))
+                rest = rest[count:]
+        return found
 
     def parameters(self) -> list[nn.Parameter]:
         found = {id(p): p for m in self.modules for p in m.parameters()}
@@ -426,6 +493,14 @@ class _Step:
         """The unit's output, and what its backward needs beyond the output: a
         BatchNorm's batch mean and inverse std, from the same kernel and with the same
         running-statistics update as `nn.BatchNorm` itself."""
+        if self.unit.kind == "fork_join":
+            outs, infos = [], []
+            for branch, piece in zip(self.branches, self._cut(inp)):
+                for step in branch:
+                    piece, info = step.forward(piece)
+                    infos.extend(info)
+                outs.append(piece)
+            return torch.cat(outs, self.unit.arg[2]), tuple(infos)
         if self.unit.kind != "batch_norm":
             return self.code(inp), ()
         bn = self.module
@@ -442,6 +517,17 @@ class _Step:
         """From the unit's output alone: the gradient of its input, its parameters'
         gradients [(parameter, gradient)], and (if `rebuild`) its input."""
         kind, arg = self.unit.kind, self.unit.arg
+        if kind == "fork_join":  # each piece back through its branch, then joined again
+            grads, inputs, pairs = [], [], []
+            for branch, piece, piece_grad, infos in zip(self.branches, self._cut(out), self._cut(grad), self._branch_infos(info)):
+                for j in reversed(range(len(branch))):
+                    piece_grad, found, rebuilt = branch[j].backward(piece, piece_grad, infos[j], piece.shape, rebuild=j > 0 or rebuild)
+                    pairs += found
+                    piece = rebuilt
+                grads.append(piece_grad)
+                inputs.append(piece)
+            dim = arg[2]
+            return torch.cat(grads, dim), pairs, torch.cat(inputs, dim) if rebuild else None
         if kind == "leaky_relu":  # PyTorch's own kernels, each one pass
             grad_in = torch.ops.aten.leaky_relu_backward(grad, out, arg[0], True)
             return grad_in, [], F.leaky_relu(out, 1.0 / arg[0]) if rebuild else None
@@ -547,6 +633,14 @@ class _Step:
         """The error amplification of this step's inverse with the current values (a
         0-dim tensor where it depends on them)."""
         kind = self.unit.kind
+        if kind == "fork_join":  # the worst piece; an ELU inside a branch keeps its calibrated factor
+            worst = 1.0
+            for branch, piece, infos in zip(self.branches, self._cut(out), self._branch_infos(info)):
+                growth = 1.0
+                for j, step in enumerate(branch):
+                    growth = growth * (step.factor(piece, infos[j]) if step.unit.kind != "elu" or j == len(branch) - 1 else step.unit.factor)
+                worst = torch.maximum(torch.as_tensor(worst, dtype=torch.float32), torch.as_tensor(growth, dtype=torch.float32))
+            return worst
         if kind == "batch_norm":
             std = 1.0 / info[1]
             if self.module.weight is not None:

@@ -75,19 +75,7 @@ def save(module: fx.GraphModule, folder: str | Path) -> Path:
     owner_paths = {id(m): path for path, m in module.named_modules()}
     for name, child in module.named_children():
         if isinstance(child, InvertChain):
-            specs = []
-            for i, step in enumerate(child.steps):
-                spec = {"kind": step.unit.kind, "arg": step.unit.arg, "factor": step.unit.factor,
-                        "modules": [owner_paths[id(m)] for m in step.modules],
-                        "module": owner_paths[id(step.module)] if step.module is not None else None,
-                        "inplace": step.inplace, "inverse_dims": step.inverse_dims}
-                for part, code in (("code", step.code), ("f", step.f), ("g", step.g)):
-                    if code is not None:
-                        text, used = _method(code, f"_{name}_{i}_{part}")
-                        methods.append(text)
-                        globals_.update(used)
-                        spec[part] = f"_{name}_{i}_{part}"
-                specs.append(spec)
+            specs = [_step_spec(step, f"_{name}_{i}", owner_paths, methods, globals_) for i, step in enumerate(child.steps)]
             segments.append(f"        self.{name} = rewriter.export.invert_chain(self, {specs!r})")
         if isinstance(child, RecomputeSegment):
             code, used = _method(child.checkpointed_code, f"_{name}")
@@ -131,6 +119,35 @@ def save(module: fx.GraphModule, folder: str | Path) -> Path:
     return folder
 
 
+def _step_spec(step: _Step, prefix: str, owner_paths: dict, methods: list, globals_: dict) -> dict:
+    """How `invert_chain` rebuilds one step: its constants, module paths, and the names
+    of the methods (appended to `methods`) that run its code."""
+    spec = {"kind": step.unit.kind, "arg": step.unit.arg, "factor": step.unit.factor,
+            "modules": [owner_paths[id(m)] for m in step.modules],
+            "module": owner_paths[id(step.module)] if step.module is not None else None,
+            "inplace": step.inplace, "inverse_dims": step.inverse_dims,
+            "branches": [[_step_spec(s, f"{prefix}_b{b}_{j}", owner_paths, methods, globals_) for j, s in enumerate(branch)]
+                         for b, branch in enumerate(step.branches)]}
+    for part, code in (("code", step.code), ("f", step.f), ("g", step.g)):
+        if code is not None:
+            text, used = _method(code, f"{prefix}_{part}")
+            methods.append(text)
+            globals_.update(used)
+            spec[part] = f"{prefix}_{part}"
+    return spec
+
+
+def _step_targets(step: _Step) -> set[str]:
+    targets = set()
+    for code in (step.code, step.f, step.g):
+        if code is not None:
+            targets |= {n.target for n in code.graph.nodes if n.op == "call_module"}
+    for branch in step.branches:
+        for inner in branch:
+            targets |= _step_targets(inner)
+    return targets
+
+
 def _call_targets(module: fx.GraphModule) -> set[str]:
     targets = {n.target for n in module.graph.nodes if n.op == "call_module"}
     for child in module.children():
@@ -138,9 +155,7 @@ def _call_targets(module: fx.GraphModule) -> set[str]:
             targets |= {n.target for n in child.checkpointed_code.graph.nodes if n.op == "call_module"}
         if isinstance(child, InvertChain):
             for step in child.steps:
-                for code in (step.code, step.f, step.g):
-                    if code is not None:
-                        targets |= {n.target for n in code.graph.nodes if n.op == "call_module"}
+                targets |= _step_targets(step)
     return targets
 
 
@@ -168,16 +183,19 @@ def segment(owner: nn.Module, code, mode: str, norms: list[str], keeps_output: b
 
 def invert_chain(owner: nn.Module, specs: list[dict]) -> InvertChain:
     """An InvertChain whose units run `owner`'s methods (as `save` described them)."""
-    steps = []
-    for spec in specs:
-        unit = Unit(spec["kind"], (), "", "", tuple(spec["arg"]), factor=spec["factor"])
-        steps.append(_Step(
-            unit, getattr(owner, spec["code"]), [owner.get_submodule(p) for p in spec["modules"]],
-            owner.get_submodule(spec["module"]) if spec["module"] else None, spec["inplace"],
-            getattr(owner, spec["f"]) if "f" in spec else None, getattr(owner, spec["g"]) if "g" in spec else None,
-            spec["inverse_dims"],
-        ))
-    return InvertChain(steps)
+    return InvertChain([_step_from_spec(owner, spec) for spec in specs])
+
+
+def _step_from_spec(owner: nn.Module, spec: dict) -> _Step:
+    arg = tuple(tuple(a) if isinstance(a, list) else a for a in spec["arg"])
+    unit = Unit(spec["kind"], (), "", "", arg, factor=spec["factor"])
+    return _Step(
+        unit, getattr(owner, spec["code"]), [owner.get_submodule(p) for p in spec["modules"]],
+        owner.get_submodule(spec["module"]) if spec["module"] else None, spec["inplace"],
+        getattr(owner, spec["f"]) if "f" in spec else None, getattr(owner, spec["g"]) if "g" in spec else None,
+        tuple(spec["inverse_dims"]) if spec["inverse_dims"] is not None else None,
+        [[_step_from_spec(owner, s) for s in branch] for branch in spec.get("branches", [])],
+    )
 
 
 def load(folder: str | Path) -> nn.Module:

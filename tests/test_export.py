@@ -75,3 +75,18 @@ def test_load_needs_a_saved_folder(tmp_path):
 def test_save_needs_a_rewritten_module(tmp_path):
     with pytest.raises(rewriter.InputError, match="GraphModule"):
         rewriter.save(torch.nn.Linear(2, 2), tmp_path)
+
+
+def test_saved_fork_joins_load_and_train_identically(tmp_path):
+    from tests.test_invert import ForkJoin, assert_same_training, inverted
+
+    torch.manual_seed(0)
+    model, reference = ForkJoin(depth=2).train(), ForkJoin(depth=2).train()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 12, 10)
+    gm, chains = inverted(model, x)
+    rewriter.save(gm, tmp_path)
+    loaded = rewriter.load(tmp_path)
+    assert "rewriter.export.invert_chain(" in (tmp_path / "module.py").read_text()
+    assert rewriter.measure_peak(loaded, x) == rewriter.measure_peak(gm, x)
+    assert_same_training(reference, loaded, loaded, x)
