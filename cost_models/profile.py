@@ -303,9 +303,22 @@ class _Profiler(OpaqueLeaves):
                     torch.autograd.backward(source, inputs=real_inputs + real_params)
                 results, param_results = [t.grad for t in real_inputs], []
             elif segment:
+                # the input gradients as autograd hands them on (a concat's are slices of
+                # one storage), before `.grad` takes a copy in its own layout
+                arrived: dict[tuple[str, int], int | None] = {}
+
+                def capture(element):
+                    def hook(grad):
+                        self.tracker.poll()
+                        arrived[element] = self.tracker.uid_of(grad)
+                    return hook
+
+                handles = [leaf.register_hook(capture(e)) for e, leaf in targets]
                 module = self.gm.get_submodule(self._node[cost.name].target)
                 with contextlib.nullcontext() if hasattr(module, "checkpointed_code") else self._fake_model():
                     torch.autograd.backward(source, inputs=[leaf for _, leaf in targets] + params)
+                for handle in handles:
+                    handle.remove()
                 results, param_results = [leaf.grad for _, leaf in targets], []
             else:
                 everything = [leaf for _, leaf in targets] + params
@@ -313,6 +326,11 @@ class _Profiler(OpaqueLeaves):
                 results, param_results = results[: len(targets)], results[len(targets):]
             self.tracker.poll()
         events = _own_events(self.tracker.events[start:], cost.fwd_events)
+        if segment:  # eager hands on the gradients themselves: drop the copies, keep them alive
+            copies = {self.tracker.uid_of(leaf.grad) for e, leaf in targets if leaf.grad is not None} - set(arrived.values())
+            handed_on = set(arrived.values())
+            events = [(kind, uid, b) for kind, uid, b in events
+                      if uid not in copies and not (kind == "free" and uid in handed_on)]
         if cost.opaque or segment:
             # the stand-in gradients are the incoming ones, already live: drop their
             # allocation, and turn their free into a release of that gradient slot
@@ -340,6 +358,9 @@ class _Profiler(OpaqueLeaves):
             if cost.opaque:
                 ref = ("new", self.tracker.uid_of(g)) if self.tracker.uid_of(g) in new_uids else ("external",)
                 g = self._fake_grad(element)
+            elif segment:
+                uid = arrived.get(element)
+                ref = ("grad_out", stand_ins[uid]) if uid in stand_ins else ("new", uid) if uid in new_uids else ("external",)
             elif storage_key(g) in grad_keys:
                 ref = ("grad_out", grad_keys[storage_key(g)])
             else:

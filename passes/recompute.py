@@ -160,7 +160,25 @@ def _mutates_an_input(gm: fx.GraphModule, node: fx.Node) -> bool:
     return name.endswith("_") or name.startswith("i") and name[1:] in {"add", "sub", "mul", "truediv"} or bool(node.kwargs.get("inplace"))
 
 
-GRANULARITIES = ("coarse", "fine")
+GRANULARITIES = ("coarse", "fine", "module")
+
+
+def _scope(node: fx.Node) -> str | None:
+    """The innermost module whose forward made `node` (None at the top level)."""
+    stack = list(node.meta.get("nn_module_stack", {}))
+    if node.op == "call_module" and stack and stack[-1].split("@")[0] == node.target:
+        stack.pop()  # the leaf module itself ("relu@1": its second call)
+    return stack[-1] if stack else None
+
+
+def _ends_scope(node: fx.Node, following: fx.Node | None) -> bool:
+    """Whether `node` is the last node of its module's call: the next compute node was
+    made outside that module (or there is none). Top-level nodes end no call, so any of
+    them may end a run."""
+    scope = _scope(node)
+    if scope is None or following is None:
+        return True
+    return scope not in following.meta.get("nn_module_stack", {})
 
 
 def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = (), granularity: str = "coarse") -> list[Segment]:
@@ -169,7 +187,9 @@ def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = (), granularity: str 
 
     - "coarse": a single tensor crosses the cut after it (a ResNet block, a VGG layer);
     - "fine": a single value made inside the run is used after it, whatever the run
-      reads from before (half a DenseNet layer: its bottleneck, then the rest).
+      reads from before (half a DenseNet layer: its bottleneck, then the rest);
+    - "module": as "fine", but only where a module call ends (after the node ends its
+      innermost module's call): whole DenseNet layers, as per-block checkpointing.
 
     Not candidates: a run that changes one of its inputs in place, or whose input a
     later node changes in place (the checkpoint keeps its inputs for the rerun), or that
@@ -189,7 +209,7 @@ def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = (), granularity: str 
         live = {v for v in live | {node} if last_use[v] > i}
         expensive = expensive or _is_expensive(gm, node)
         mutated_next = i + 1 < len(nodes) and node in mutated_at and i + 1 in mutated_at[node]
-        if granularity == "fine":
+        if granularity != "coarse":
             # a cheap value the run begins with that later nodes read too (a DenseNet
             # block's input) stays out of it: it could never be recomputed inside
             while start < i and last_use[nodes[start]] > i and not _is_expensive(gm, nodes[start]):
@@ -198,6 +218,8 @@ def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = (), granularity: str 
         run = nodes[start:i + 1]
         escaping = live if granularity == "coarse" else {m for m in run if last_use[m] > i}
         closes = escaping == {node} and not mutated_next
+        if granularity == "module":
+            closes = closes and _ends_scope(node, nodes[i + 1] if i + 1 < len(nodes) else None)
         if closes and expensive or i == len(nodes) - 1:
             members = set(run)
             outside = list(dict.fromkeys(a for m in run for a in m.all_input_nodes if a not in members and a.op != "get_attr"))
