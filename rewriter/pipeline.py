@@ -240,6 +240,8 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
     found, lowest = [], []
     # each way of cutting segments is searched with the invert chains beside it
     for granularity in recompute.GRANULARITIES if "recompute" in strategies else (None,):
+        if granularity == "module" and found:  # whole-layer cuts only where the finer ones fail
+            break
         if granularity is not None and not planner.use(granularity):
             continue
         if not planner.segments and not planner.chains:
