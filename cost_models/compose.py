@@ -43,8 +43,8 @@ def _shifted(node: NodeCost, offset: int) -> NodeCost:
 class Composer:
     """Composes plans from `base` and `alternatives`. `units[key] = (out, members)`: a
     rewritable unit (a recompute segment, an invert chain) whose nodes `members` in
-    `base` each alternative holds as one node named `out`. Units chosen together must
-    not share nodes."""
+    `base` each alternative holds as one node named `out`, or (a compress group) as
+    the nodes named in the tuple `out`. Units chosen together must not share nodes."""
 
     def __init__(self, base: Costs, alternatives: list[Costs], units: dict[str, tuple[str, tuple[str, ...]]]):
         self.base = base
@@ -54,7 +54,7 @@ class Composer:
         self._sizes: list[tuple[dict, dict[int, int]]] = []
         for index, alternative in enumerate(alternatives):
             offset = (index + 1) * _SHIFT
-            outs = {out for out, _ in units.values() if out in alternative.by_name}
+            outs = {o for out, _ in units.values() for o in _names(out) if o in alternative.by_name}
             self._nodes.append({out: _shifted(alternative.by_name[out], offset) for out in outs})
             self._sizes.append((
                 {uid + offset: b for uid, b in alternative.sizes.items()},
@@ -71,8 +71,9 @@ class Composer:
             if used & set(members):
                 raise ValueError(f"compose: unit {key!r} shares nodes with another chosen unit")
             used.update(members)
-            dropped.update(m for m in members if m != out)
-            replaced[out] = self._nodes[index][out]
+            outs = _names(out)
+            dropped.update(m for m in members if m not in outs)
+            replaced.update((o, self._nodes[index][o]) for o in outs)
         nodes = [replaced.get(node.name, node) for node in self.base.nodes if node.name not in dropped]
         sizes, numeric = dict(self.base.sizes), dict(self._base_numeric)
         for index in sorted(set(choice.values())):
@@ -86,6 +87,10 @@ class Composer:
         )
         composed.prime_sizes(base.example_batch, numeric)
         return composed
+
+
+def _names(out: str | tuple[str, ...]) -> tuple[str, ...]:
+    return out if isinstance(out, tuple) else (out,)
 
 
 def compose(base: Costs, alternatives: list[Costs], choice: dict[str, int], members: dict[str, tuple[str, ...]]) -> Costs:

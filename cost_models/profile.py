@@ -227,6 +227,13 @@ class _Profiler(OpaqueLeaves):
             state = {k: self.fake_of[id(t)] for k, t in _state_items(module)}
             return functional_call(module, state, args, kwargs)
         if node.op == "call_function":
+            modules = _module_args(node, self.gm)
+            if modules:  # a compressed op reading its module's parameters: their fakes
+                with contextlib.ExitStack() as stack:
+                    for module in modules:
+                        state = {k: self.fake_of[id(t)] for k, t in _state_items(module)}
+                        stack.enter_context(_reparametrize_module(module, state))
+                    return node.target(*args, **kwargs)
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
@@ -394,6 +401,8 @@ class _Profiler(OpaqueLeaves):
 
     def _params_of(self, name: str) -> list[torch.Tensor]:
         node = self._node.get(name)
+        if node is not None and node.op == "call_function":
+            return [self.fake_of[id(p)] for m in _module_args(node, self.gm) for p in m.parameters() if p.requires_grad]
         if node is None or node.op != "call_module":
             return []
         module = self.gm.get_submodule(node.target)
@@ -475,6 +484,12 @@ def _example_batch(inputs: tuple) -> int:
 
 def _shapes(inputs: tuple) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(t.shape) for t in tensors_in(inputs))
+
+
+def _module_args(node: fx.Node, gm: fx.GraphModule) -> list[torch.nn.Module]:
+    """The submodules a call_function node is handed (through get_attr)."""
+    found = [_fetch_attr(gm, a.target) for a in node.all_input_nodes if a.op == "get_attr"]
+    return [m for m in found if isinstance(m, torch.nn.Module)]
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str):

@@ -45,7 +45,8 @@ def main() -> None:
         budget = error.minimum_bytes
         optimized = rewriter.optimize(model, budget, images)
     plan = optimized.plan
-    print(f"optimize(model, {budget:,} bytes): {len(plan.segments)} segments recomputed, {len(plan.inverted)} chains inverted")
+    print(f"optimize(model, {budget:,} bytes): {len(plan.segments)} segments recomputed, "
+          f"{len(plan.inverted)} chains inverted, {len(plan.compressed)} nodes compressed")
     print(f"  predicted peak {format_bytes(optimized.plan.predicted_peak_bytes):>12}")
     print(f"  measured peak  {format_bytes(rewriter.measure_peak(optimized, images)):>12}  (budget {format_bytes(budget)})")
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from passes import compressed_ops
 from passes.invert import InvertChain, Unit, _Step
 from passes.recompute import RecomputeSegment
 from rewriter.errors import InputError
@@ -50,6 +51,8 @@ def _imports(globals_: dict) -> list[str]:
         qualname, module = getattr(value, "__qualname__", ""), getattr(value, "__module__", None)
         if inspect.ismodule(value):
             lines.append(f"import {value.__name__} as {name}")
+        elif module == compressed_ops.__name__ and getattr(compressed_ops, qualname, None) is value:
+            lines.append(f"{name} = rewriter.export.compressed_ops.{qualname}")  # saved code imports rewriter only
         elif module and qualname and "<" not in qualname and "." not in qualname:
             lines.append(f"from {module} import {qualname} as {name}")
         else:
@@ -150,6 +153,9 @@ def _step_targets(step: _Step) -> set[str]:
 
 def _call_targets(module: fx.GraphModule) -> set[str]:
     targets = {n.target for n in module.graph.nodes if n.op == "call_module"}
+    # a compressed op is handed its module (get_attr)
+    targets |= {n.target for n in module.graph.nodes
+                if n.op == "get_attr" and isinstance(_attribute(module, n.target), nn.Module)}
     for child in module.children():
         if isinstance(child, RecomputeSegment):
             targets |= {n.target for n in child.checkpointed_code.graph.nodes if n.op == "call_module"}
@@ -157,6 +163,12 @@ def _call_targets(module: fx.GraphModule) -> set[str]:
             for step in child.steps:
                 targets |= _step_targets(step)
     return targets
+
+
+def _attribute(module: nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def build(owner: nn.Module, leaves: dict) -> None:

@@ -16,7 +16,8 @@ from cost_models.node_costs import BATCH, Costs
 from cost_models.runtime import ROOFLINES
 from cost_models.saved import saved_tensors
 from cost_models.simulate import simulate
-from passes import invert, recompute
+from passes import compress, invert, recompute
+from passes.compressed_ops import BITS
 from rewriter.errors import BudgetError, InputError
 from rewriter.report import keep_all_plan, profile_model_graph
 from rewriter.measure import as_input_tuple, check_trainable, default_loss, preserved_model_state
@@ -29,7 +30,7 @@ __all__ = ["optimize", "apply_plan", "parse_budget", "STRATEGIES", "AVAILABLE_ST
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("recompute", "invert", "compress", "row_split")
-AVAILABLE_STRATEGIES = ("recompute", "invert")
+AVAILABLE_STRATEGIES = ("recompute", "invert", "compress")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -68,12 +69,36 @@ def _margin(budget: int) -> int:
 
 
 _INVERT = "invert:"  # the solver's key of an invert chain: this prefix and the chain's output
+_COMPRESS = "compress:"  # the solver's key of a compress group: this prefix and its first node
+
+
+@dataclasses.dataclass(frozen=True)
+class Lossy:
+    """What lossy compression the user allows: a width for all (`bits`), or an error
+    bound per tensor (`error`: each tensor gets the fewest bits whose rounding error
+    stays under error x max|x| on the example batch). Neither: lossless only."""
+
+    bits: int | None = None
+    error: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits is not None and self.error is not None:
+            raise InputError(f"pass compress_bits={self.bits} or compress_error={self.error}, not both")
+        if self.bits is not None and (isinstance(self.bits, bool) or self.bits not in BITS):
+            raise InputError(f"compress_bits={self.bits!r} must be one of {BITS}")
+        if self.error is not None and (isinstance(self.error, bool) or not isinstance(self.error, (int, float))
+                                       or not 0 < self.error < 1):
+            raise InputError(f"compress_error={self.error!r} must be a number between 0 and 1 (a bound relative to max|x|)")
+
+    def __bool__(self) -> bool:
+        return self.bits is not None or self.error is not None
 
 
 class _Planner:
     """Everything `optimize` learns about one model and input signature."""
 
-    def __init__(self, model: nn.Module, inputs: tuple, loss_fn: Callable, strategies: tuple[str, ...] = ("recompute",)):
+    def __init__(self, model: nn.Module, inputs: tuple, loss_fn: Callable, strategies: tuple[str, ...] = ("recompute",),
+                 lossy: Lossy = Lossy()):
         self.model = model
         self.inputs = inputs
         self.loss_fn = loss_fn
@@ -93,8 +118,24 @@ class _Planner:
             with preserved_model_state(model):
                 factors = invert.calibrate(self.gm, inputs)
             self.chains = [c for c in invert.chains(self.gm, self.opaque, factors) if self._gains(c)]
+        self.groups: list[compress.Group] = []
+        self.forms: dict[str, str] = {}  # node -> compressed form, for every group member
+        self.compressed: Costs | None = None  # the profile with every group compressed
+        if "compress" in strategies:
+            bits = self._lossy_bits(lossy)
+            self.groups = compress.groups(self.gm, self.base, bits)
+            self.forms = {n: compress.form_of(k, bits.get(n)) for g in self.groups for n, k in zip(g.nodes, g.kinds)}
         self.device = "cuda" if any(t.is_cuda for t in inputs if isinstance(t, torch.Tensor)) else "cpu"
         self.alternatives: dict[str, Costs] = {}
+
+    def _lossy_bits(self, lossy: Lossy) -> dict[str, int]:
+        """Bits per lossy-kind node the user allows compressing."""
+        if lossy.bits is not None:
+            return {n: lossy.bits for n in compress.lossy_nodes(self.gm)}
+        if lossy.error is not None:
+            with preserved_model_state(self.model):
+                return compress.calibrate_bits(self.gm, self.inputs, lossy.error)
+        return {}
 
     def _gains(self, chain: invert.Chain) -> bool:
         """Whether inverting the chain frees a tensor: one that only its members save."""
@@ -126,19 +167,28 @@ class _Planner:
             if self.inverted is None:
                 self.inverted = self._profile(invert.apply(self.gm, [c.output for c in self.chains], self.chains), {})
             self.alternatives["invert"] = self.inverted
+        if self.groups:
+            if self.compressed is None:
+                self.compressed = self._profile(compress.apply(self.gm, self.forms), {})
+            self.alternatives["compress"] = self.compressed
         units = {s.output: (s.output, s.nodes) for s in self.segments}
         units.update({_INVERT + c.output: (c.output, c.nodes) for c in self.chains})
+        units.update({g.key: (g.nodes, g.nodes) for g in self.groups})
         self._composer = Composer(self.base, list(self.alternatives.values()), units)
 
     def extreme(self, mode: str) -> dict[str, str]:
         return {s.output: mode if mode in s.modes() else s.modes()[-1] for s in self.segments}
 
     def compatible(self, assignment: dict[str, str]) -> dict[str, str]:
-        """`assignment` less the chains that share a node with a recomputed segment
-        (the segment reruns them; inverting inside it is moot)."""
+        """`assignment` less the chains and compress groups that share a node with a
+        recomputed segment (the segment reruns them), and the groups that share one
+        with an inverted chain."""
         recomputed = {n for s in self.segments if s.output in assignment for n in s.nodes}
         chains = {_INVERT + c.output: c for c in self.chains}
-        return {k: v for k, v in assignment.items() if k not in chains or not recomputed & set(chains[k].nodes)}
+        kept = {k: v for k, v in assignment.items() if k not in chains or not recomputed & set(chains[k].nodes)}
+        taken = recomputed | {n for k in kept if k in chains for n in chains[k].nodes}
+        groups = {g.key: g for g in self.groups}
+        return {k: v for k, v in kept.items() if k not in groups or not taken & set(groups[k].nodes)}
 
     def composed(self, assignment: dict[str, str]) -> Costs:
         modes = list(self.alternatives)
@@ -178,16 +228,28 @@ class _Planner:
                 saved = sum(saved_by_owner.get(n, 0) for n in nodes if n != chain.output)
                 choices.append(Choice(_INVERT + chain.output, (0.0, seconds), (0, saved), frozenset(chain.nodes)))
                 options[_INVERT + chain.output] = ("invert",)
+        if "compress" in self.alternatives:
+            for group in self.groups:
+                # packed in forward, unpacked in backward: about three passes over the members' outputs
+                seconds = rerun_seconds(group.nodes, times=0.0, move=3.0)
+                choices.append(Choice(group.key, (0.0, seconds), (0, group.freed_bytes), frozenset(group.nodes)))
+                options[group.key] = ("compress",)
         return choices, options
 
+    def _compressed_forms(self, assignment: dict[str, str]) -> dict[str, str]:
+        return {n: self.forms[n] for g in self.groups if g.key in assignment for n in g.nodes}
+
     def apply(self, assignment: dict[str, str]) -> fx.GraphModule:
-        """The rewritten graph: segments recomputed, then chains inverted."""
+        """The rewritten graph: segments recomputed, chains inverted, groups compressed."""
         assignment = self.compatible(assignment)
-        segments = {k: v for k, v in assignment.items() if not k.startswith(_INVERT)}
+        segments = {k: v for k, v in assignment.items() if not k.startswith((_INVERT, _COMPRESS))}
         chains = [k[len(_INVERT):] for k in assignment if k.startswith(_INVERT)]
         gm = recompute.apply(self.gm, segments, self.segments) if segments else self.gm
         if chains:
             gm = invert.apply(gm, chains, self.chains)
+        forms = self._compressed_forms(assignment)
+        if forms:
+            gm = compress.apply(gm, forms)
         if gm is self.gm:
             gm = fx.GraphModule(self.gm, self.gm.graph, class_name=type(self.model).__name__)
         recompute.adopt_structure(gm, self.model)
@@ -199,11 +261,13 @@ class _Planner:
         known = [costs for mode, costs in self.alternatives.items() if mode in recompute.MODES and assignment == self.extreme(mode)]
         if self.chains and assignment == {_INVERT + c.output: "invert" for c in self.chains}:
             known.append(self.inverted)
+        if self.groups and assignment == {g.key: "compress" for g in self.groups}:
+            known.append(self.compressed)
         rewritten = known[0] if known else self._profile(gm, {}) if assignment else self.base
         simulation = simulate(rewritten)
         by_output = {s.output: s for s in self.segments if s.output in assignment}
         chains = {c.output: c for c in self.chains if _INVERT + c.output in assignment}
-        strategy: dict[str, tuple[str, float, float]] = {}  # node -> (strategy, seconds, error factor)
+        strategy: dict[str, tuple] = {}  # node -> (strategy, seconds, error factor[, compressed form])
         for out, segment in by_output.items():
             kept = segment.expensive if assignment[out] == "selective" else ()
             for n in segment.nodes:
@@ -214,24 +278,32 @@ class _Planner:
                 growth *= unit.factor
                 for n in unit.nodes:
                     strategy[n] = ("invert", seconds.get(_INVERT + out, 0.0) if n == out else 0.0, growth)
+        forms = self._compressed_forms(assignment)
+        for group in self.groups:
+            if group.key in assignment:
+                for n in group.nodes:
+                    strategy[n] = ("compress", seconds.get(group.key, 0.0) if n == group.nodes[0] else 0.0, 1.0, forms[n])
         nodes = []
         for node in self.keep_all.nodes:
             if node.node in strategy:
-                name, added, growth = strategy[node.node]
-                node = dataclasses.replace(node, strategy=name, seconds_added=added, error_factor=growth)
+                name, added, growth, *form = strategy[node.node]
+                node = dataclasses.replace(node, strategy=name, seconds_added=added, error_factor=growth,
+                                           compress_form=form[0] if form else "")
             nodes.append(node)
         plan = dataclasses.replace(
             self.keep_all, nodes=tuple(nodes), predicted_peak_bytes=simulation.peak_bytes,
             baseline_peak_bytes=self.eager_peak, budget_bytes=budget, peak_at=simulation.peak_at,
-            segments=tuple(sorted((k, v) for k, v in assignment.items() if not k.startswith(_INVERT))),
+            segments=tuple(sorted((k, v) for k, v in assignment.items() if not k.startswith((_INVERT, _COMPRESS)))),
             granularity=self.granularity,
             inverted=tuple((c.input, c.output) for c in chains.values()),
+            compressed=tuple(forms.items()),
         )
         return gm, plan
 
 
-def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callable, strategies: tuple[str, ...]) -> fx.GraphModule:
-    planner = _Planner(model, inputs, loss_fn, strategies)
+def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callable, strategies: tuple[str, ...],
+                  lossy: Lossy = Lossy()) -> fx.GraphModule:
+    planner = _Planner(model, inputs, loss_fn, strategies, lossy)
     baseline = planner.eager_peak
     if budget >= baseline:
         gm, plan = planner.plan({}, budget, {})
@@ -244,7 +316,7 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
             break
         if granularity is not None and not planner.use(granularity):
             continue
-        if not planner.segments and not planner.chains:
+        if not planner.segments and not planner.chains and not planner.groups:
             continue
         outcome = _search(planner, budget)
         (found if isinstance(outcome, tuple) else lowest).append(outcome)
@@ -252,7 +324,7 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
         gm, plan = min(found, key=lambda pair: sum(n.seconds_added for n in pair[1].nodes))
         return _chosen(gm, plan, budget)
     reachable = min(lowest) if lowest else simulate(planner.base).peak_bytes
-    raise _budget_error(budget, min(_smallest_budget(reachable), baseline), strategies)
+    raise _budget_error(budget, min(_smallest_budget(reachable), baseline), strategies, lossy)
 
 
 def _search(planner: _Planner, budget: int) -> tuple[fx.GraphModule, Plan] | int:
@@ -273,7 +345,7 @@ def _search(planner: _Planner, budget: int) -> tuple[fx.GraphModule, Plan] | int
     room = budget - _margin(budget) // 2  # what a verified plan's predicted peak must stay under
     limit = budget - _margin(budget)
     for _ in range(3):
-        solution = solve(choices, peak, limit)
+        solution = _solve_families(choices, peak, limit)
         if not solution.fits:
             break
         gm, plan = planner.plan(modes_of(solution.assignment), budget, seconds_of(solution.assignment))
@@ -285,16 +357,36 @@ def _search(planner: _Planner, budget: int) -> tuple[fx.GraphModule, Plan] | int
     # deterministic, so the minimum that an error names is a budget at which this plan
     # is found and fits.
     extremes = [{c.key: len(c.seconds) - 1 for c in choices}, {c.key: 1 for c in choices}]
-    if planner.segments and planner.chains:
-        extremes.append({c.key: 1 for c in choices if c.key.startswith(_INVERT)})
+    sources = [bool(planner.segments), bool(planner.chains), bool(planner.groups)]
+    if sum(sources) > 1:
+        extremes += [{c.key: 1 for c in choices if c.key.startswith(prefix)} for prefix, used
+                     in ((_INVERT, planner.chains), (_COMPRESS, planner.groups)) if used]
+        extremes.append({c.key: 1 for c in choices if c.key.startswith((_INVERT, _COMPRESS))})
+    extremes = [e for i, e in enumerate(extremes) if e not in extremes[:i]]
     gm, plan = min((planner.plan(modes_of(e), budget, seconds_of(e)) for e in extremes),
                    key=lambda pair: pair[1].predicted_peak_bytes)
     return (gm, plan) if plan.predicted_peak_bytes <= room else plan.predicted_peak_bytes
 
 
+def _solve_families(choices: list[Choice], peak: Callable, limit: int):
+    """`solve` over all choices, and, where invert chains and compress groups share
+    nodes, again without the chains and without the groups: the greedy search takes
+    overlapping choices in rank order, so a cheap group can block a chain that would
+    have done better. The fitting solution that adds the least time."""
+    solutions = [solve(choices, peak, limit)]
+    chains = frozenset().union(*(c.members for c in choices if c.key.startswith(_INVERT)))
+    groups = frozenset().union(*(c.members for c in choices if c.key.startswith(_COMPRESS)))
+    if chains & groups:
+        for prefix in (_INVERT, _COMPRESS):
+            solutions.append(solve([c for c in choices if not c.key.startswith(prefix)], peak, limit))
+    fitting = [s for s in solutions if s.fits]
+    return min(fitting, key=lambda s: s.seconds) if fitting else min(solutions, key=lambda s: s.peak_bytes)
+
+
 def _chosen(gm: fx.GraphModule, plan: Plan, budget: int) -> fx.GraphModule:
-    log.info("plan: %d segments recomputed, %d chains inverted, predicted peak %s for budget %s",
-             len(plan.segments), len(plan.inverted), format_bytes(plan.predicted_peak_bytes), format_bytes(budget))
+    log.info("plan: %d segments recomputed, %d chains inverted, %d nodes compressed, predicted peak %s for budget %s",
+             len(plan.segments), len(plan.inverted), len(plan.compressed), format_bytes(plan.predicted_peak_bytes),
+             format_bytes(budget))
     gm.plan = plan
     return gm
 
@@ -307,9 +399,11 @@ def _smallest_budget(peak: int) -> int:
     return budget
 
 
-def _budget_error(budget: int, minimum: int, strategies: tuple[str, ...]) -> BudgetError:
+def _budget_error(budget: int, minimum: int, strategies: tuple[str, ...], lossy: Lossy = Lossy()) -> BudgetError:
     unused = [s for s in AVAILABLE_STRATEGIES if s not in strategies]
     more = f"allow strategies {unused}" if unused else "wait for the strategies still to come"
+    if "compress" in strategies and not lossy:
+        more += ", or allow lossy compression (compress_bits=4 or compress_error=0.05)"
     return BudgetError(
         f"budget_bytes={budget} ({format_bytes(budget)}) is below the smallest reachable peak "
         f"{format_bytes(minimum)} ({minimum} bytes) for this model and input with strategies {strategies}; "
@@ -324,7 +418,7 @@ class LazyOptimized(nn.Module):
     input signature (shapes, dtypes, devices) and runs that plan's module. It has the
     model's state_dict keys and shares its parameters."""
 
-    def __init__(self, model: nn.Module, budget: int, loss_fn: Callable, strategies: tuple[str, ...]):
+    def __init__(self, model: nn.Module, budget: int, loss_fn: Callable, strategies: tuple[str, ...], lossy: Lossy = Lossy()):
         super().__init__()
         recompute.adopt_structure(self, model)
         object.__setattr__(self, "_model", model)
@@ -332,12 +426,13 @@ class LazyOptimized(nn.Module):
         self.budget_bytes = budget
         self._loss_fn = loss_fn
         self._strategies = strategies
+        self._lossy = lossy
         self.plan: Plan | None = None
 
     def forward(self, *inputs):
         key = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t) for t in inputs)
         if key not in self._planned:
-            self._planned[key] = _optimize_for(self._model, self.budget_bytes, inputs, self._loss_fn, self._strategies)
+            self._planned[key] = _optimize_for(self._model, self.budget_bytes, inputs, self._loss_fn, self._strategies, self._lossy)
         module = self._planned[key]
         self.plan = module.plan
         return module(*inputs)
@@ -350,22 +445,31 @@ def optimize(
     *,
     strategies: str | tuple[str, ...] | None = None,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    compress_bits: int | None = None,
+    compress_error: float | None = None,
 ) -> nn.Module:
     """A module that trains `model`'s own parameters to the same results with a training
     step whose peak activation memory stays under `budget_bytes` (an int, or "512MiB").
 
     With `example_inputs`, plans now and returns a GraphModule with `.plan`; without,
     returns a module that plans on the first call for each input signature.
-    `strategies` restricts the strategies used (default: all available). Raises
+    `strategies` restricts the strategies used (default: all available). Compression
+    is lossless unless asked for: `compress_bits` (8, 4 or 2) lets the solver keep
+    convolution, linear and BatchNorm inputs at that width; `compress_error` (e.g.
+    1e-2) gives each such tensor the fewest bits whose rounding error stays under
+    that fraction of its largest magnitude. The forward stays exact either way. Raises
     BudgetError (with `.minimum_bytes`) when no plan fits.
     """
     budget = parse_budget(budget_bytes)
     chosen = _strategies(strategies)
+    lossy = Lossy(compress_bits, compress_error)
+    if lossy and "compress" not in chosen:
+        raise InputError(f"compress_bits/compress_error ask for compression, but strategies={chosen} leaves it out")
     check_trainable(model)
     loss_fn = loss_fn or default_loss
     if example_inputs is None:
-        return LazyOptimized(model, budget, loss_fn, chosen)
-    return _optimize_for(model, budget, as_input_tuple(example_inputs), loss_fn, chosen)
+        return LazyOptimized(model, budget, loss_fn, chosen, lossy)
+    return _optimize_for(model, budget, as_input_tuple(example_inputs), loss_fn, chosen, lossy)
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
@@ -386,6 +490,11 @@ def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
         except KeyError as error:
             raise InputError(f"{error.args[0]}; was the plan made for another model?") from None
         rewritten = invert.apply(rewritten, [c.output for c in chains], chains)
+    if plan.compressed:
+        try:
+            rewritten = compress.apply(rewritten, dict(plan.compressed))
+        except ValueError as error:
+            raise InputError(f"{error}; was the plan made for another model?") from None
     if rewritten is gm:
         rewritten = fx.GraphModule(gm, gm.graph, class_name=type(model).__name__)
     recompute.adopt_structure(rewritten, model)

@@ -42,6 +42,7 @@ class NodePlan:
     strategy: str = "keep"
     seconds_added: float = 0.0
     error_factor: float = 1.0  # invert: how much rebuilding this node's input amplifies rounding error
+    compress_form: str = ""  # compress: "lossless", or the width its saved input is kept at ("4-bit")
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -69,6 +70,7 @@ class Plan:
     segments: tuple[tuple[str, str], ...] = ()  # (segment output node, recompute mode), for apply_plan
     granularity: str = "coarse"  # how the graph was cut into segments (passes.recompute.segments)
     inverted: tuple[tuple[str, str], ...] = ()  # (chain input node, chain output node), for apply_plan
+    compressed: tuple[tuple[str, str], ...] = ()  # (node, compressed form), for apply_plan
     _index: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +112,7 @@ class Plan:
         data["opaque"] = tuple(data["opaque"])
         data["segments"] = tuple(tuple(s) for s in data.get("segments", ()))
         data["inverted"] = tuple(tuple(c) for c in data.get("inverted", ()))
+        data["compressed"] = tuple(tuple(c) for c in data.get("compressed", ()))
         return cls(nodes=nodes, **data)
 
     # ---- the table ----------------------------------------------------------------------
@@ -124,17 +127,17 @@ class Plan:
         ]
         if self.opaque:
             lines.append(f"  opaque leaves (not rewritten inside): {', '.join(self.opaque)}")
-        if self.segments or self.inverted:
+        if self.segments or self.inverted or self.compressed:
             added = sum(n.seconds_added for n in self.nodes)
             lines.append(f"  recomputed segments: {len(self.segments)}, inverted chains: {len(self.inverted)}, "
-                         f"est. seconds added per step {added:.4f}")
+                         f"compressed nodes: {len(self.compressed)}, est. seconds added per step {added:.4f}")
         rows = sorted((n for n in self.nodes if n.saved_bytes), key=lambda n: (-n.saved_bytes, n.node))
-        header = ("node", "op", "shape", "saved", "share", "held by", "strategy", "+seconds", "error x")
+        header = ("node", "op", "shape", "saved", "share", "held by", "strategy", "+seconds", "error x / form")
         table = [header] + [
             (
                 n.label, n.op, "x".join(map(str, n.shape)) or "scalar", format_bytes(n.saved_bytes),
                 f"{100 * n.saved_bytes / peak:.1f}%", _held(n, self), n.strategy, f"{n.seconds_added:.4f}",
-                f"{n.error_factor:.3g}" if n.strategy == "invert" else "",
+                f"{n.error_factor:.3g}" if n.strategy == "invert" else n.compress_form,
             )
             for n in rows
         ]

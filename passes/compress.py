@@ -1,0 +1,259 @@
+"""Compress candidates and the rewrite: nodes whose saved tensors the backward gets
+back from a smaller copy (`passes/compressed_ops.py` holds the ops).
+
+For every saved storage the question is who holds it. A ReLU's output kept by the
+next convolution costs the same whether the ReLU keeps a mask or not: only when every
+holder of a storage can do without it (the ReLU with a mask, a max-pool with window
+offsets, the convolution with a quantized copy when lossy compression is allowed)
+is it freed. `groups` therefore joins the nodes that hold a common storage into one
+candidate, offered only where that frees something, and the solver takes or leaves
+each group whole.
+
+Lossless kinds (used by default): relu, leaky_relu, dropout, max_pool2d, avg_pool2d.
+Lossy kinds (only with `bits`): conv, linear, batch_norm (training mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Collection
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from cost_models.node_costs import Costs
+from cost_models.saved import saved_tensors
+from passes import compressed_ops
+from passes.compressed_ops import BITS
+
+__all__ = ["LOSSLESS", "LOSSY", "Group", "kind", "groups", "calibrate_bits", "bits_for", "lossy_nodes", "apply", "form_of"]
+
+LOSSLESS = ("relu", "leaky_relu", "dropout", "max_pool2d", "avg_pool2d")
+LOSSY = ("conv", "linear", "batch_norm")
+
+_MODULE_KINDS = {
+    nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Dropout: "dropout", nn.MaxPool2d: "max_pool2d",
+    nn.AvgPool2d: "avg_pool2d", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv", nn.Linear: "linear",
+    nn.BatchNorm1d: "batch_norm", nn.BatchNorm2d: "batch_norm", nn.BatchNorm3d: "batch_norm",
+}
+_FUNCTION_KINDS = {
+    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.leaky_relu: "leaky_relu", F.dropout: "dropout",
+    F.max_pool2d: "max_pool2d", F.avg_pool2d: "avg_pool2d", F.conv1d: "conv", F.conv2d: "conv",
+    F.conv3d: "conv", F.linear: "linear",
+}
+_COMPRESSED = {
+    "relu": compressed_ops.relu, "leaky_relu": compressed_ops.leaky_relu, "dropout": compressed_ops.dropout,
+    "max_pool2d": compressed_ops.max_pool2d, "avg_pool2d": compressed_ops.avg_pool2d,
+    "conv": compressed_ops.conv, "linear": compressed_ops.linear,
+}
+
+
+def _module_ok(module: nn.Module, kind: str) -> bool:
+    if kind == "dropout":
+        return 0.0 < module.p < 1.0 and not module.inplace
+    if kind == "max_pool2d":
+        kernel = compressed_ops._pair(module.kernel_size)
+        return not module.return_indices and kernel[0] * kernel[1] <= 256
+    if kind == "conv":
+        return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    if kind == "batch_norm":
+        return module.training or not module.track_running_stats
+    return True
+
+
+def _function_ok(node: fx.Node, kind: str) -> bool:
+    args, kwargs = node.args, node.kwargs
+    if any(isinstance(a, str) for a in (*args, *kwargs.values())):  # padding="same" and the like
+        return False
+    if kind == "dropout":
+        p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+        training = kwargs.get("training", args[2] if len(args) > 2 else True)
+        inplace = kwargs.get("inplace", args[3] if len(args) > 3 else False)
+        return isinstance(p, float) and 0.0 < p < 1.0 and training is True and inplace is False
+    if kind == "max_pool2d":
+        return not kwargs.get("return_indices", args[6] if len(args) > 6 else False)
+    if kind == "leaky_relu":
+        return all(not isinstance(a, fx.Node) for a in (*args[1:], *kwargs.values()))
+    return True
+
+
+def kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """What compress can do with `node`: one of LOSSLESS or LOSSY, or None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        found = _MODULE_KINDS.get(type(module))
+        ok = found and len(node.args) == 1 and not node.kwargs and _module_ok(module, found)
+        return found if ok else None
+    if node.op == "call_function":
+        found = _FUNCTION_KINDS.get(node.target)
+        return found if found and node.args and _function_ok(node, found) else None
+    if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs:
+        return "relu"
+    return None
+
+
+@dataclass(frozen=True)
+class Group:
+    """Nodes compressed together: each holds a storage that only members hold."""
+
+    nodes: tuple[str, ...]  # in graph order
+    kinds: tuple[str, ...]
+    freed_bytes: int  # at the example batch: the storages only members hold
+
+    @property
+    def key(self) -> str:
+        return "compress:" + self.nodes[0]
+
+    @property
+    def lossless(self) -> bool:
+        return all(k in LOSSLESS for k in self.kinds)
+
+
+def groups(gm: fx.GraphModule, base: Costs, lossy: Collection[str] = ()) -> list[Group]:
+    """The candidate groups of `gm` whose profile is `base`: lossless kinds, and the
+    lossy-kind nodes named in `lossy`."""
+    kinds = {n.name: kind(gm, n) for n in gm.graph.nodes}
+    allowed = {n for n, k in kinds.items() if k in LOSSLESS or (k in LOSSY and n in lossy)}
+    parent = {n: n for n in allowed}
+
+    def root(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    freed: dict[str, int] = {}
+    for tensor in saved_tensors(base):
+        if not tensor.held_by or not set(tensor.held_by) <= allowed:
+            continue
+        first = root(tensor.held_by[0])
+        for other in tensor.held_by[1:]:
+            parent[root(other)] = first
+        freed[first] = freed.get(first, 0) + tensor.nbytes
+    totals: dict[str, int] = {}
+    for n, b in freed.items():
+        totals[root(n)] = totals.get(root(n), 0) + b
+    order = [n.name for n in gm.graph.nodes]
+    members: dict[str, list[str]] = {}
+    for name in order:
+        if name in allowed and root(name) in totals:
+            members.setdefault(root(name), []).append(name)
+    found = [Group(tuple(ns), tuple(kinds[n] for n in ns), totals[r]) for r, ns in members.items()]
+    return sorted(found, key=lambda g: order.index(g.nodes[0]))
+
+
+def lossy_nodes(gm: fx.GraphModule) -> list[str]:
+    """The nodes of lossy kinds (conv, linear, training-mode batch_norm)."""
+    return [n.name for n in gm.graph.nodes if kind(gm, n) in LOSSY]
+
+
+def _activation_input(gm: fx.GraphModule, node: fx.Node):
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
+def calibrate_bits(gm: fx.GraphModule, inputs: tuple, error: float) -> dict[str, int]:
+    """For each lossy node, the fewest bits (of BITS) whose worst-case rounding error,
+    |x~ - x| < the group's scale, stays under `error` x max|x| on the example inputs;
+    nodes that would need more than 8 bits are left out. The caller restores the
+    model's state (BatchNorm statistics move)."""
+    chosen: dict[str, int] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            if node.op in ("call_module", "call_function") and kind(gm, node) in LOSSY:
+                x = self.env.get(_activation_input(gm, node))
+                if isinstance(x, torch.Tensor) and x.numel():
+                    bits = bits_for(x, error)
+                    if bits is not None:
+                        chosen[node.name] = bits
+            return super().run_node(node)
+
+    with torch.no_grad():
+        Recorder(gm).run(*inputs)
+    return chosen
+
+
+def bits_for(x: torch.Tensor, error: float) -> int | None:
+    """The fewest bits that keep `x`'s rounding error under `error` x max|x|."""
+    rows = compressed_ops._grouped(x.detach())  # the groups `quantize` makes
+    spread = float((rows.amax(1) - rows.amin(1)).max())
+    largest = float(x.detach().abs().max())
+    for bits in sorted(BITS):
+        if spread / (2**bits - 1) <= error * largest:
+            return bits
+    return None
+
+
+def form_of(kind_: str, bits: int | None) -> str:
+    """How the plan names a compressed node: "lossless", or "4-bit" and the like."""
+    return "lossless" if kind_ in LOSSLESS else f"{bits}-bit"
+
+
+def _bits(form: str) -> int | None:
+    if form == "lossless":
+        return None
+    try:
+        bits = int(form.split("-")[0])
+    except ValueError:
+        bits = -1
+    if bits not in BITS:
+        raise ValueError(f"compress form {form!r} is not 'lossless' or one of {[f'{b}-bit' for b in BITS]}")
+    return bits
+
+
+def _fresh(name: str, taken) -> str:
+    """`name`, or `name` with a number, not among `taken` (so that gm's own nodes keep theirs)."""
+    candidate, count = name, 0
+    while candidate in taken:
+        count += 1
+        candidate = f"{name}_{count}"
+    return candidate
+
+
+def apply(gm: fx.GraphModule, chosen: dict[str, str]) -> fx.GraphModule:
+    """A new GraphModule where each node named in `chosen` (node -> form, see `form_of`)
+    runs as its compressed op. `gm` is not modified; parameters are shared."""
+    from passes.recompute import adopt_structure
+
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    new = adopt_structure(fx.GraphModule(gm, fx.Graph(), class_name=type(gm).__name__), gm)
+    present = {n.name: n for n in gm.graph.nodes}
+    missing = [n for n in chosen if n not in present or kind(gm, present[n]) is None]
+    if missing:
+        raise ValueError(f"compress: nodes {missing} are not compressible nodes of this graph")
+    for node in gm.graph.nodes:
+        if node.name not in chosen:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            continue
+        found = kind(gm, node)
+        bits = _bits(chosen[node.name])
+        if (bits is None) != (found in LOSSLESS):
+            raise ValueError(f"compress: node {node.name!r} ({found}) cannot be compressed {chosen[node.name]!r}")
+        args = fx.node.map_arg(node.args, lambda n: env[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+        if node.op == "call_module":
+            owner = graph.create_node("get_attr", node.target, name=_fresh(f"{node.name}_module", present))
+            call = graph.create_node("call_function", compressed_ops.module_call, (owner, *args),
+                                     {"bits": bits} if bits else {}, name=node.name)
+        elif node.op == "call_method":
+            call = graph.create_node("call_function", compressed_ops.relu, args, {"inplace": node.target == "relu_"}, name=node.name)
+        else:
+            if node.target is torch.relu_:
+                kwargs = {**kwargs, "inplace": True}
+            if found == "dropout":
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("training", "inplace")}
+                args = args[:2]
+            if found == "max_pool2d":
+                kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
+                args = args[:6]
+            if bits:
+                kwargs = {**kwargs, "bits": bits}
+            call = graph.create_node("call_function", _COMPRESSED[found], args, kwargs, name=node.name)
+        call.meta["rewriter"] = {"strategy": "compress", "form": chosen[node.name]}
+        env[node] = call
+    new.graph = graph
+    new.recompile()
+    return new
+

@@ -1,0 +1,247 @@
+"""Compress: smaller copies of saved tensors; lossless bit for bit, lossy on request."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rewriter
+from cost_models.simulate import simulate
+from examples.zoo import ZOO
+from passes import compress, compressed_ops
+from rewriter.measure import default_loss, measure_peak
+from rewriter.report import profile_model_graph
+from rewriter.trace import capture
+
+
+def op_step(fn, x0: torch.Tensor, seed: int = 3):
+    """Output and input gradient of `fn` on a copy of `x0`, with a fixed random stream."""
+    torch.manual_seed(seed)
+    x = x0.clone().requires_grad_()
+    y = fn(x * 1.0)  # not a leaf: in-place ops are allowed
+    y.backward(torch.arange(y.numel(), dtype=y.dtype).view(y.shape).sin())
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("eager, ours", [
+    (F.relu, compressed_ops.relu),
+    (torch.relu_, lambda x: compressed_ops.relu(x, inplace=True)),
+    (lambda x: F.leaky_relu(x, 0.2), lambda x: compressed_ops.leaky_relu(x, 0.2)),
+    (lambda x: F.dropout(x, 0.3), lambda x: compressed_ops.dropout(x, 0.3)),
+    (lambda x: F.max_pool2d(x, 3, 2, 1), lambda x: compressed_ops.max_pool2d(x, 3, 2, 1)),
+    (lambda x: F.max_pool2d(x, 2), lambda x: compressed_ops.max_pool2d(x, 2)),
+    (lambda x: F.max_pool2d(x, 3, 2, 1, 2, True), lambda x: compressed_ops.max_pool2d(x, 3, 2, 1, 2, True)),
+    (lambda x: F.max_pool2d(x, (2, 3), (1, 2), (1, 1)), lambda x: compressed_ops.max_pool2d(x, (2, 3), (1, 2), (1, 1))),
+    (lambda x: F.avg_pool2d(x, 3, 2, 1), lambda x: compressed_ops.avg_pool2d(x, 3, 2, 1)),
+])
+def test_lossless_ops_equal_eager_bit_for_bit(eager, ours):
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 0, :3] = 0.0  # ties at the threshold
+    out, grad = op_step(eager, x)
+    out_c, grad_c = op_step(ours, x)
+    assert torch.equal(out_c, out) and torch.equal(grad_c, grad)
+
+
+def test_bits_pack_and_unpack():
+    mask = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed = compressed_ops.pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == 14  # 105 bits in 14 bytes
+    assert torch.equal(compressed_ops.unpack_bits(packed, mask.shape), mask)
+
+
+@pytest.mark.parametrize("bits", compressed_ops.BITS)
+def test_quantization_is_within_a_step_and_unbiased(bits):
+    x = torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    packed, low, scale = compressed_ops.quantize(x, bits)
+    assert packed.numel() == scale.numel() * compressed_ops.GROUP * bits // 8
+    step = scale.max()
+    draws = torch.stack([compressed_ops.dequantize(*compressed_ops.quantize(x, bits), bits, x.shape, x.dtype)
+                         for _ in range(400)])
+    assert (draws - x).abs().max() <= step * (1 + 1e-5)  # each value rounds to a neighbouring level
+    # stochastic rounding is unbiased: the mean of 400 draws is within 5 standard errors
+    # (each draw's error has standard deviation at most step / 2)
+    assert (draws.mean(0) - x).abs().max() <= 5 * (step / 2) / 400**0.5
+
+
+def test_error_bound_picks_the_fewest_bits_that_hold_it():
+    x = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(0))
+    chosen = []
+    for error in (0.6, 0.15, 0.01):  # the widest group spans 1.6 x max|x|: 2, 4, 8 bits
+        bits = compress.bits_for(x, error)
+        assert bits is not None
+        restored = compressed_ops.dequantize(*compressed_ops.quantize(x, bits), bits, x.shape, x.dtype)
+        assert (restored - x).abs().max() <= error * x.abs().max()
+        chosen.append(bits)
+    assert chosen == sorted(chosen) and len(set(chosen)) == 3  # a tighter bound, more bits
+    assert compress.bits_for(x, 1e-5) is None  # beyond 8 bits: left uncompressed
+
+
+def all_groups(model: nn.Module, x: torch.Tensor, bits: int | None = None):
+    """`model` with every compress group rewritten, the groups, and its profile."""
+    captured = capture(model)
+    base = profile_model_graph(model, captured.gm, (x,), default_loss, captured.opaque, {})
+    lossy = {n: bits for n in compress.lossy_nodes(captured.gm)} if bits else {}
+    groups = compress.groups(captured.gm, base, lossy)
+    forms = {n: compress.form_of(k, lossy.get(n)) for g in groups for n, k in zip(g.nodes, g.kinds)}
+    return compress.apply(captured.gm, forms), groups, base
+
+
+def train_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(7)
+    out = model(x)
+    out.square().mean().backward()
+    return out.detach()
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_lossless_groups_train_bit_for_bit_as_eager(name):
+    zoo = ZOO[name]
+    model, reference = zoo.test_model(), zoo.test_model()
+    x = zoo.test_input()
+    gm, groups, _ = all_groups(model, x)
+    assert all(g.lossless for g in groups)
+    assert torch.equal(train_step(gm, x), train_step(reference, x))
+    for (label, p), q in zip(reference.named_parameters(), model.parameters()):
+        assert torch.equal(q.grad, p.grad), label
+    for (label, b), c in zip(reference.named_buffers(), model.buffers()):
+        assert torch.equal(c, b), label
+
+
+@pytest.mark.parametrize("name, kinds", [("dropout", {"dropout", "max_pool2d"}), ("unet", {"max_pool2d"}),
+                                         ("resnet18", {"max_pool2d"})])
+def test_dropout_and_max_pool_models_drop_measured_memory(name, kinds):
+    zoo = ZOO[name]
+    model, x = zoo.test_model(), zoo.test_input()
+    gm, groups, base = all_groups(model, x)
+    assert kinds <= {k for g in groups for k in g.kinds}
+    eager = measure_peak(model, x)
+    measured = measure_peak(gm, x)
+    assert measured < eager
+    rewritten = profile_model_graph(model, gm, (x,), default_loss, (), {})
+    assert abs(simulate(rewritten).peak_bytes - measured) <= 4
+
+
+def test_a_relu_output_the_next_conv_keeps_is_no_lossless_candidate():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU()).train()
+    x = torch.randn(2, 3, 12, 12)
+    _, groups, _ = all_groups(model, x)
+    # the first ReLU's output is the second conv's input: a mask would free nothing;
+    # the last ReLU's output only it keeps
+    assert [g.nodes for g in groups] == [("_3",)]
+    # lossy: the second conv keeps a 4-bit copy, so the first ReLU's mask frees its output
+    _, lossy_groups, _ = all_groups(model, x, bits=4)
+    assert [g.nodes for g in lossy_groups] == [("_1", "_2"), ("_3",)]
+
+
+def gradient(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+FOUR_BIT_SHORT = {  # measured below the 0.99 goal; see the README's compress section
+    "mobilenet_v2": "0.978 to 0.985: BatchNorm input errors add up through 52 BatchNorms' input gradients",
+}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(reason=FOUR_BIT_SHORT[n])) if n in FOUR_BIT_SHORT else n for n in sorted(ZOO)
+])
+def test_four_bit_gradients_point_where_eager_does(name):
+    zoo = ZOO[name]
+    model, reference = zoo.test_model(), zoo.test_model()
+    x = zoo.test_input()
+    gm, _, _ = all_groups(model, x, bits=4)
+    torch.testing.assert_close(train_step(gm, x), train_step(reference, x))  # the forward stays exact
+    for (label, b), c in zip(reference.named_buffers(), model.buffers()):
+        torch.testing.assert_close(c, b, msg=label)
+    cosine = F.cosine_similarity(gradient(model), gradient(reference), dim=0)
+    assert cosine >= 0.99, f"{name}: gradient cosine {cosine:.4f} at 4 bits"
+
+
+def test_optimize_uses_lossless_compression_by_default():
+    zoo = ZOO["dropout"]
+    model, reference = zoo.test_model(), zoo.test_model()
+    x = zoo.test_input()
+    budget = int(0.7 * measure_peak(model, x))
+    optimized = rewriter.optimize(model, budget, x)
+    plan = optimized.plan
+    assert plan.compressed and all(form == "lossless" for _, form in plan.compressed)
+    assert {plan[n].strategy for n, _ in plan.compressed} == {"compress"}
+    assert measure_peak(optimized, x) <= budget
+    assert torch.equal(train_step(optimized, x), train_step(reference, x))
+    for (label, p), q in zip(reference.named_parameters(), model.parameters()):
+        assert torch.equal(q.grad, p.grad), label
+    assert "lossless" in str(plan)
+
+
+def test_optimize_with_four_bits_fits_a_budget_lossless_cannot(tmp_path):
+    zoo = ZOO["resnet18"]
+    model, x = zoo.test_model(), zoo.test_input()
+    budget = int(0.45 * measure_peak(model, x))
+    with pytest.raises(rewriter.BudgetError):
+        rewriter.optimize(model, budget, x, strategies="compress")
+    optimized = rewriter.optimize(model, budget, x, strategies="compress", compress_bits=4)
+    forms = dict(optimized.plan.compressed)
+    assert "4-bit" in forms.values()
+    measured = measure_peak(optimized, x)
+    assert measured <= budget
+    assert abs(optimized.plan.predicted_peak_bytes - measured) <= 4
+    again = rewriter.apply_plan(model, rewriter.Plan.from_json(optimized.plan.to_json()))
+    rewriter.save(optimized, tmp_path)
+    loaded = rewriter.load(tmp_path)
+    assert measure_peak(again, x) == measure_peak(loaded, x) == measured
+
+
+def test_saved_compressed_module_loads_and_trains_identically(tmp_path):
+    zoo = ZOO["dropout"]
+    model, x = zoo.test_model(), zoo.test_input()
+    optimized = rewriter.optimize(model, int(0.7 * measure_peak(model, x)), x, strategies="compress")
+    rewriter.save(optimized, tmp_path)
+    text = (tmp_path / "module.py").read_text()
+    assert "= rewriter.export.compressed_ops.module_call" in text
+    imported = set(re.findall(r"^(?:import|from) ([\w.]+)", text, flags=re.M))
+    assert {name.split(".")[0] for name in imported} <= {"torch", "rewriter", "math"}
+    loaded = rewriter.load(tmp_path)
+    assert torch.equal(train_step(loaded, x), train_step(optimized, x))
+    for p, q in zip(model.parameters(), loaded.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_compressed_modules_follow_eval_mode():
+    """A compressed Dropout module stops dropping in eval mode, as the graph it replaced
+    does (the functional dropout's training=True is fixed at capture, compressed or not)."""
+    zoo = ZOO["dropout"]
+    model, x = zoo.test_model(), zoo.test_input()
+    optimized = rewriter.optimize(model, int(0.7 * measure_peak(model, x)), x, strategies="compress")
+    assert "drop1" in dict(optimized.plan.compressed)
+    unchanged = rewriter.optimize(model, 10**9, x)
+    optimized.eval()
+    unchanged.eval()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = unchanged(x)
+        torch.manual_seed(0)
+        assert torch.equal(optimized(x), expected)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"compress_bits": 3}, "compress_bits=3"),
+    ({"compress_bits": 4, "compress_error": 0.01}, "not both"),
+    ({"compress_error": 2.0}, "compress_error=2.0"),
+    ({"compress_bits": 4, "strategies": "recompute"}, "leaves it out"),
+])
+def test_bad_compress_options_are_clear_errors(kwargs, message):
+    model = ZOO["dropout"].test_model()
+    with pytest.raises(rewriter.InputError, match=message):
+        rewriter.optimize(model, 10**6, ZOO["dropout"].test_input(), **kwargs)
+
+
+def test_error_bound_mode_keeps_each_tensor_under_the_bound():
+    zoo = ZOO["resnet18"]
+    model, x = zoo.test_model(), zoo.test_input()
+    budget = int(0.5 * measure_peak(model, x))
+    optimized = rewriter.optimize(model, budget, x, strategies="compress", compress_error=0.05)
+    forms = set(dict(optimized.plan.compressed).values())
+    assert forms - {"lossless"} and forms <= {"lossless", "2-bit", "4-bit", "8-bit"}
+    assert measure_peak(optimized, x) <= budget
