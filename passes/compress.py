@@ -27,7 +27,7 @@ from cost_models.saved import saved_tensors
 from passes import compressed_ops
 from passes.compressed_ops import BITS
 
-__all__ = ["LOSSLESS", "LOSSY", "Group", "kind", "groups", "calibrate_bits", "bits_for", "lossy_nodes", "apply", "form_of"]
+__all__ = ["LOSSLESS", "LOSSY", "Group", "kind", "groups", "calibrate_bits", "bits_for", "lossy_nodes", "sensitivity", "apply", "form_of"]
 
 LOSSLESS = ("relu", "leaky_relu", "dropout", "max_pool2d", "avg_pool2d")
 LOSSY = ("conv", "linear", "batch_norm")
@@ -172,6 +172,46 @@ def calibrate_bits(gm: fx.GraphModule, inputs: tuple, error: float) -> dict[str,
     with torch.no_grad():
         Recorder(gm).run(*inputs)
     return chosen
+
+
+def _own_parameters(gm: fx.GraphModule, node: fx.Node) -> list[torch.Tensor]:
+    if node.op == "call_module":
+        return [p for p in gm.get_submodule(node.target).parameters() if p.requires_grad]
+    attrs = [_attribute(gm, a.target) for a in node.all_input_nodes if a.op == "get_attr"]
+    return [p for p in attrs if isinstance(p, torch.Tensor) and p.requires_grad]
+
+
+def _attribute(gm: fx.GraphModule, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def sensitivity(gm: fx.GraphModule, forms: dict[str, str], inputs: tuple, loss_fn) -> dict[str, float]:
+    """Per lossy node of `forms`, the share of the gradient's squared error that falls on
+    its own parameters when every node of `forms` is compressed so, measured by one
+    exact and one compressed training step on `inputs` (the gradient error its
+    quantized input causes). The caller restores the model's state."""
+
+    def gradients(module) -> dict[int, torch.Tensor]:
+        params = [p for p in gm.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = None
+        torch.manual_seed(0)
+        loss_fn(module(*inputs)).backward()
+        return {id(p): p.grad.detach().clone() for p in params if p.grad is not None}
+
+    exact = gradients(gm)
+    approximate = gradients(apply(gm, forms))
+    total = sum(float(g.square().sum()) for g in exact.values()) or 1.0
+    shares: dict[str, float] = {}
+    for node in gm.graph.nodes:
+        if node.name in forms and forms[node.name] != "lossless":
+            errors = [float((approximate[id(p)] - exact[id(p)]).square().sum())
+                      for p in _own_parameters(gm, node) if id(p) in exact and id(p) in approximate]
+            shares[node.name] = sum(errors) / total
+    return shares
 
 
 def bits_for(x: torch.Tensor, error: float) -> int | None:

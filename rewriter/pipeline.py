@@ -74,9 +74,10 @@ _COMPRESS = "compress:"  # the solver's key of a compress group: this prefix and
 
 @dataclasses.dataclass(frozen=True)
 class Lossy:
-    """What lossy compression the user allows: a width for all (`bits`), or an error
-    bound per tensor (`error`: each tensor gets the fewest bits whose rounding error
-    stays under error x max|x| on the example batch). Neither: lossless only."""
+    """What lossy compression the user allows: the narrowest width (`bits`: 8 bits,
+    and narrower down to `bits` where the budget needs it), or an error bound per
+    tensor (`error`: each tensor gets the fewest bits whose rounding error stays under
+    error x max|x| on the example batch). Neither: lossless only."""
 
     bits: int | None = None
     error: float | None = None
@@ -119,12 +120,20 @@ class _Planner:
                 factors = invert.calibrate(self.gm, inputs)
             self.chains = [c for c in invert.chains(self.gm, self.opaque, factors) if self._gains(c)]
         self.groups: list[compress.Group] = []
-        self.forms: dict[str, str] = {}  # node -> compressed form, for every group member
-        self.compressed: Costs | None = None  # the profile with every group compressed
+        # compress modes, widest first: "compress" (lossless, or widths set by an error
+        # bound), or one per width from 8 bits down to compress_bits ("compress8", ...);
+        # for each, node -> compressed form for every group member
+        self.forms: dict[str, dict[str, str]] = {}
+        self.compressed: dict[str, Costs] = {}  # mode -> the profile with every group compressed so
+        self.sensitivity: dict[str, float] | None = None  # group key -> its share of the gradient error
         if "compress" in strategies:
             bits = self._lossy_bits(lossy)
             self.groups = compress.groups(self.gm, self.base, bits)
-            self.forms = {n: compress.form_of(k, bits.get(n)) for g in self.groups for n, k in zip(g.nodes, g.kinds)}
+            widths = [b for b in sorted(BITS, reverse=True) if b >= lossy.bits] if lossy.bits else [None]
+            for width in widths:
+                mode = "compress" if width is None else f"compress{width}"
+                self.forms[mode] = {n: compress.form_of(k, width or bits.get(n))
+                                    for g in self.groups for n, k in zip(g.nodes, g.kinds)}
         self.device = "cuda" if any(t.is_cuda for t in inputs if isinstance(t, torch.Tensor)) else "cpu"
         self.alternatives: dict[str, Costs] = {}
 
@@ -167,10 +176,10 @@ class _Planner:
             if self.inverted is None:
                 self.inverted = self._profile(invert.apply(self.gm, [c.output for c in self.chains], self.chains), {})
             self.alternatives["invert"] = self.inverted
-        if self.groups:
-            if self.compressed is None:
-                self.compressed = self._profile(compress.apply(self.gm, self.forms), {})
-            self.alternatives["compress"] = self.compressed
+        for mode, forms in self.forms.items() if self.groups else ():
+            if mode not in self.compressed:
+                self.compressed[mode] = self._profile(compress.apply(self.gm, forms), {})
+            self.alternatives[mode] = self.compressed[mode]
         units = {s.output: (s.output, s.nodes) for s in self.segments}
         units.update({_INVERT + c.output: (c.output, c.nodes) for c in self.chains})
         units.update({g.key: (g.nodes, g.nodes) for g in self.groups})
@@ -228,16 +237,37 @@ class _Planner:
                 saved = sum(saved_by_owner.get(n, 0) for n in nodes if n != chain.output)
                 choices.append(Choice(_INVERT + chain.output, (0.0, seconds), (0, saved), frozenset(chain.nodes)))
                 options[_INVERT + chain.output] = ("invert",)
-        if "compress" in self.alternatives:
-            for group in self.groups:
-                # packed in forward, unpacked in backward: about three passes over the members' outputs
-                seconds = rerun_seconds(group.nodes, times=0.0, move=3.0)
-                choices.append(Choice(group.key, (0.0, seconds), (0, group.freed_bytes), frozenset(group.nodes)))
-                options[group.key] = ("compress",)
+        modes = [m for m in self.forms if m in self.alternatives]
+        for group in self.groups if modes else ():
+            # packed in forward, unpacked in backward: about three passes over the members' outputs
+            seconds = rerun_seconds(group.nodes, times=0.0, move=3.0)
+            offered = modes[:1] if group.lossless else modes  # widest first
+            saved = [group.freed_bytes * (1 - _width(m) / 40) for m in offered]  # for ranking only
+            choices.append(Choice(group.key, (0.0,) + (seconds,) * len(offered), (0, *saved), frozenset(group.nodes)))
+            options[group.key] = tuple(offered)
         return choices, options
 
     def _compressed_forms(self, assignment: dict[str, str]) -> dict[str, str]:
-        return {n: self.forms[n] for g in self.groups if g.key in assignment for n in g.nodes}
+        return {n: self.forms[assignment[g.key]][n] for g in self.groups if g.key in assignment for n in g.nodes}
+
+    def widened(self, assignment: dict[str, int], options: dict[str, tuple[str, ...]], fits: Callable) -> dict[str, int]:
+        """`assignment` with compress groups moved to wider options (index 1 is the
+        widest), the groups whose quantization errs most first, as long as `fits`."""
+        lossy = [k for k, v in assignment.items() if k.startswith(_COMPRESS) and v > 1]
+        if not lossy:
+            return assignment
+        if self.sensitivity is None:
+            narrowest = list(self.forms)[-1]
+            with preserved_model_state(self.model):
+                by_node = compress.sensitivity(self.gm, self.forms[narrowest], self.inputs, self.loss_fn)
+            self.sensitivity = {g.key: sum(by_node.get(n, 0.0) for n in g.nodes) for g in self.groups}
+        for key in sorted(lossy, key=lambda k: -self.sensitivity.get(k, 0.0)):
+            while assignment[key] > 1:
+                trial = {**assignment, key: assignment[key] - 1}
+                if not fits(trial):
+                    break
+                assignment = trial
+        return assignment
 
     def apply(self, assignment: dict[str, str]) -> fx.GraphModule:
         """The rewritten graph: segments recomputed, chains inverted, groups compressed."""
@@ -261,8 +291,9 @@ class _Planner:
         known = [costs for mode, costs in self.alternatives.items() if mode in recompute.MODES and assignment == self.extreme(mode)]
         if self.chains and assignment == {_INVERT + c.output: "invert" for c in self.chains}:
             known.append(self.inverted)
-        if self.groups and assignment == {g.key: "compress" for g in self.groups}:
-            known.append(self.compressed)
+        for mode, costs in self.compressed.items():
+            if self.groups and assignment == {g.key: mode for g in self.groups}:
+                known.append(costs)
         rewritten = known[0] if known else self._profile(gm, {}) if assignment else self.base
         simulation = simulate(rewritten)
         by_output = {s.output: s for s in self.segments if s.output in assignment}
@@ -345,10 +376,11 @@ def _search(planner: _Planner, budget: int) -> tuple[fx.GraphModule, Plan] | int
     room = budget - _margin(budget) // 2  # what a verified plan's predicted peak must stay under
     limit = budget - _margin(budget)
     for _ in range(3):
-        solution = _solve_families(choices, peak, limit)
+        solution = _solve_widest(choices, peak, limit)
         if not solution.fits:
             break
-        gm, plan = planner.plan(modes_of(solution.assignment), budget, seconds_of(solution.assignment))
+        assignment = planner.widened(solution.assignment, options, lambda a: peak(a) <= limit)
+        gm, plan = planner.plan(modes_of(assignment), budget, seconds_of(assignment))
         if plan.predicted_peak_bytes <= room:
             return gm, plan
         limit -= plan.predicted_peak_bytes - solution.peak_bytes + _margin(budget) // 2  # composed ran low: tighten
@@ -366,6 +398,24 @@ def _search(planner: _Planner, budget: int) -> tuple[fx.GraphModule, Plan] | int
     gm, plan = min((planner.plan(modes_of(e), budget, seconds_of(e)) for e in extremes),
                    key=lambda pair: pair[1].predicted_peak_bytes)
     return (gm, plan) if plan.predicted_peak_bytes <= room else plan.predicted_peak_bytes
+
+
+def _width(mode: str) -> int:
+    """The bits a compress mode keeps lossy inputs at (0 for lossless-only modes)."""
+    return int(mode[len("compress"):] or 0)
+
+
+def _solve_widest(choices: list[Choice], peak: Callable, limit: int):
+    """`_solve_families` with the compress groups held to their widest option, then to
+    the widest two, and so on: a narrower width is used only where the wider ones do
+    not fit (widths cost about the same time; narrower ones err more)."""
+    widths = max((len(c.seconds) - 1 for c in choices if c.key.startswith(_COMPRESS)), default=1)
+    for allowed in range(1, widths + 1):
+        held = [dataclasses.replace(c, seconds=c.seconds[: allowed + 1], saved_bytes=c.saved_bytes[: allowed + 1])
+                if c.key.startswith(_COMPRESS) else c for c in choices]
+        solution = _solve_families(held, peak, limit)
+        if solution.fits or allowed == widths:
+            return solution
 
 
 def _solve_families(choices: list[Choice], peak: Callable, limit: int):
@@ -455,7 +505,8 @@ def optimize(
     returns a module that plans on the first call for each input signature.
     `strategies` restricts the strategies used (default: all available). Compression
     is lossless unless asked for: `compress_bits` (8, 4 or 2) lets the solver keep
-    convolution, linear and BatchNorm inputs at that width; `compress_error` (e.g.
+    convolution, linear and BatchNorm inputs at 8 bits, or narrower down to that width
+    where the budget needs it; `compress_error` (e.g.
     1e-2) gives each such tensor the fewest bits whose rounding error stays under
     that fraction of its largest magnitude. The forward stays exact either way. Raises
     BudgetError (with `.minimum_bytes`) when no plan fits.

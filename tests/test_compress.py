@@ -11,7 +11,7 @@ import rewriter
 from cost_models.simulate import simulate
 from examples.zoo import ZOO
 from passes import compress, compressed_ops
-from rewriter.measure import default_loss, measure_peak
+from rewriter.measure import default_loss, measure_peak, preserved_model_state
 from rewriter.report import profile_model_graph
 from rewriter.trace import capture
 
@@ -244,4 +244,29 @@ def test_error_bound_mode_keeps_each_tensor_under_the_bound():
     optimized = rewriter.optimize(model, budget, x, strategies="compress", compress_error=0.05)
     forms = set(dict(optimized.plan.compressed).values())
     assert forms - {"lossless"} and forms <= {"lossless", "2-bit", "4-bit", "8-bit"}
+    assert measure_peak(optimized, x) <= budget
+
+
+def test_sensitivity_grows_as_the_width_narrows():
+    zoo = ZOO["resnet18"]
+    model, x = zoo.test_model(), zoo.test_input()
+    captured = capture(model)
+    lossy = compress.lossy_nodes(captured.gm)
+    shares = {}
+    with preserved_model_state(model):
+        for bits in (8, 2):
+            forms = {n: f"{bits}-bit" for n in lossy}
+            shares[bits] = compress.sensitivity(captured.gm, forms, (x,), default_loss)
+    assert set(shares[8]) == set(lossy)
+    assert all(v >= 0 for v in shares[2].values())
+    assert sum(shares[2].values()) > 16 * sum(shares[8].values())  # 2-bit steps are 85x wider than 8-bit ones
+
+
+def test_narrow_widths_only_where_wider_ones_do_not_fit():
+    zoo = ZOO["resnet18"]
+    model, x = zoo.test_model(), zoo.test_input()
+    budget = int(0.75 * measure_peak(model, x))
+    optimized = rewriter.optimize(model, budget, x, strategies="compress", compress_bits=2)
+    forms = set(dict(optimized.plan.compressed).values())
+    assert "8-bit" in forms and forms <= {"lossless", "8-bit"}
     assert measure_peak(optimized, x) <= budget
