@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 from typing import Any, Callable
 
 import sympy
@@ -229,10 +230,7 @@ class _Profiler(OpaqueLeaves):
         if node.op == "call_function":
             modules = _module_args(node, self.gm)
             if modules:  # a compressed op reading its module's parameters: their fakes
-                with contextlib.ExitStack() as stack:
-                    for module in modules:
-                        state = {k: self.fake_of[id(t)] for k, t in _state_items(module)}
-                        stack.enter_context(_reparametrize_module(module, state))
+                with self._fake_model(*modules):
                     return node.target(*args, **kwargs)
             return node.target(*args, **kwargs)
         if node.op == "call_method":
@@ -388,11 +386,15 @@ class _Profiler(OpaqueLeaves):
             else self._expr(flops.get_total_flops())
         )
 
-    def _fake_model(self):
-        """gm's parameters and buffers swapped for their fakes (for modules that call
-        gm's submodules themselves, forward and backward)."""
-        state = {k: self.fake_of[id(t)] for k, t in _state_items(self.gm)}
-        return _reparametrize_module(self.gm, state)
+    @contextlib.contextmanager
+    def _fake_model(self, *modules: torch.nn.Module):
+        """The parameters and buffers of `modules` (default: all of gm) swapped for their
+        fakes (for code that calls gm's submodules itself, forward and backward)."""
+        with contextlib.ExitStack() as stack:
+            for module in modules or (self.gm,):
+                state = {k: self.fake_of[id(t)] for k, t in _state_items(module)}
+                stack.enter_context(_reparametrize_module(module, state))
+            yield
 
     def _is_segment(self, name: str) -> bool:
         """A node of many ops (a recomputed segment, an invert chain)."""
@@ -493,10 +495,7 @@ def _module_args(node: fx.Node, gm: fx.GraphModule) -> list[torch.nn.Module]:
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
+    return operator.attrgetter(target)(gm)
 
 
 def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -15,6 +15,7 @@ Lossy kinds (only with `bits`): conv, linear, batch_norm (training mode).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Collection
 
@@ -148,7 +149,7 @@ def lossy_nodes(gm: fx.GraphModule) -> list[str]:
     return [n.name for n in gm.graph.nodes if kind(gm, n) in LOSSY]
 
 
-def _activation_input(gm: fx.GraphModule, node: fx.Node):
+def _activation_input(node: fx.Node):
     return node.args[0] if node.args else node.kwargs.get("input")
 
 
@@ -162,7 +163,7 @@ def calibrate_bits(gm: fx.GraphModule, inputs: tuple, error: float) -> dict[str,
     class Recorder(fx.Interpreter):
         def run_node(self, node):
             if node.op in ("call_module", "call_function") and kind(gm, node) in LOSSY:
-                x = self.env.get(_activation_input(gm, node))
+                x = self.env.get(_activation_input(node))
                 if isinstance(x, torch.Tensor) and x.numel():
                     bits = bits_for(x, error)
                     if bits is not None:
@@ -177,15 +178,8 @@ def calibrate_bits(gm: fx.GraphModule, inputs: tuple, error: float) -> dict[str,
 def _own_parameters(gm: fx.GraphModule, node: fx.Node) -> list[torch.Tensor]:
     if node.op == "call_module":
         return [p for p in gm.get_submodule(node.target).parameters() if p.requires_grad]
-    attrs = [_attribute(gm, a.target) for a in node.all_input_nodes if a.op == "get_attr"]
+    attrs = [operator.attrgetter(a.target)(gm) for a in node.all_input_nodes if a.op == "get_attr"]
     return [p for p in attrs if isinstance(p, torch.Tensor) and p.requires_grad]
-
-
-def _attribute(gm: fx.GraphModule, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def sensitivity(gm: fx.GraphModule, forms: dict[str, str], inputs: tuple, loss_fn) -> dict[str, float]:
@@ -216,7 +210,7 @@ def sensitivity(gm: fx.GraphModule, forms: dict[str, str], inputs: tuple, loss_f
 
 def bits_for(x: torch.Tensor, error: float) -> int | None:
     """The fewest bits that keep `x`'s rounding error under `error` x max|x|."""
-    rows = compressed_ops._grouped(x.detach())  # the groups `quantize` makes
+    rows = compressed_ops.grouped(x.detach())  # the groups `quantize` makes
     spread = float((rows.amax(1) - rows.amin(1)).max())
     largest = float(x.detach().abs().max())
     for bits in sorted(BITS):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 
-__all__ = ["GROUP", "BITS", "pack_bits", "unpack_bits", "quantize", "dequantize",
+__all__ = ["GROUP", "BITS", "pack_bits", "unpack_bits", "grouped", "quantize", "dequantize",
            "relu", "leaky_relu", "dropout", "max_pool2d", "avg_pool2d",
            "conv", "linear", "batch_norm", "module_call"]
 
@@ -75,7 +75,7 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, to
     to one of 2**bits levels between its group's min and max (unbiased)."""
     if bits not in BITS:
         raise ValueError(f"bits={bits} is not one of {BITS}")
-    scaled = _grouped(x.detach())  # a copy
+    scaled = grouped(x.detach())  # a copy
     low = scaled.amin(1, keepdim=True)
     levels = 2**bits - 1
     scale = (scaled.amax(1, keepdim=True) - low) / levels
@@ -87,7 +87,7 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, to
     return _pack(codes.view(-1), bits), low, scale
 
 
-def _grouped(x: torch.Tensor) -> torch.Tensor:
+def grouped(x: torch.Tensor) -> torch.Tensor:
     """A float copy of `x` as rows of GROUP values, each row from one channel (dim 1)."""
     moved = x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 1) if x.dim() > 1 else x.view(1, 1, -1)
     length = moved.shape[1] * moved.shape[2]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import operator
 import sys
 import textwrap
 from pathlib import Path
@@ -155,7 +156,7 @@ def _call_targets(module: fx.GraphModule) -> set[str]:
     targets = {n.target for n in module.graph.nodes if n.op == "call_module"}
     # a compressed op is handed its module (get_attr)
     targets |= {n.target for n in module.graph.nodes
-                if n.op == "get_attr" and isinstance(_attribute(module, n.target), nn.Module)}
+                if n.op == "get_attr" and isinstance(operator.attrgetter(n.target)(module), nn.Module)}
     for child in module.children():
         if isinstance(child, RecomputeSegment):
             targets |= {n.target for n in child.checkpointed_code.graph.nodes if n.op == "call_module"}
@@ -163,12 +164,6 @@ def _call_targets(module: fx.GraphModule) -> set[str]:
             for step in child.steps:
                 targets |= _step_targets(step)
     return targets
-
-
-def _attribute(module: nn.Module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def build(owner: nn.Module, leaves: dict) -> None:

@@ -108,6 +108,7 @@ class _Planner:
         self.opaque = captured.opaque
         self.eager = self._profile(self.gm, captured.held_until)  # the model as Python runs it
         self.base = dataclasses.replace(self.eager, held_until={})  # as a GraphModule runs it
+        self.saved = saved_tensors(self.base)  # every storage the backward keeps, and who keeps it
         self.eager_peak = simulate(self.eager).peak_bytes
         self.keep_all = keep_all_plan(self.base, simulate(self.base))
         self.granularity = "coarse"
@@ -148,7 +149,7 @@ class _Planner:
 
     def _gains(self, chain: invert.Chain) -> bool:
         """Whether inverting the chain frees a tensor: one that only its members save."""
-        owned = {t.owner for t in saved_tensors(self.base) if set(t.held_by) <= set(chain.nodes)}
+        owned = {t.owner for t in self.saved if set(t.held_by) <= set(chain.nodes)}
         return any(n in owned for n in chain.nodes if n != chain.output)
 
     def _profile(self, gm: fx.GraphModule, held_until: dict) -> Costs:
@@ -207,7 +208,7 @@ class _Planner:
         batch = self.base.example_batch
         roofline = ROOFLINES[self.device]
         saved_by_owner: dict[str, int] = {}
-        for tensor in saved_tensors(self.base):
+        for tensor in self.saved:
             saved_by_owner[tensor.owner] = saved_by_owner.get(tensor.owner, 0) + tensor.nbytes
 
         def rerun_seconds(nodes, times: float = 1.0, move: float = 1.0) -> float:
