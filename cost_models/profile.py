@@ -391,7 +391,7 @@ class _Profiler(OpaqueLeaves):
         """The parameters and buffers of `modules` (default: all of gm) swapped for their
         fakes (for code that calls gm's submodules itself, forward and backward)."""
         with contextlib.ExitStack() as stack:
-            for module in modules or (self.gm,):
+            for module in {id(m): m for m in modules or (self.gm,)}.values():  # a shared module once
                 state = {k: self.fake_of[id(t)] for k, t in _state_items(module)}
                 stack.enter_context(_reparametrize_module(module, state))
             yield
@@ -404,7 +404,8 @@ class _Profiler(OpaqueLeaves):
     def _params_of(self, name: str) -> list[torch.Tensor]:
         node = self._node.get(name)
         if node is not None and node.op == "call_function":
-            return [self.fake_of[id(p)] for m in _module_args(node, self.gm) for p in m.parameters() if p.requires_grad]
+            params = {id(p): p for m in _module_args(node, self.gm) for p in m.parameters() if p.requires_grad}
+            return [self.fake_of[i] for i in params]
         if node is None or node.op != "call_module":
             return []
         module = self.gm.get_submodule(node.target)

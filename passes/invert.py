@@ -386,28 +386,16 @@ def apply(gm: fx.GraphModule, chosen: list[str], all_chains: list[Chain]) -> fx.
     """A new GraphModule where each chain whose output is in `chosen` runs as an
     InvertChain. `gm` is not modified; parameters are shared. Chains whose nodes are
     no longer in `gm` (inside a recomputed segment) are skipped."""
-    from passes.recompute import adopt_structure
+    from passes.recompute import replace_runs
 
     present = {n.name for n in gm.graph.nodes}
     by_output = {c.output: c for c in all_chains if c.output in chosen and all(n in present for n in c.nodes)}
-    member = {name: c for c in by_output.values() for name in c.nodes}
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    new = adopt_structure(fx.GraphModule(gm, fx.Graph(), class_name=type(gm).__name__), gm)
-    by_name = {n.name: n for n in gm.graph.nodes}
-    for count, chain in enumerate(by_output.values()):
-        new.add_submodule(f"rewriter_invert_{count}", InvertChain([_Step.from_graph(gm, u) for u in chain.units]))
-    targets = {c.output: f"rewriter_invert_{i}" for i, c in enumerate(by_output.values())}
-    for node in gm.graph.nodes:
-        chain = member.get(node.name)
-        if chain is None:
-            env[node] = graph.node_copy(node, lambda n: env[n])
-            continue
-        if node.name != chain.output:
-            continue
-        call = graph.create_node("call_module", targets[chain.output], (env[by_name[chain.input]],), name=chain.output)
-        call.meta["rewriter"] = {"strategy": "invert", "nodes": chain.nodes}
-        env[node] = call
-    new.graph = graph
-    new.recompile()
-    return new
+    targets = {out: f"rewriter_invert_{i}" for i, out in enumerate(by_output)}
+
+    def call(new: fx.GraphModule, graph: fx.Graph, chain: Chain, value) -> fx.Node:
+        new.add_submodule(targets[chain.output], InvertChain([_Step.from_graph(gm, u) for u in chain.units]))
+        node = graph.create_node("call_module", targets[chain.output], (value(chain.input),), name=chain.output)
+        node.meta["rewriter"] = {"strategy": "invert", "nodes": chain.nodes}
+        return node
+
+    return replace_runs(gm, list(by_output.values()), call)

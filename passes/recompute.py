@@ -25,7 +25,8 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-__all__ = ["RecomputeSegment", "Segment", "MODES", "GRANULARITIES", "segments", "apply", "adopt_structure", "KEPT_OPS"]
+__all__ = ["RecomputeSegment", "Segment", "MODES", "GRANULARITIES", "segments", "apply", "adopt_structure", "replace_runs",
+           "KEPT_OPS"]
 
 MODES = ("selective", "full")
 
@@ -241,27 +242,35 @@ def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = (), granularity: str 
 def apply(gm: fx.GraphModule, chosen: dict[str, str], all_segments: list[Segment]) -> fx.GraphModule:
     """A new GraphModule where each segment named in `chosen` (output name -> mode) runs
     as a RecomputeSegment. `gm` is not modified; parameters are shared."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
     by_output = {s.output: s for s in all_segments if s.output in chosen}
-    member = {name: s for s in by_output.values() for name in s.nodes}
-    new = adopt_structure(fx.GraphModule(gm, fx.Graph(), class_name=type(gm).__name__), gm)
-    count = 0
-    for node in gm.graph.nodes:
-        segment = member.get(node.name)
-        if segment is None:
-            env[node] = graph.node_copy(node, lambda n: env[n])
-            continue
-        if node.name != segment.output:
-            continue
+    targets = {out: f"rewriter_recompute_{i}" for i, out in enumerate(by_output)}
+
+    def call(new: fx.GraphModule, graph: fx.Graph, segment: Segment, value) -> fx.Node:
         code, outside = _segment_code(gm, segment)
-        target = f"rewriter_recompute_{count}"
-        count += 1
         keeps_output = segment.output in segment.expensive
-        new.add_submodule(target, RecomputeSegment(code, chosen[segment.output], keeps_output=keeps_output))
-        call = graph.create_node("call_module", target, tuple(env[n] for n in outside), name=segment.output)
-        call.meta["rewriter"] = {"strategy": "recompute", "mode": chosen[segment.output], "nodes": segment.nodes}
-        env[node] = call
+        new.add_submodule(targets[segment.output], RecomputeSegment(code, chosen[segment.output], keeps_output=keeps_output))
+        node = graph.create_node("call_module", targets[segment.output], tuple(value(n.name) for n in outside), name=segment.output)
+        node.meta["rewriter"] = {"strategy": "recompute", "mode": chosen[segment.output], "nodes": segment.nodes}
+        return node
+
+    return replace_runs(gm, list(by_output.values()), call)
+
+
+def replace_runs(gm: fx.GraphModule, runs: list, call) -> fx.GraphModule:
+    """A copy of `gm` (its structure adopted) where each run (with `.nodes` and `.output`)
+    is one node made by `call(new, graph, run, value)`, put where the run's output was;
+    `value(name)` is the new graph's node for an outside node of `gm`. Other nodes are
+    copied as they are. `gm` is not modified."""
+    member = {name: run for run in runs for name in run.nodes}
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    new = adopt_structure(fx.GraphModule(gm, fx.Graph(), class_name=type(gm).__name__), gm)
+    for node in gm.graph.nodes:
+        run = member.get(node.name)
+        if run is None:
+            env[node.name] = graph.node_copy(node, lambda n: env[n.name])
+        elif node.name == run.output:
+            env[node.name] = call(new, graph, run, env.__getitem__)
     new.graph = graph
     new.recompile()
     return new

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from passes import compressed_ops
+from passes import compressed_ops, row_split_ops
 from passes.invert import InvertChain, Unit, _Step
 from passes.recompute import RecomputeSegment
 from rewriter.errors import InputError
@@ -52,8 +52,9 @@ def _imports(globals_: dict) -> list[str]:
         qualname, module = getattr(value, "__qualname__", ""), getattr(value, "__module__", None)
         if inspect.ismodule(value):
             lines.append(f"import {value.__name__} as {name}")
-        elif module == compressed_ops.__name__ and getattr(compressed_ops, qualname, None) is value:
-            lines.append(f"{name} = rewriter.export.compressed_ops.{qualname}")  # saved code imports rewriter only
+        elif any(module == ops.__name__ and getattr(ops, qualname, None) is value for ops in (compressed_ops, row_split_ops)):
+            short = module.rsplit(".", 1)[-1]
+            lines.append(f"{name} = rewriter.export.{short}.{qualname}")  # saved code imports rewriter only
         elif module and qualname and "<" not in qualname and "." not in qualname:
             lines.append(f"from {module} import {qualname} as {name}")
         else:

@@ -16,7 +16,8 @@ from cost_models.node_costs import BATCH, Costs
 from cost_models.runtime import ROOFLINES
 from cost_models.saved import saved_tensors
 from cost_models.simulate import simulate
-from passes import compress, invert, recompute
+from passes import compress, invert, recompute, row_split
+from passes.row_split_ops import rows_computed
 from passes.compressed_ops import BITS
 from rewriter.errors import BudgetError, InputError
 from rewriter.report import keep_all_plan, profile_model_graph
@@ -30,7 +31,7 @@ __all__ = ["optimize", "apply_plan", "parse_budget", "STRATEGIES", "AVAILABLE_ST
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("recompute", "invert", "compress", "row_split")
-AVAILABLE_STRATEGIES = ("recompute", "invert", "compress")
+AVAILABLE_STRATEGIES = STRATEGIES
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -57,8 +58,6 @@ def _strategies(strategies) -> tuple[str, ...]:
     for name in names:
         if name not in STRATEGIES:
             raise InputError(f"strategies contains {name!r}; the strategies are {STRATEGIES}")
-        if name not in AVAILABLE_STRATEGIES:
-            raise InputError(f"strategy {name!r} is not available in this version; available: {AVAILABLE_STRATEGIES}")
     return names
 
 
@@ -70,6 +69,8 @@ def _margin(budget: int) -> int:
 
 _INVERT = "invert:"  # the solver's key of an invert chain: this prefix and the chain's output
 _COMPRESS = "compress:"  # the solver's key of a compress group: this prefix and its first node
+_ROWS = "rows:"  # the solver's key of a row-split chain: this prefix and its output
+_ROW_MODES = {f"rows{t}": t for t in row_split.TILES}  # one profile per tile count, every chain so tiled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +115,7 @@ class _Planner:
         self.granularity = "coarse"
         self.segments = recompute.segments(self.gm, self.opaque) if "recompute" in strategies else []
         self._tried: list[list] = []  # the segment lists `use` has handed out
+        self.segment_profiles: dict[tuple[str, str], Costs] = {}  # (granularity, mode) -> every segment so rewritten
         self.chains: list[invert.Chain] = []
         self.inverted: Costs | None = None  # the profile with every chain inverted
         if "invert" in strategies:
@@ -137,6 +139,19 @@ class _Planner:
                                     for g in self.groups for n, k in zip(g.nodes, g.kinds)}
         self.device = "cuda" if any(t.is_cuda for t in inputs if isinstance(t, torch.Tensor)) else "cpu"
         self.alternatives: dict[str, Costs] = {}
+        self.shapes = _shapes(self.gm, self.base)
+        self.row_granularity = "block"
+        self.tiled: list[row_split.Chain] = []  # row-split chains
+        self.tiled_profiles: dict[tuple[str, str], Costs] = {}  # (granularity, mode) -> every chain so tiled
+
+    def use_rows(self, granularity: str | None) -> bool:
+        """Find row-split chains this way (None: none); False if that finds no chain or
+        the chains it found already (nothing new to search)."""
+        found = row_split.chains(self.gm, self.shapes, self.opaque, granularity) if granularity else []
+        if self.row_granularity != (granularity or "block") and found == self.tiled:
+            return False
+        self.row_granularity, self.tiled, self.alternatives, self._tried = granularity or "block", found, {}, []
+        return bool(found)
 
     def _lossy_bits(self, lossy: Lossy) -> dict[str, int]:
         """Bits per lossy-kind node the user allows compressing."""
@@ -172,11 +187,20 @@ class _Planner:
         extreme plans."""
         if self.segments:
             for mode in recompute.MODES:
-                self.alternatives[mode] = self._profile(recompute.apply(self.gm, self.extreme(mode), self.segments), {})
+                key = (self.granularity, mode)
+                if key not in self.segment_profiles:
+                    self.segment_profiles[key] = self._profile(recompute.apply(self.gm, self.extreme(mode), self.segments), {})
+                self.alternatives[mode] = self.segment_profiles[key]
         if self.chains:
             if self.inverted is None:
                 self.inverted = self._profile(invert.apply(self.gm, [c.output for c in self.chains], self.chains), {})
             self.alternatives["invert"] = self.inverted
+        for mode in _ROW_MODES if self.tiled else ():
+            key = (self.row_granularity, mode)
+            if key not in self.tiled_profiles:
+                chosen = {c.output: self.tiles_for(c, mode) for c in self.tiled}
+                self.tiled_profiles[key] = self._profile(row_split.apply(self.gm, chosen, self.tiled), {})
+            self.alternatives[mode] = self.tiled_profiles[key]
         for mode, forms in self.forms.items() if self.groups else ():
             if mode not in self.compressed:
                 self.compressed[mode] = self._profile(compress.apply(self.gm, forms), {})
@@ -184,16 +208,21 @@ class _Planner:
         units = {s.output: (s.output, s.nodes) for s in self.segments}
         units.update({_INVERT + c.output: (c.output, c.nodes) for c in self.chains})
         units.update({g.key: (g.nodes, g.nodes) for g in self.groups})
+        units.update({_ROWS + c.output: (c.output, c.nodes) for c in self.tiled})
         self._composer = Composer(self.base, list(self.alternatives.values()), units)
 
     def extreme(self, mode: str) -> dict[str, str]:
         return {s.output: mode if mode in s.modes() else s.modes()[-1] for s in self.segments}
 
     def compatible(self, assignment: dict[str, str]) -> dict[str, str]:
-        """`assignment` less the chains and compress groups that share a node with a
-        recomputed segment (the segment reruns them), and the groups that share one
-        with an inverted chain."""
+        """`assignment` less the row-split chains, invert chains and compress groups
+        that share a node with a recomputed segment (the segment reruns them), the
+        invert chains and groups that share one with a row-split chain, and the groups
+        that share one with an inverted chain."""
         recomputed = {n for s in self.segments if s.output in assignment for n in s.nodes}
+        tiled = {_ROWS + c.output: c for c in self.tiled}
+        assignment = {k: v for k, v in assignment.items() if k not in tiled or not recomputed & set(tiled[k].nodes)}
+        recomputed |= {n for k in assignment if k in tiled for n in tiled[k].nodes}
         chains = {_INVERT + c.output: c for c in self.chains}
         kept = {k: v for k, v in assignment.items() if k not in chains or not recomputed & set(chains[k].nodes)}
         taken = recomputed | {n for k in kept if k in chains for n in chains[k].nodes}
@@ -238,6 +267,14 @@ class _Planner:
                 saved = sum(saved_by_owner.get(n, 0) for n in nodes if n != chain.output)
                 choices.append(Choice(_INVERT + chain.output, (0.0, seconds), (0, saved), frozenset(chain.nodes)))
                 options[_INVERT + chain.output] = ("invert",)
+        modes = [m for m in _ROW_MODES if m in self.alternatives]
+        for chain in self.tiled if modes else ():
+            seconds, saved = [0.0], [0]
+            for mode in modes:
+                seconds.append(self.row_seconds(chain, self.tiles_for(chain, mode), rerun_seconds))
+                saved.append(sum(saved_by_owner.get(n, 0) for n in chain.nodes))
+            choices.append(Choice(_ROWS + chain.output, tuple(seconds), tuple(saved), frozenset(chain.nodes)))
+            options[_ROWS + chain.output] = tuple(modes)
         modes = [m for m in self.forms if m in self.alternatives]
         for group in self.groups if modes else ():
             # packed in forward, unpacked in backward: about three passes over the members' outputs
@@ -247,6 +284,34 @@ class _Planner:
             choices.append(Choice(group.key, (0.0,) + (seconds,) * len(offered), (0, *saved), frozenset(group.nodes)))
             options[group.key] = tuple(offered)
         return choices, options
+
+    def tiles_for(self, chain: row_split.Chain, mode: str) -> int:
+        """The tiles a row-split mode ("rows16") gives this chain (fewer on small maps)."""
+        return row_split.tiles_for(self.shapes[chain.output][2], _ROW_MODES[mode])
+
+    def halo(self, chain: row_split.Chain, tiles: int) -> tuple[list[float], list[float]]:
+        """Per chain node: its forward FLOPs, and the rows a tiled forward computes over its rows."""
+        steps, paths = row_split.steps_of(self.gm, chain)
+        modules = [self.gm.get_submodule(p) for p in paths]
+        computed, rows = rows_computed(steps, modules, [self.shapes[n][2] for n in chain.inputs], tiles)
+        flops = [float(self.base.by_name[n].fwd_flops.xreplace({BATCH: self.base.example_batch})) for n in chain.nodes]
+        return flops, [c / r for c, r in zip(computed, rows)]
+
+    def halo_share(self, chain: row_split.Chain, tiles: int) -> float:
+        """FLOPs of a tiled forward's halo rows, as a fraction of the chain's forward FLOPs."""
+        flops, factor = self.halo(chain, tiles)
+        return sum(f * (k - 1) for f, k in zip(flops, factor)) / max(sum(flops), 1.0)
+
+    def row_seconds(self, chain: row_split.Chain, tiles: int, rerun_seconds: Callable) -> float:
+        """Seconds a tiled chain adds: its halo rows in forward; the whole chain again in
+        backward; per BatchNorm one more sweep of the nodes before it for the batch
+        statistics, and in backward their recompute and backward (about 3x)."""
+        flops, factor = self.halo(chain, tiles)
+        steps, _ = row_split.steps_of(self.gm, chain)
+        norms = [i for i, step in enumerate(steps) if step[0] == "bn"]
+        # eager: forward 1, backward 2 (x FLOPs); tiled: each x the halo factor, and 4 per later BatchNorm
+        times = [4 * f - 3 + 4 * f * sum(1 for j in norms if j > i) for i, f in enumerate(factor)]
+        return sum(rerun_seconds([n], times=t, move=t) for n, t in zip(chain.nodes, times))
 
     def _compressed_forms(self, assignment: dict[str, str]) -> dict[str, str]:
         return {n: self.forms[assignment[g.key]][n] for g in self.groups if g.key in assignment for n in g.nodes}
@@ -271,11 +336,15 @@ class _Planner:
         return assignment
 
     def apply(self, assignment: dict[str, str]) -> fx.GraphModule:
-        """The rewritten graph: segments recomputed, chains inverted, groups compressed."""
+        """The rewritten graph: segments recomputed, chains tiled or inverted, groups compressed."""
         assignment = self.compatible(assignment)
-        segments = {k: v for k, v in assignment.items() if not k.startswith((_INVERT, _COMPRESS))}
+        segments = {k: v for k, v in assignment.items() if not k.startswith((_INVERT, _COMPRESS, _ROWS))}
         chains = [k[len(_INVERT):] for k in assignment if k.startswith(_INVERT)]
+        by_output = {c.output: c for c in self.tiled}
+        tiled = {k[len(_ROWS):]: self.tiles_for(by_output[k[len(_ROWS):]], v) for k, v in assignment.items() if k.startswith(_ROWS)}
         gm = recompute.apply(self.gm, segments, self.segments) if segments else self.gm
+        if tiled:
+            gm = row_split.apply(gm, tiled, self.tiled)
         if chains:
             gm = invert.apply(gm, chains, self.chains)
         forms = self._compressed_forms(assignment)
@@ -295,6 +364,9 @@ class _Planner:
         for mode, costs in self.compressed.items():
             if self.groups and assignment == {g.key: mode for g in self.groups}:
                 known.append(costs)
+        for mode in _ROW_MODES:
+            if self.tiled and assignment == {_ROWS + c.output: mode for c in self.tiled}:
+                known.append(self.tiled_profiles[(self.row_granularity, mode)])
         rewritten = known[0] if known else self._profile(gm, {}) if assignment else self.base
         simulation = simulate(rewritten)
         by_output = {s.output: s for s in self.segments if s.output in assignment}
@@ -311,6 +383,10 @@ class _Planner:
                 for n in unit.nodes:
                     strategy[n] = ("invert", seconds.get(_INVERT + out, 0.0) if n == out else 0.0, growth)
         forms = self._compressed_forms(assignment)
+        for chain in self.tiled:
+            if _ROWS + chain.output in assignment:
+                for n in chain.nodes:
+                    strategy[n] = ("row_split", seconds.get(_ROWS + chain.output, 0.0) if n == chain.output else 0.0, 1.0)
         for group in self.groups:
             if group.key in assignment:
                 for n in group.nodes:
@@ -325,10 +401,14 @@ class _Planner:
         plan = dataclasses.replace(
             self.keep_all, nodes=tuple(nodes), predicted_peak_bytes=simulation.peak_bytes,
             baseline_peak_bytes=self.eager_peak, budget_bytes=budget, peak_at=simulation.peak_at,
-            segments=tuple(sorted((k, v) for k, v in assignment.items() if not k.startswith((_INVERT, _COMPRESS)))),
+            segments=tuple(sorted((k, v) for k, v in assignment.items() if not k.startswith((_INVERT, _COMPRESS, _ROWS)))),
             granularity=self.granularity,
             inverted=tuple((c.input, c.output) for c in chains.values()),
             compressed=tuple(forms.items()),
+            row_split=tuple((c.output, self.tiles_for(c, assignment[_ROWS + c.output]),
+                             round(self.halo_share(c, self.tiles_for(c, assignment[_ROWS + c.output])), 4))
+                            for c in self.tiled if _ROWS + c.output in assignment),
+            row_granularity=self.row_granularity,
         )
         return gm, plan
 
@@ -342,16 +422,26 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
         gm.plan = plan
         return gm
     found, lowest = [], []
-    # each way of cutting segments is searched with the invert chains beside it
-    for granularity in recompute.GRANULARITIES if "recompute" in strategies else (None,):
-        if granularity == "module" and found:  # whole-layer cuts only where the finer ones fail
+    # each way of cutting segments is searched with the invert chains and compress
+    # groups beside it; row-split chains (costly in time) join only where those find no
+    # plan: block-sized chains first, whole-network ones after
+    for rows in (None, *row_split.GRANULARITIES) if "row_split" in strategies else (None,):
+        if found:
             break
-        if granularity is not None and not planner.use(granularity):
+        if rows is not None and not planner.use_rows(rows):
             continue
-        if not planner.segments and not planner.chains and not planner.groups:
-            continue
-        outcome = _search(planner, budget)
-        (found if isinstance(outcome, tuple) else lowest).append(outcome)
+        for granularity in recompute.GRANULARITIES if "recompute" in strategies else (None,):
+            if granularity == "module" and found:  # whole-layer cuts only where the finer ones fail
+                break
+            if rows is not None and granularity not in (None, recompute.GRANULARITIES[0]):
+                break  # row-split is searched beside the coarse segments only: each search profiles its tiles
+            if granularity is not None and not planner.use(granularity):
+                continue
+            if not planner.segments and not planner.chains and not planner.groups and not planner.tiled:
+                continue
+            outcome = _search(planner, budget, min(lowest) if rows and lowest else None)
+            if outcome is not None:
+                (found if isinstance(outcome, tuple) else lowest).append(outcome)
     if found:  # the verified plan that adds the least time
         gm, plan = min(found, key=lambda pair: sum(n.seconds_added for n in pair[1].nodes))
         return _chosen(gm, plan, budget)
@@ -359,9 +449,11 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
     raise _budget_error(budget, min(_smallest_budget(reachable), baseline), strategies, lossy)
 
 
-def _search(planner: _Planner, budget: int) -> tuple[fx.GraphModule, Plan] | int:
+def _search(planner: _Planner, budget: int, beat: int | None = None) -> tuple[fx.GraphModule, Plan] | int | None:
     """A verified plan for the planner's segments under `budget`, or else the lowest
-    predicted peak of a verified plan it could find."""
+    predicted peak of a verified plan it could find. With `beat` (a row-split search
+    after others failed), only the extreme plan of lowest composed peak is verified,
+    and only if that peak is under `beat` (else None: nothing new)."""
     planner.profile_modes()
     choices, options = planner.choices()
 
@@ -390,12 +482,21 @@ def _search(planner: _Planner, budget: int) -> tuple[fx.GraphModule, Plan] | int
     # deterministic, so the minimum that an error names is a budget at which this plan
     # is found and fits.
     extremes = [{c.key: len(c.seconds) - 1 for c in choices}, {c.key: 1 for c in choices}]
-    sources = [bool(planner.segments), bool(planner.chains), bool(planner.groups)]
+    sources = [bool(planner.segments), bool(planner.chains), bool(planner.groups), bool(planner.tiled)]
     if sum(sources) > 1:
         extremes += [{c.key: 1 for c in choices if c.key.startswith(prefix)} for prefix, used
                      in ((_INVERT, planner.chains), (_COMPRESS, planner.groups)) if used]
         extremes.append({c.key: 1 for c in choices if c.key.startswith((_INVERT, _COMPRESS))})
+    if planner.tiled:  # the chains at the most tiles first, what is left recomputed, inverted, compressed
+        most = {c.key: len(c.seconds) - 1 for c in choices if c.key.startswith(_ROWS)}
+        tiled = frozenset().union(*(c.members for c in choices if c.key.startswith(_ROWS)))
+        extremes += [most, {**{c.key: len(c.seconds) - 1 for c in choices if not tiled & c.members}, **most}]
     extremes = [e for i, e in enumerate(extremes) if e not in extremes[:i]]
+    if beat is not None:  # each verification profiles the tiles: only the promising one
+        best = min(extremes, key=peak)
+        if peak(best) >= beat:
+            return None
+        extremes = [best]
     gm, plan = min((planner.plan(modes_of(e), budget, seconds_of(e)) for e in extremes),
                    key=lambda pair: pair[1].predicted_peak_bytes)
     return (gm, plan) if plan.predicted_peak_bytes <= room else plan.predicted_peak_bytes
@@ -450,16 +551,25 @@ def _smallest_budget(peak: int) -> int:
     return budget
 
 
+def _shapes(gm: fx.GraphModule, costs: Costs) -> dict[str, tuple[int, ...]]:
+    """Each node's (first) output shape, the inputs' included."""
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    shapes = {name: tuple(shape) for name, shape in zip(placeholders, costs.input_shapes)}
+    shapes.update({n.name: tuple(n.shapes[0]) for n in costs.nodes if n.shapes})
+    return shapes
+
+
 def _budget_error(budget: int, minimum: int, strategies: tuple[str, ...], lossy: Lossy = Lossy()) -> BudgetError:
     unused = [s for s in AVAILABLE_STRATEGIES if s not in strategies]
-    more = f"allow strategies {unused}" if unused else "wait for the strategies still to come"
+    ways = ["raise the budget", "use a smaller batch (rewriter.largest_batch)"]
+    if unused:
+        ways.append(f"allow strategies {unused}")
     if "compress" in strategies and not lossy:
-        more += ", or allow lossy compression (compress_bits=4 or compress_error=0.05)"
+        ways.append("allow lossy compression (compress_bits=4 or compress_error=0.05)")
     return BudgetError(
         f"budget_bytes={budget} ({format_bytes(budget)}) is below the smallest reachable peak "
         f"{format_bytes(minimum)} ({minimum} bytes) for this model and input with strategies {strategies}; "
-        f"raise the budget, use a smaller batch (rewriter.largest_batch), or {more} "
-        f"(not yet available: {[s for s in STRATEGIES if s not in AVAILABLE_STRATEGIES]})",
+        f"{', '.join(ways[:-1])} or {ways[-1]}",
         minimum,
     )
 
@@ -535,6 +645,14 @@ def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
     if unknown:
         raise InputError(f"plan segments {unknown} are not segments of this model's graph; was the plan made for another model?")
     rewritten = recompute.apply(gm, dict(plan.segments), segments) if plan.segments else gm
+    if plan.row_split:
+        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        shapes = {**dict(zip(placeholders, plan.input_shapes)), **{n.node: n.shape for n in plan.nodes}}
+        tiled = row_split.chains(gm, shapes, captured.opaque, plan.row_granularity)
+        try:
+            rewritten = row_split.apply(rewritten, {out: tiles for out, tiles, _ in plan.row_split}, tiled)
+        except ValueError as error:
+            raise InputError(f"{error}; was the plan made for another model?") from None
     if plan.inverted:
         candidates = invert.chains(gm, captured.opaque, bound=math.inf)
         try:

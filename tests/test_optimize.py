@@ -47,7 +47,15 @@ def test_measured_peak_fits_the_budget_and_training_is_unchanged(name, fraction)
         optimized = rewriter.optimize(model, error.minimum_bytes, x)
         budget = error.minimum_bytes
     assert rewriter.measure_peak(optimized, x) <= budget
-    assert_trains_like(zoo.test_model(), model, optimized, x)
+    if optimized.plan.row_split:
+        # a tiled chain sums in another order; in float32 a plain-sum loss leaves
+        # BatchNorm's backward cancelling to rounding noise, so the same plan is held
+        # to eager in float64
+        model, x = model.double(), x.double()
+        optimized = rewriter.apply_plan(model, optimized.plan)
+        assert_trains_like(zoo.test_model().double(), model, optimized, x)
+    else:
+        assert_trains_like(zoo.test_model(), model, optimized, x)
 
 
 class CountOps(TorchDispatchMode):
@@ -159,8 +167,6 @@ def test_bad_arguments_are_clear_errors():
         rewriter.optimize(zoo.test_model().eval(), "1MiB", x)
     with pytest.raises(rewriter.InputError, match="'swap'"):
         rewriter.optimize(model, "1MiB", x, strategies=("recompute", "swap"))
-    with pytest.raises(rewriter.InputError, match="'row_split' is not available"):
-        rewriter.optimize(model, "1MiB", x, strategies="row_split")
     with pytest.raises(rewriter.InputError, match="do not fit the model"):
         rewriter.optimize(model, "1MiB", torch.randn(2, 7, 32, 32))
 

@@ -1,0 +1,241 @@
+"""Row-split candidates and the rewrite: chains of spatially local ops run tile by tile.
+
+A chain is a run of graph nodes, each a spatially local op on 4-D tensors
+(convolution, pooling, BatchNorm, activations, elementwise arithmetic, channel
+concatenation, integer upsampling), whose only value used after it is its last node's.
+`apply` replaces each chosen chain by one call of `row_split_ops.tiled_chain`, which
+never holds the chain's intermediates whole: forward and backward run row tiles with
+halos (`passes/row_split_ops.py`). The chain's external inputs are kept for the
+backward (they are what each tile is recomputed from); its output is made whole.
+
+Granularities: "block" closes a chain where a module call ends once it holds two
+convolutions or poolings (a U-Net's double convolution with the pooling before it or
+the upsampling and 1x1 convolution before it, a ResNet block's body), "whole" runs as far as local ops reach (a fully
+convolutional network end to end: one chain, its only kept tensors the input).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from passes import row_split_ops
+from passes.recompute import _ends_scope, _mutates_an_input
+
+__all__ = ["Chain", "GRANULARITIES", "TILES", "MIN_TILE_ROWS", "chains", "apply", "steps_of", "tiles_for"]
+
+GRANULARITIES = ("block", "whole")
+TILES = (4, 16)  # the tile counts offered per chain
+MAX_NORMS = 8  # BatchNorms per chain: each costs a sweep over the nodes before it
+MAX_NODES = 48  # nodes per chain: planning profiles every tile's ops
+MIN_TILE_ROWS = 8  # rows of the chain's output per tile, at least: thinner tiles are mostly halo
+
+_ACTIVATION_MODULES = {
+    nn.ReLU: lambda m: ("relu",), nn.ReLU6: lambda m: ("relu6",), nn.LeakyReLU: lambda m: ("leaky_relu", m.negative_slope),
+    nn.Hardtanh: lambda m: ("hardtanh", m.min_val, m.max_val), nn.ELU: lambda m: ("elu", m.alpha),
+    nn.GELU: lambda m: ("gelu", m.approximate), nn.SiLU: lambda m: ("silu",), nn.Sigmoid: lambda m: ("sigmoid",),
+    nn.Tanh: lambda m: ("tanh",), nn.Hardswish: lambda m: ("hardswish",), nn.Identity: lambda m: ("identity",),
+}
+_ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.silu: "silu",
+                         torch.sigmoid: "sigmoid", torch.tanh: "tanh", F.leaky_relu: "leaky_relu"}
+_BINARY = {operator.add: "add", torch.add: "add", operator.iadd: "add", operator.sub: "sub", torch.sub: "sub",
+           operator.mul: "mul", torch.mul: "mul", operator.imul: "mul"}
+
+
+def tiles_for(rows: int, tiles: int) -> int:
+    """The tile count used for `tiles` on a chain whose output has `rows` rows."""
+    return max(1, min(tiles, rows // MIN_TILE_ROWS))
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Graph nodes `nodes` (graph order) reading the outside values `inputs`; only the
+    last node's value is used after it."""
+
+    nodes: tuple[str, ...]
+    inputs: tuple[str, ...]
+
+    @property
+    def output(self) -> str:
+        return self.nodes[-1]
+
+
+def _integer_factor(scale) -> int | None:
+    factors = set(scale) if isinstance(scale, (tuple, list)) else {scale}
+    if len(factors) != 1:
+        return None
+    factor = factors.pop()
+    return int(factor) if isinstance(factor, (int, float)) and float(factor).is_integer() and factor >= 1 else None
+
+
+def _upsample(scale, size, mode, align_corners) -> tuple | None:
+    factor = _integer_factor(scale) if size is None and scale is not None else None
+    if factor is None or mode not in ("nearest", "bilinear") or (mode == "bilinear" and align_corners):
+        return None
+    return ("upsample", None, (factor, mode))
+
+
+def _local(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
+    """(op, module or None, config) of a spatially local node, or None."""
+    pair = row_split_ops._pair
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        kind = type(module)
+        if kind is nn.Conv2d and module.padding_mode in ("zeros", "reflect", "replicate"):
+            return ("conv", module, ())
+        if kind is nn.BatchNorm2d:
+            return ("bn", module, ())
+        if kind is nn.MaxPool2d and not module.ceil_mode and not module.return_indices:
+            stride = module.stride or module.kernel_size
+            return ("max_pool", None, (pair(module.kernel_size), pair(stride), pair(module.padding), pair(module.dilation)))
+        if kind is nn.AvgPool2d and not module.ceil_mode and (module.count_include_pad or pair(module.padding) == (0, 0)):
+            stride = module.stride or module.kernel_size
+            return ("avg_pool", None, (pair(module.kernel_size), pair(stride), pair(module.padding), module.divisor_override))
+        if kind in _ACTIVATION_MODULES:
+            return ("act", None, _ACTIVATION_MODULES[kind](module))
+        if kind is nn.Upsample:
+            return _upsample(module.scale_factor, module.size, module.mode, module.align_corners)
+        return None
+    if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1:
+        return ("act", None, ("relu",))
+    if node.op != "call_function":
+        return None
+    if node.target in _ACTIVATION_FUNCTIONS:
+        name = _ACTIVATION_FUNCTIONS[node.target]
+        if name == "leaky_relu":
+            slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+            return ("act", None, ("leaky_relu", slope)) if isinstance(slope, float) else None
+        return ("act", None, (name,)) if len(node.args) == 1 else None
+    if node.target in _BINARY and len(node.args) == 2 and not node.kwargs:
+        left, right = node.args
+        tensors = [isinstance(a, fx.Node) for a in (left, right)]
+        if all(tensors):
+            return (_BINARY[node.target], None, ())
+        number = right if tensors[0] else left
+        if isinstance(number, (int, float)) and not isinstance(number, bool) and any(tensors):
+            return (_BINARY[node.target], None, (number, tensors[0]))
+        return None
+    if node.target is torch.cat:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        return ("cat", None, ()) if dim == 1 and isinstance(node.args[0], (list, tuple)) else None
+    if node.target is F.interpolate:
+        names = ("input", "size", "scale_factor", "mode", "align_corners")
+        bound = {**dict(zip(names, node.args)), **node.kwargs}
+        return _upsample(bound.get("scale_factor"), bound.get("size"), bound.get("mode", "nearest"), bound.get("align_corners"))
+    return None
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    if node.op == "call_function" and node.target is torch.cat:
+        return list(node.args[0])
+    return [a for a in node.args if isinstance(a, fx.Node)]
+
+
+def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple[str, ...] = (),
+           granularity: str = "block") -> list[Chain]:
+    """Candidate chains, disjoint, in graph order, of at least two nodes with a
+    convolution or pooling among them, at most `MAX_NODES` nodes and `MAX_NORMS`
+    BatchNorms, and an output of at least two tiles of `MIN_TILE_ROWS` rows. `shapes[name]` is each node's output shape
+    (a 4-D tensor's or else anything). A node that changes its input in place joins
+    only where nothing reads that input after it; two-tensor arithmetic needs equal
+    shapes."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+    position = {n: i for i, n in enumerate(nodes)}
+    end = len(nodes)
+
+    def fits(node: fx.Node) -> bool:
+        found = _local(gm, node)
+        if found is None or node.op == "call_module" and node.target in opaque:
+            return False
+        args = _tensor_args(node)
+        if len(shapes.get(node.name, ())) != 4 or not args or any(len(shapes.get(a.name, ())) != 4 for a in args):
+            return False
+        if found[0] in ("add", "sub", "mul") and len(args) == 2 and shapes[args[0].name] != shapes[args[1].name]:
+            return False
+        if _mutates_an_input(gm, node):
+            later = [position.get(u, end) for u in args[0].users if u is not node]
+            return not any(p > position[node] for p in later)
+        return True
+
+    found: list[Chain] = []
+    i = 0
+    while i < end:
+        if not fits(nodes[i]):
+            i += 1
+            continue
+        j, closed, norms = i, None, 0
+        while j < end and fits(nodes[j]) and j - i < MAX_NODES:
+            norms += _local(gm, nodes[j])[0] == "bn"
+            if norms > MAX_NORMS:
+                break
+            run = set(nodes[i:j + 1])
+            escaping = {m for m in run if any(u not in run for u in m.users)}
+            following = nodes[j + 1] if j + 1 < end else None
+            if escaping == {nodes[j]} and (granularity == "whole" or _ends_scope(nodes[j], following)):
+                closed = j
+                windows = sum(_local(gm, m)[0] in ("conv", "max_pool", "avg_pool") for m in nodes[i:j + 1])
+                if granularity == "block" and windows >= 2:
+                    break  # the first module call's end after two convolutions or poolings
+            j += 1
+        if closed is None:
+            i += 1
+            continue
+        run = nodes[i:closed + 1]
+        members = set(run)
+        kinds = {_local(gm, m)[0] for m in run}
+        if len(run) >= 2 and kinds & {"conv", "max_pool", "avg_pool"} and tiles_for(shapes[run[-1].name][2], 2) == 2:
+            outside = list(dict.fromkeys(a for m in run for a in _tensor_args(m) if a not in members))
+            found.append(Chain(tuple(m.name for m in run), tuple(a.name for a in outside)))
+        i = closed + 1
+    return found
+
+
+def steps_of(gm: fx.GraphModule, chain: Chain) -> tuple[tuple, list[str]]:
+    """The chain as `row_split_ops` steps, and the module paths they index."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    index = {name: i for i, name in enumerate(chain.nodes)}
+    external = {name: -1 - i for i, name in enumerate(chain.inputs)}
+    steps, paths = [], []
+    for name in chain.nodes:
+        node = by_name[name]
+        op, module, config = _local(gm, node)
+        refs = tuple(index[a.name] if a.name in index else external[a.name] for a in _tensor_args(node))
+        slot = None
+        if module is not None:
+            paths.append(node.target)
+            slot = len(paths) - 1
+        steps.append((op, refs, slot, config))
+    return tuple(steps), paths
+
+
+def apply(gm: fx.GraphModule, chosen: dict[str, int], all_chains: list[Chain]) -> fx.GraphModule:
+    """A new GraphModule where each chain named in `chosen` (output node -> tiles) runs
+    as `row_split_ops.tiled_chain`. `gm` is not modified; parameters are shared."""
+    from passes.compress import _fresh
+    from passes.recompute import replace_runs
+
+    by_output = {c.output: c for c in all_chains if c.output in chosen}
+    unknown = [name for name in chosen if name not in by_output]
+    if unknown:
+        raise ValueError(f"row_split: {unknown} are not outputs of this graph's chains")
+    taken = {n.name for n in gm.graph.nodes}
+
+    def call(new: fx.GraphModule, graph: fx.Graph, chain: Chain, value) -> fx.Node:
+        steps, paths = steps_of(gm, chain)
+        modules = []
+        for k, path in enumerate(paths):  # each module handed over whole (get_attr), as compress does
+            modules.append(graph.create_node("get_attr", path, name=_fresh(f"{chain.output}_module{k}", taken)))
+            taken.add(modules[-1].name)
+        inputs = tuple(value(n) for n in chain.inputs)
+        node = graph.create_node("call_function", row_split_ops.tiled_chain,
+                                 (steps, chosen[chain.output], inputs, tuple(modules)), name=chain.output)
+        node.meta["rewriter"] = {"strategy": "row_split", "tiles": chosen[chain.output], "nodes": chain.nodes}
+        return node
+
+    return replace_runs(gm, list(by_output.values()), call)

@@ -1,0 +1,448 @@
+"""Row-split's runtime: a chain of spatially local ops run tile by tile along H.
+
+A chain is described by `steps`, plain tuples so that it prints in exported code:
+`(op, inputs, module, config)`, where `inputs` index earlier steps (>= 0) or the
+chain's external inputs (-1 - i), `module` indexes the modules handed to
+`tiled_chain` (or is None) and `config` holds the op's constants:
+
+  ("conv", (i,), m, ())                    Conv2d module (zeros, reflect or replicate padding)
+  ("max_pool", (i,), None, (k, s, p, d))   max pooling; pairs (H, W), ceil_mode off
+  ("avg_pool", (i,), None, (k, s, p, divisor))  average pooling counting the padding
+  ("bn", (i,), m, ())                      BatchNorm2d module
+  ("act", (i,), None, (name, *args))       an elementwise activation (see `_ACTIVATIONS`)
+  ("add" | "sub" | "mul", (i, j), None, ())          two tensors of one shape
+  ("add" | "sub" | "mul", (i,), None, (scalar, first))  a tensor and a number (first: the tensor is the left operand)
+  ("cat", (i, j, ...), None, ())           concatenation along channels
+  ("upsample", (i,), None, (factor, mode)) integer factor, "nearest" or "bilinear" (align_corners off)
+
+The last step is the chain's output. Every op maps a range of output rows to the
+range of input rows it reads (its receptive field along H, stride and dilation
+included); a tile evaluates each step on exactly the rows it needs, padding (zeros,
+reflection, replication, -inf for max pooling) only at the true image border, so
+each tile's rows equal the whole tensor's.
+
+BatchNorm in training mode needs statistics over the whole tensor: `_Statistics`
+sweeps the tiles once per BatchNorm to sum its input (float64), the running
+statistics are updated once, and the normalisation is elementwise with those
+statistics as inputs, so autograd carries the two global reductions of BatchNorm's
+backward through them. Backward of both Functions splits the gradient it receives
+into disjoint row tiles, recomputes each tile's chain and backpropagates through it,
+summing the input gradient's overlapping halo rows: nothing but the chain's inputs
+and the statistics is kept between forward and backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+
+__all__ = ["tiled_chain", "TiledPlan", "output_rows", "rows_computed", "tile_bounds"]
+
+_ACTIVATIONS = {
+    "relu": F.relu, "relu6": F.relu6, "leaky_relu": F.leaky_relu, "hardtanh": F.hardtanh, "elu": F.elu,
+    "gelu": lambda x, approximate="none": F.gelu(x, approximate=approximate), "silu": F.silu,
+    "sigmoid": torch.sigmoid, "tanh": torch.tanh, "hardswish": F.hardswish, "identity": lambda x: x,
+}
+_BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul}
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"}
+
+
+def tile_bounds(rows: int, tiles: int) -> list[tuple[int, int]]:
+    """`rows` cut into `tiles` disjoint ranges of near-equal size (fewer if rows are few)."""
+    tiles = max(1, min(tiles, rows))
+    cuts = [round(i * rows / tiles) for i in range(tiles + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _sweep_bounds(plan: "TiledPlan", target: int, tiles: int, tensors) -> list[tuple[int, int]]:
+    """The tiles of `target`'s rows to run. On fake tensors (the cost model's profile)
+    one tile per distinct set of row counts: tiles alike in every step's rows allocate
+    and free alike, so the rest would only repeat their memory events."""
+    bounds = tile_bounds(plan.height(target), tiles)
+    if not any(isinstance(t, FakeTensor) for t in tensors):
+        return bounds
+    seen, kept = set(), []
+    for a, b in bounds:
+        shape = tuple(sorted((ref, hi - lo) for ref, (lo, hi) in plan.needs(target, a, b).items()))
+        if shape not in seen:
+            seen.add(shape)
+            kept.append((a, b))
+    return kept
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _conv_geometry(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int]]:
+    """Kernel (H, W) and dilation (H, W) of a conv, and its padding (left, right, top, bottom)."""
+    kernel, dilation = _pair(conv.kernel_size), _pair(conv.dilation)
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return kernel, dilation, (0, 0, 0, 0)
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        return kernel, dilation, (totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2)
+    pad = _pair(conv.padding)
+    return kernel, dilation, (pad[1], pad[1], pad[0], pad[0])
+
+
+def _window(step: tuple, modules) -> tuple[int, int, int, int, int] | None:
+    """(kernel, stride, dilation, top pad, bottom pad) along H of a windowed op, else None."""
+    op, _, module, config = step
+    if op == "conv":
+        conv = modules[module]
+        kernel, dilation, pad = _conv_geometry(conv)
+        return kernel[0], _pair(conv.stride)[0], dilation[0], pad[2], pad[3]
+    if op == "max_pool":
+        k, s, p, d = config
+        return k[0], s[0], d[0], p[0], p[0]
+    if op == "avg_pool":
+        k, s, p, _ = config
+        return k[0], s[0], 1, p[0], p[0]
+    return None
+
+
+def output_rows(steps, modules, heights: list[int]) -> list[int]:
+    """Each step's output height, from the external inputs' heights."""
+    rows: list[int] = []
+    for step in steps:
+        first = step[1][0]
+        h = heights[-1 - first] if first < 0 else rows[first]
+        window = _window(step, modules)
+        if window is not None:
+            k, s, d, top, bottom = window
+            h = (h + top + bottom - d * (k - 1) - 1) // s + 1
+        elif step[0] == "upsample":
+            h = h * step[3][0]
+        rows.append(h)
+    return rows
+
+
+class TiledPlan:
+    """The chain's steps with its modules and heights: which rows each step needs for a
+    range of another step's rows, and the evaluation of a step on a range of rows."""
+
+    def __init__(self, steps, modules, heights: list[int]):
+        self.steps, self.modules, self.heights = steps, modules, heights
+        self.rows = output_rows(steps, modules, heights)
+        self.norms = [i for i, step in enumerate(steps) if step[0] == "bn"]
+
+    def height(self, ref: int) -> int:
+        return self.heights[-1 - ref] if ref < 0 else self.rows[ref]
+
+    def _reads(self, index: int, a: int, b: int) -> list[tuple[int, int, int]]:
+        """(input ref, lo, hi): the rows of each input step `index` reads for its rows [a, b);
+        lo and hi may pass the input's border (padding), by at most its padding."""
+        op, inputs, module, config = self.steps[index]
+        window = _window(self.steps[index], self.modules)
+        if window is not None:
+            k, s, d, top, bottom = window
+            lo, hi = a * s - top, (b - 1) * s - top + d * (k - 1) + 1
+            size = self.height(inputs[0])
+            if op == "conv" and self.modules[module].padding_mode == "reflect":
+                hi = max(hi, min(-lo + 1, size)) if lo < 0 else hi  # reflection needs pad + 1 rows
+                if hi > size:
+                    lo = min(lo, max(lo - s * math.ceil((lo - (2 * size - hi - 1)) / s), -top))
+            return [(inputs[0], lo, hi)]
+        if op == "upsample":
+            factor, mode = config
+            size = self.height(inputs[0])
+            if mode == "nearest":
+                return [(inputs[0], a // factor, (b - 1) // factor + 1)]
+            source = lambda o: max((o + 0.5) / factor - 0.5, 0.0)  # noqa: E731 - PyTorch's align_corners=False
+            return [(inputs[0], math.floor(source(a)), min(math.floor(source(b - 1)) + 2, size))]
+        return [(ref, a, b) for ref in inputs]
+
+    def needs(self, target: int, a: int, b: int) -> dict[int, tuple[int, int]]:
+        """The rows of every step and external input (keys < 0) that rows [a, b) of step
+        `target` depend on, clipped to each one's height."""
+        needed = {target: (a, b)}
+        for index in range(target, -1, -1):
+            if index not in needed:
+                continue
+            for ref, lo, hi in self._reads(index, *needed[index]):
+                lo, hi = max(lo, 0), min(hi, self.height(ref))
+                if ref in needed:
+                    lo, hi = min(lo, needed[ref][0]), max(hi, needed[ref][1])
+                needed[ref] = (lo, hi)
+        return needed
+
+    def evaluate(self, target: int, a: int, b: int, inputs, stats, weights) -> torch.Tensor:
+        """Rows [a, b) of step `target`. `inputs[i]`: (tensor, first row it holds) per
+        external input; `stats[j]`: (mean, var) of the j-th BatchNorm; `weights[m]`:
+        (weight, bias) of module m."""
+        needed = self.needs(target, a, b)
+        values = {-1 - i: inputs[i] for i in range(len(inputs)) if -1 - i in needed}
+        last_use = {}
+        for index in range(target + 1):
+            if index in needed:
+                for ref in self.steps[index][1]:
+                    last_use[ref] = index
+        for index in range(target + 1):
+            if index not in needed:
+                continue
+            values[index] = (self._step(index, *needed[index], values, stats, weights), needed[index][0])
+            for ref in self.steps[index][1]:
+                if last_use.get(ref) == index and ref != target:
+                    values.pop(ref, None)
+        return values[target][0]
+
+    def _rows(self, values, ref: int, lo: int, hi: int) -> torch.Tensor:
+        tensor, start = values[ref]
+        return tensor[:, :, lo - start:hi - start]
+
+    def _step(self, index: int, a: int, b: int, values, stats, weights) -> torch.Tensor:
+        op, inputs, module, config = self.steps[index]
+        reads = self._reads(index, a, b)
+        window = _window(self.steps[index], self.modules)
+        if window is not None:
+            ref, lo, hi = reads[0]
+            size = self.height(ref)
+            x = self._rows(values, ref, max(lo, 0), min(hi, size))
+            top, bottom = max(0, -lo), max(0, hi - size)
+            if op == "conv":
+                conv = self.modules[module]
+                _, dilation, pad = _conv_geometry(conv)
+                x = F.pad(x, (pad[0], pad[1], top, bottom), mode=_PAD_MODES[conv.padding_mode])
+                out = F.conv2d(x, *weights[module], _pair(conv.stride), 0, dilation, conv.groups)
+            elif op == "max_pool":
+                k, s, p, d = config
+                x = F.pad(x, (p[1], p[1], top, bottom), value=-math.inf)
+                out = F.max_pool2d(x, k, s, 0, d)
+            else:
+                k, s, p, divisor = config
+                out = F.avg_pool2d(F.pad(x, (p[1], p[1], top, bottom)), k, s, 0, False, True, divisor)
+            skip = (a * window[1] - window[3] - lo) // window[1]  # rows before a (reflection reads more)
+            return out[:, :, skip:skip + b - a]
+        if op == "upsample":
+            ref, lo, hi = reads[0]
+            factor, mode = config
+            x = self._rows(values, ref, lo, hi)
+            out = F.interpolate(x, scale_factor=factor, mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
+            return out[:, :, a - lo * factor:b - lo * factor]
+        xs = [self._rows(values, ref, lo, hi) for ref, lo, hi in reads]
+        if op == "bn":
+            bn = self.modules[module]
+            mean, var = stats[self.norms.index(index)]
+            shape = (1, -1, 1, 1)
+            out = (xs[0] - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+            weight, bias = weights[module]
+            if weight is not None:
+                out = out * weight.view(shape) + bias.view(shape)
+            return out
+        if op == "act":
+            return _ACTIVATIONS[config[0]](xs[0], *config[1:])
+        if op == "cat":
+            return torch.cat(xs, dim=1)
+        if len(xs) == 2:
+            return _BINARY[op](*xs)
+        scalar, first = config
+        return _BINARY[op](xs[0], scalar) if first else _BINARY[op](torch.as_tensor(scalar, dtype=xs[0].dtype), xs[0])
+
+    def flops_rows(self, target: int, bounds: list[tuple[int, int]]) -> list[int]:
+        """Rows of each step computed over all tiles of `target` (halos counted each time)."""
+        computed = [0] * len(self.steps)
+        for a, b in bounds:
+            for ref, (lo, hi) in self.needs(target, a, b).items():
+                if ref >= 0:
+                    computed[ref] += hi - lo
+        return computed
+
+
+def rows_computed(steps, modules, heights: list[int], tiles: int) -> tuple[list[int], list[int]]:
+    """Per step: rows computed by one tiled forward of the whole chain, and its height."""
+    plan = TiledPlan(steps, modules, heights)
+    return plan.flops_rows(len(steps) - 1, tile_bounds(plan.rows[-1], tiles)), plan.rows
+
+
+def _weights(plan: TiledPlan) -> tuple[list, list[torch.Tensor]]:
+    """(weight, bias) per module index, and the flat list of those that are tensors."""
+    pairs, flat = [], []
+    for module in plan.modules:
+        pair = (getattr(module, "weight", None), getattr(module, "bias", None))
+        pairs.append(pair)
+        flat += [t for t in pair if t is not None]
+    return pairs, flat
+
+
+def _rebuild(pairs, flat) -> list:
+    """`pairs` with their tensors replaced, in order, by those of `flat`."""
+    it = iter(flat)
+    return [tuple(None if t is None else next(it) for t in pair) for pair in pairs]
+
+
+class _Sweep:
+    """What both Functions share: the tiles of one target step, evaluated without grad in
+    forward and recomputed with grad in backward."""
+
+    @staticmethod
+    def unpack(ctx_values, counts):
+        inputs_n, stats_n = counts
+        inputs = ctx_values[:inputs_n]
+        stats = ctx_values[inputs_n:inputs_n + stats_n]
+        weights = ctx_values[inputs_n + stats_n:]
+        return list(inputs), [tuple(stats[i:i + 2]) for i in range(0, len(stats), 2)], list(weights)
+
+    @staticmethod
+    def backward_tiles(plan: TiledPlan, target: int, tiles: int, inputs, stats, weights, pairs, grad_of_tile):
+        """Input, statistics and weight gradients, summed over disjoint tiles of `target`'s
+        rows; `grad_of_tile(out, a, b)` gives the gradient of rows [a, b)."""
+        grads_in = [torch.zeros_like(x) if x.requires_grad else None for x in inputs]
+        grads_stats = [torch.zeros_like(s) if s.requires_grad else None for pair in stats for s in pair]
+        grads_w = [torch.zeros_like(w) if w.requires_grad else None for w in weights]
+        for a, b in _sweep_bounds(plan, target, tiles, inputs):
+            needed = plan.needs(target, a, b)
+            with torch.enable_grad():
+                pieces = []
+                for i, x in enumerate(inputs):
+                    lo, hi = needed.get(-1 - i, (0, 0))
+                    pieces.append((x[:, :, lo:hi].detach().requires_grad_(x.requires_grad), lo))
+                leaf_stats = [tuple(s.detach().requires_grad_(s.requires_grad) for s in pair) for pair in stats]
+                leaf_weights = [w.detach().requires_grad_(w.requires_grad) for w in weights]
+                out = plan.evaluate(target, a, b, pieces, leaf_stats, _rebuild(pairs, leaf_weights))
+                leaves = [p for p, _ in pieces] + [s for pair in leaf_stats for s in pair] + leaf_weights
+                wanted = [leaf for leaf in leaves if leaf.requires_grad]
+                if not out.requires_grad:  # a BatchNorm at the start of the chain, on an input without grad
+                    break
+                found = iter(torch.autograd.grad(out, wanted, grad_of_tile(out, a, b), allow_unused=True))
+            for i, (piece, lo) in enumerate(pieces):
+                if piece.requires_grad:
+                    g = next(found)
+                    if g is not None:
+                        grads_in[i][:, :, lo:lo + piece.shape[2]] += g
+            for bucket in (grads_stats, grads_w):
+                for j, total in enumerate(bucket):
+                    if total is not None:
+                        g = next(found)
+                        if g is not None:
+                            total += g
+        return grads_in, grads_stats, grads_w
+
+
+class _Tiled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: TiledPlan, tiles: int, counts, *tensors):
+        inputs, stats, weights = _Sweep.unpack(tensors, counts)
+        pairs, _ = _weights(plan)
+        target = len(plan.steps) - 1
+        out = None
+        for a, b in _sweep_bounds(plan, target, tiles, inputs):
+            needed = plan.needs(target, a, b)
+            pieces = [(x[:, :, slice(*needed.get(-1 - i, (0, 0)))], needed.get(-1 - i, (0, 0))[0]) for i, x in enumerate(inputs)]
+            tile = plan.evaluate(target, a, b, pieces, stats, _rebuild(pairs, weights))
+            if out is None:
+                out = tile.new_empty((tile.shape[0], tile.shape[1], plan.rows[target], tile.shape[3]))
+            out[:, :, a:b] = tile
+        ctx.save_for_backward(*tensors)
+        ctx.plan, ctx.tiles, ctx.counts = plan, tiles, counts
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs, stats, weights = _Sweep.unpack(ctx.saved_tensors, ctx.counts)
+        pairs, _ = _weights(ctx.plan)
+        grads = _Sweep.backward_tiles(ctx.plan, len(ctx.plan.steps) - 1, ctx.tiles, inputs, stats, weights, pairs,
+                                      lambda out, a, b: grad[:, :, a:b])
+        return (None, None, None, *grads[0], *grads[1], *grads[2])
+
+
+class _Statistics(torch.autograd.Function):
+    """Batch mean and biased variance of a BatchNorm's input, over tiles."""
+
+    @staticmethod
+    def forward(ctx, plan: TiledPlan, norm: int, tiles: int, counts, *tensors):
+        inputs, stats, weights = _Sweep.unpack(tensors, counts)
+        pairs, _ = _weights(plan)
+        target = plan.steps[norm][1][0]
+        total = squares = None
+        count = 0
+        for a, b in _sweep_bounds(plan, target, tiles, inputs):
+            needed = plan.needs(target, a, b)
+            pieces = [(x[:, :, slice(*needed.get(-1 - i, (0, 0)))], needed.get(-1 - i, (0, 0))[0]) for i, x in enumerate(inputs)]
+            z = plan.evaluate(target, a, b, pieces, stats, _rebuild(pairs, weights)).double()
+            total = z.sum((0, 2, 3)) if total is None else total + z.sum((0, 2, 3))
+            squares = (z * z).sum((0, 2, 3)) if squares is None else squares + (z * z).sum((0, 2, 3))
+            count = count + z.shape[0] * z.shape[2] * z.shape[3]
+        mean = total / count
+        var = (squares / count - mean * mean).clamp_min(0)
+        dtype = inputs[0].dtype
+        ctx.save_for_backward(*tensors, mean.to(dtype))
+        ctx.plan, ctx.norm, ctx.tiles, ctx.counts, ctx.count = plan, norm, tiles, counts, count
+        return mean.to(dtype), var.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_var):
+        *tensors, mean = ctx.saved_tensors
+        inputs, stats, weights = _Sweep.unpack(tensors, ctx.counts)
+        pairs, _ = _weights(ctx.plan)
+        shape = (1, -1, 1, 1)
+        gm = torch.zeros_like(mean) if grad_mean is None else grad_mean
+        gv = torch.zeros_like(mean) if grad_var is None else grad_var
+
+        def grad_of_tile(z, a, b):  # d mean / dz = 1/N, d var / dz = 2 (z - mean) / N
+            return (gm.view(shape) + 2 * gv.view(shape) * (z.detach() - mean.view(shape))) / ctx.count
+
+        grads = _Sweep.backward_tiles(ctx.plan, ctx.plan.steps[ctx.norm][1][0], ctx.tiles, inputs, stats, weights, pairs,
+                                      grad_of_tile)
+        return (None, None, None, None, *grads[0], *grads[1], *grads[2])
+
+
+def tiled_chain(steps: tuple, tiles: int, inputs: tuple, modules: tuple) -> torch.Tensor:
+    """The chain's output, computed `tiles` row tiles at a time (see the module doc)."""
+    plan = TiledPlan(steps, modules, [x.shape[2] for x in inputs])
+    pairs, weights = _weights(plan)
+    stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for index in plan.norms:
+        bn = modules[steps[index][2]]
+        if bn.training or bn.running_mean is None:
+            counts = (len(inputs), 2 * len(stats))
+            flat = [t for pair in stats for t in pair]
+            mean, var = _Statistics.apply(plan, index, tiles, counts, *inputs, *flat, *weights)
+            if bn.training and bn.running_mean is not None:
+                _update_running(bn, mean.detach(), var.detach(), _count(plan, index, inputs))
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        stats.append((mean, var))
+    flat = [t for pair in stats for t in pair]
+    return _Tiled.apply(plan, tiles, (len(inputs), len(flat)), *inputs, *flat, *weights)
+
+
+def _count(plan: TiledPlan, index: int, inputs) -> int:
+    """Values per channel of the BatchNorm at step `index`: batch x height x width."""
+    target = plan.steps[index][1][0]
+    return inputs[0].shape[0] * plan.height(target) * _width(plan, target, inputs)
+
+
+def _width(plan: TiledPlan, target: int, inputs) -> int:
+    """The width of a step's output: the inputs' width through the ops' windows."""
+    def width_of(ref: int) -> int:
+        if ref < 0:
+            return inputs[-1 - ref].shape[3]
+        step = plan.steps[ref]
+        w = width_of(step[1][0])
+        if step[0] == "conv":
+            conv = plan.modules[step[2]]
+            kernel, dilation, pad = _conv_geometry(conv)
+            return (w + pad[0] + pad[1] - dilation[1] * (kernel[1] - 1) - 1) // _pair(conv.stride)[1] + 1
+        if step[0] in ("max_pool", "avg_pool"):
+            k, s, p = step[3][0], step[3][1], step[3][2]
+            d = step[3][3] if step[0] == "max_pool" else (1, 1)
+            return (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+        if step[0] == "upsample":
+            return w * step[3][0]
+        return w
+    return width_of(target)
+
+
+def _update_running(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor, count) -> None:
+    """Running statistics as BatchNorm's own training forward updates them, once."""
+    with torch.no_grad():
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        bn.running_var.mul_(1 - factor).add_(var * (count / (count - 1)), alpha=factor)

@@ -1,0 +1,234 @@
+"""Row-split: chains of spatially local layers run tile by tile, exact to eager."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rewriter
+from examples.zoo import ZOO
+from passes import row_split
+from passes.row_split_ops import TiledPlan, tile_bounds
+from rewriter.measure import measure_peak
+from rewriter.trace import capture
+
+
+def _weighted(output):
+    """A loss whose gradient varies over the output (a plain sum would give BatchNorm a
+    near-constant gradient, whose backward cancels almost to nothing)."""
+    return (output * output).sum() / 2
+
+
+class Strided(nn.Module):
+    """Odd sizes, stride 2, groups, dilation, reflect/replicate padding and 'same', BatchNorm inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2, bias=False)
+        self.c = nn.Conv2d(8, 8, 3, padding=2, dilation=2, padding_mode="reflect")
+        self.d = nn.Conv2d(8, 6, (5, 3), padding="same", padding_mode="replicate")
+        self.bn2 = nn.BatchNorm2d(6, momentum=None)
+
+    def forward(self, x):
+        y = F.leaky_relu(self.b(F.relu(self.bn(self.a(x)))), 0.1)
+        return self.bn2(self.d(torch.relu(self.c(y))))
+
+
+class Pooled(nn.Module):
+    """Max and average pooling with padding, nearest and bilinear upsampling."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear")
+        self.avg = nn.AvgPool2d(3, 1, 1)
+        self.c = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = self.up(torch.sigmoid(self.b(self.pool(self.a(x)))))
+        y = F.interpolate(self.avg(y), scale_factor=2, mode="nearest")
+        return self.c(F.max_pool2d(y, 2))
+
+
+class Joined(nn.Module):
+    """A residual add, a scalar multiply and a channel concatenation inside the chain;
+    an in-place ReLU; two external inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.c = nn.Conv2d(7, 5, 3, padding=1)
+
+    def forward(self, x, skip):
+        y = self.relu(self.bn(self.a(x)))
+        y = self.b(y) * 0.5 + x
+        return self.c(torch.cat([y, skip], dim=1))
+
+
+class NormFirst(nn.Module):
+    """A chain that begins with BatchNorm: its statistics are the input's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(self.bn(x)))
+
+
+def _chains(gm, inputs, granularity="whole"):
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    probe = copy.deepcopy(gm)  # shape propagation runs the forward: BatchNorm statistics must not move
+    ShapeProp(probe).propagate(*inputs)
+    shapes = {n.name: tuple(n.meta["tensor_meta"].shape) for n in probe.graph.nodes if hasattr(n.meta.get("tensor_meta"), "shape")}
+    return row_split.chains(gm, shapes, (), granularity)
+
+
+def _step(model, inputs, loss=_weighted):
+    torch.manual_seed(0)
+    out = model(*inputs)
+    loss(out).backward()
+    return out.detach()
+
+
+def _assert_trains_alike(model, inputs, tiles, granularity="whole", rtol=1e-4, atol=1e-3):
+    """Outputs (to 1e-5), every gradient and buffer as eager's. Float32 gradients here
+    reach about 200, summed in another order: 1e-3 absolute is 5e-6 of that scale, and
+    a conv bias before BatchNorm has a zero gradient up to that rounding."""
+    eager, ours = copy.deepcopy(model), copy.deepcopy(model)
+    found = _chains(capture(ours).gm, inputs, granularity)
+    assert found, "no chain found"
+    tiled = row_split.apply(capture(ours).gm, {c.output: tiles for c in found}, found)
+    assert any(n.meta.get("rewriter", {}).get("strategy") == "row_split" for n in tiled.graph.nodes)
+    expected, got = _step(eager, inputs), _step(tiled, inputs)
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=min(atol, 1e-5))
+    for (name, p), q in zip(eager.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=rtol, atol=atol, msg=name)
+    for (name, b), c in zip(eager.named_buffers(), ours.buffers()):
+        torch.testing.assert_close(c, b, msg=name)
+    return found
+
+
+@pytest.mark.parametrize("tiles", [1, 3, 7])
+@pytest.mark.parametrize("build, shapes", [
+    (Strided, [(2, 3, 37, 23)]),
+    (Pooled, [(2, 3, 29, 18)]),
+    (Joined, [(2, 4, 19, 10), (2, 3, 19, 10)]),
+    (NormFirst, [(3, 3, 21, 8)]),
+])
+def test_tiled_chain_trains_like_eager(build, shapes, tiles):
+    torch.manual_seed(0)
+    model = build().train()
+    inputs = [torch.randn(s, generator=torch.Generator().manual_seed(i + 1)) for i, s in enumerate(shapes)]
+    found = _assert_trains_alike(model, inputs, tiles)
+    assert len(found) == 1 and len(found[0].inputs) == len(inputs)
+
+
+def test_batchnorm_running_statistics_updated_once_and_eval_uses_them():
+    torch.manual_seed(0)
+    model = Strided().train()
+    x = torch.randn(2, 3, 37, 23)
+    found = _assert_trains_alike(model, [x], 5)  # buffers compared there, after one step
+    tiled = row_split.apply(capture(model).gm, {c.output: 5 for c in found}, found)
+    tiled(x)
+    assert int(model.bn.num_batches_tracked) == 1
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_tiles_are_disjoint_and_cover_the_rows():
+    assert tile_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    assert tile_bounds(2, 16) == [(0, 1), (1, 2)]
+
+
+def test_halo_of_a_strided_dilated_chain():
+    """Rows [4, 6) of a 3x3 stride-2 conv read rows 7..11 of its input; a 3x3 conv with
+    dilation 2 before it reads 2 more rows on each side, clipped at the border."""
+    first = nn.Conv2d(1, 1, 3, padding=2, dilation=2)
+    second = nn.Conv2d(1, 1, 3, stride=2, padding=1)
+    steps = (("conv", (-1,), 0, ()), ("conv", (0,), 1, ()))
+    plan = TiledPlan(steps, (first, second), [13])
+    assert plan.rows == [13, 7]
+    assert plan.needs(1, 4, 6) == {1: (4, 6), 0: (7, 12), -1: (5, 13)}
+
+
+def test_unet_chains_are_exact_in_float64():
+    zoo = ZOO["unet"]
+    model = zoo.test_model().double()
+    found = _assert_trains_alike(model, [zoo.test_input().double()], 4, granularity="block", rtol=1e-10, atol=1e-10)
+    # the input stage, the encoder stages with their pooling, and decoder stages that
+    # take upsampling, 1x1 convolution and concatenation with the skip (two inputs);
+    # the 8x8 maps of the deepest stages are too small for two tiles of 8 rows
+    assert len(found) == 6 and {len(c.inputs) for c in found} == {1, 2}
+    assert any({"up_2", "cat_2"} <= set(c.nodes) for c in found)
+
+
+@pytest.fixture(scope="module")
+def highres():
+    """The high-resolution zoo model at a quarter of its baseline peak: less than three of
+    its full-size feature maps, and below what recompute, invert and compress reach."""
+    zoo = ZOO["highres_fcn"]
+    model, x = zoo.test_model(), zoo.test_input()
+    baseline = measure_peak(model, x, _weighted)
+    budget = baseline // 4
+    feature_map = 8 * 128 * 128 * 4
+    assert budget < 3 * feature_map
+    with pytest.raises(rewriter.BudgetError):
+        rewriter.optimize(model, budget, x, strategies=("recompute", "invert", "compress"), loss_fn=_weighted)
+    return model, x, budget, rewriter.optimize(model, budget, x, loss_fn=_weighted)
+
+
+def test_highres_fits_where_recompute_cannot(highres):
+    model, x, budget, opt = highres
+    measured = measure_peak(opt, x, _weighted)
+    assert opt.plan.row_split and measured <= budget
+    assert abs(measured - opt.plan.predicted_peak_bytes) <= 4  # a 4-byte scalar of the loss, as elsewhere
+    eager = copy.deepcopy(model)
+    expected, got = _step(eager, [x]), _step(opt, [x])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), model.parameters()):
+        # conv biases before BatchNorm have a zero gradient up to rounding (about 2e-4 here)
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-3, msg=name)
+    for (name, b), c in zip(eager.named_buffers(), model.buffers()):
+        torch.testing.assert_close(c, b, msg=name)
+
+
+def test_row_split_plan_round_trips_applies_and_exports(highres, tmp_path):
+    model, x, _, opt = highres
+    plan = rewriter.Plan.from_json(opt.plan.to_json())
+    assert plan == opt.plan
+    output, tiles, halo = plan.row_split[0]
+    assert tiles in row_split.TILES and 0 < halo < 1
+    assert f"{tiles} row tiles" in str(plan)
+    again = rewriter.apply_plan(model, plan)
+    rewriter.save(opt, tmp_path)
+    loaded = rewriter.load(tmp_path)
+    assert "import passes" not in (tmp_path / "module.py").read_text()
+    with torch.no_grad():
+        reference = opt(x)
+        torch.testing.assert_close(again(x), reference, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), reference, rtol=0, atol=0)
+
+
+def test_row_split_alone_fits_and_names_its_minimum():
+    zoo = ZOO["highres_fcn"]
+    model, x = zoo.test_model(), zoo.test_input()
+    baseline = measure_peak(model, x)
+    opt = rewriter.optimize(model, baseline // 3, x, strategies="row_split")
+    assert opt.plan.row_split and not opt.plan.segments and measure_peak(opt, x) <= baseline // 3
+    with pytest.raises(rewriter.BudgetError) as caught:
+        rewriter.optimize(model, baseline // 100, x, strategies="row_split")
+    assert baseline // 100 < caught.value.minimum_bytes < baseline // 3
+    assert measure_peak(rewriter.optimize(model, caught.value.minimum_bytes, x, strategies="row_split"), x) <= caught.value.minimum_bytes
