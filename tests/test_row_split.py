@@ -187,7 +187,7 @@ def highres():
     assert budget < 3 * feature_map
     with pytest.raises(rewriter.BudgetError):
         rewriter.optimize(model, budget, x, strategies=("recompute", "invert", "compress"), loss_fn=_weighted)
-    return model, x, budget, rewriter.optimize(model, budget, x, loss_fn=_weighted)
+    return model, x, budget, rewriter.optimize(model, budget, x, loss_fn=_weighted, strategies=rewriter.pipeline.STRATEGIES)
 
 
 def test_highres_fits_where_recompute_cannot(highres):
