@@ -148,9 +148,10 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
     nodes = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
     position = {n: i for i, n in enumerate(nodes)}
     end = len(nodes)
+    local = {n: _local(gm, n) for n in nodes}
 
     def fits(node: fx.Node) -> bool:
-        found = _local(gm, node)
+        found = local[node]
         if found is None or node.op == "call_module" and node.target in opaque:
             return False
         args = _tensor_args(node)
@@ -171,7 +172,7 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
             continue
         j, closed, norms = i, None, 0
         while j < end and fits(nodes[j]) and j - i < MAX_NODES:
-            norms += _local(gm, nodes[j])[0] == "bn"
+            norms += local[nodes[j]][0] == "bn"
             if norms > MAX_NORMS:
                 break
             run = set(nodes[i:j + 1])
@@ -179,7 +180,7 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
             following = nodes[j + 1] if j + 1 < end else None
             if escaping == {nodes[j]} and (granularity == "whole" or _ends_scope(nodes[j], following)):
                 closed = j
-                windows = sum(_local(gm, m)[0] in ("conv", "max_pool", "avg_pool") for m in nodes[i:j + 1])
+                windows = sum(local[m][0] in ("conv", "max_pool", "avg_pool") for m in nodes[i:j + 1])
                 if granularity == "block" and windows >= 2:
                     break  # the first module call's end after two convolutions or poolings
             j += 1
@@ -188,7 +189,7 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
             continue
         run = nodes[i:closed + 1]
         members = set(run)
-        kinds = {_local(gm, m)[0] for m in run}
+        kinds = {local[m][0] for m in run}
         if len(run) >= 2 and kinds & {"conv", "max_pool", "avg_pool"} and tiles_for(shapes[run[-1].name][2], 2) == 2:
             outside = list(dict.fromkeys(a for m in run for a in _tensor_args(m) if a not in members))
             found.append(Chain(tuple(m.name for m in run), tuple(a.name for a in outside)))

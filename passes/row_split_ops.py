@@ -288,6 +288,15 @@ class _Sweep:
         return list(inputs), [tuple(stats[i:i + 2]) for i in range(0, len(stats), 2)], list(weights)
 
     @staticmethod
+    def forward_tiles(plan: TiledPlan, target: int, tiles: int, inputs, stats, weights):
+        """(a, b, rows [a, b) of `target`) for each tile, without grad."""
+        pairs, _ = _weights(plan)
+        for a, b in _sweep_bounds(plan, target, tiles, inputs):
+            needed = plan.needs(target, a, b)
+            pieces = [(x[:, :, slice(*needed.get(-1 - i, (0, 0)))], needed.get(-1 - i, (0, 0))[0]) for i, x in enumerate(inputs)]
+            yield a, b, plan.evaluate(target, a, b, pieces, stats, _rebuild(pairs, weights))
+
+    @staticmethod
     def backward_tiles(plan: TiledPlan, target: int, tiles: int, inputs, stats, weights, pairs, grad_of_tile):
         """Input, statistics and weight gradients, summed over disjoint tiles of `target`'s
         rows; `grad_of_tile(out, a, b)` gives the gradient of rows [a, b)."""
@@ -327,13 +336,9 @@ class _Tiled(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: TiledPlan, tiles: int, counts, *tensors):
         inputs, stats, weights = _Sweep.unpack(tensors, counts)
-        pairs, _ = _weights(plan)
         target = len(plan.steps) - 1
         out = None
-        for a, b in _sweep_bounds(plan, target, tiles, inputs):
-            needed = plan.needs(target, a, b)
-            pieces = [(x[:, :, slice(*needed.get(-1 - i, (0, 0)))], needed.get(-1 - i, (0, 0))[0]) for i, x in enumerate(inputs)]
-            tile = plan.evaluate(target, a, b, pieces, stats, _rebuild(pairs, weights))
+        for a, b, tile in _Sweep.forward_tiles(plan, target, tiles, inputs, stats, weights):
             if out is None:
                 out = tile.new_empty((tile.shape[0], tile.shape[1], plan.rows[target], tile.shape[3]))
             out[:, :, a:b] = tile
@@ -351,24 +356,25 @@ class _Tiled(torch.autograd.Function):
 
 
 class _Statistics(torch.autograd.Function):
-    """Batch mean and biased variance of a BatchNorm's input, over tiles."""
+    """Batch mean and biased variance of a BatchNorm's input, over tiles; in training
+    mode with running statistics, those are updated here, once."""
 
     @staticmethod
     def forward(ctx, plan: TiledPlan, norm: int, tiles: int, counts, *tensors):
         inputs, stats, weights = _Sweep.unpack(tensors, counts)
-        pairs, _ = _weights(plan)
         target = plan.steps[norm][1][0]
         total = squares = None
-        count = 0
-        for a, b in _sweep_bounds(plan, target, tiles, inputs):
-            needed = plan.needs(target, a, b)
-            pieces = [(x[:, :, slice(*needed.get(-1 - i, (0, 0)))], needed.get(-1 - i, (0, 0))[0]) for i, x in enumerate(inputs)]
-            z = plan.evaluate(target, a, b, pieces, stats, _rebuild(pairs, weights)).double()
+        for _, _, z in _Sweep.forward_tiles(plan, target, tiles, inputs, stats, weights):
+            z = z.double()
             total = z.sum((0, 2, 3)) if total is None else total + z.sum((0, 2, 3))
             squares = (z * z).sum((0, 2, 3)) if squares is None else squares + (z * z).sum((0, 2, 3))
-            count = count + z.shape[0] * z.shape[2] * z.shape[3]
+            width = z.shape[3]
+        count = inputs[0].shape[0] * plan.height(target) * width  # values per channel
         mean = total / count
         var = (squares / count - mean * mean).clamp_min(0)
+        bn = plan.modules[plan.steps[norm][2]]
+        if bn.training and bn.running_mean is not None:
+            _update_running(bn, mean.to(inputs[0].dtype), var.to(inputs[0].dtype), count)
         dtype = inputs[0].dtype
         ctx.save_for_backward(*tensors, mean.to(dtype))
         ctx.plan, ctx.norm, ctx.tiles, ctx.counts, ctx.count = plan, norm, tiles, counts, count
@@ -394,7 +400,7 @@ class _Statistics(torch.autograd.Function):
 def tiled_chain(steps: tuple, tiles: int, inputs: tuple, modules: tuple) -> torch.Tensor:
     """The chain's output, computed `tiles` row tiles at a time (see the module doc)."""
     plan = TiledPlan(steps, modules, [x.shape[2] for x in inputs])
-    pairs, weights = _weights(plan)
+    _, weights = _weights(plan)
     stats: list[tuple[torch.Tensor, torch.Tensor]] = []
     for index in plan.norms:
         bn = modules[steps[index][2]]
@@ -402,40 +408,11 @@ def tiled_chain(steps: tuple, tiles: int, inputs: tuple, modules: tuple) -> torc
             counts = (len(inputs), 2 * len(stats))
             flat = [t for pair in stats for t in pair]
             mean, var = _Statistics.apply(plan, index, tiles, counts, *inputs, *flat, *weights)
-            if bn.training and bn.running_mean is not None:
-                _update_running(bn, mean.detach(), var.detach(), _count(plan, index, inputs))
         else:
             mean, var = bn.running_mean, bn.running_var
         stats.append((mean, var))
     flat = [t for pair in stats for t in pair]
     return _Tiled.apply(plan, tiles, (len(inputs), len(flat)), *inputs, *flat, *weights)
-
-
-def _count(plan: TiledPlan, index: int, inputs) -> int:
-    """Values per channel of the BatchNorm at step `index`: batch x height x width."""
-    target = plan.steps[index][1][0]
-    return inputs[0].shape[0] * plan.height(target) * _width(plan, target, inputs)
-
-
-def _width(plan: TiledPlan, target: int, inputs) -> int:
-    """The width of a step's output: the inputs' width through the ops' windows."""
-    def width_of(ref: int) -> int:
-        if ref < 0:
-            return inputs[-1 - ref].shape[3]
-        step = plan.steps[ref]
-        w = width_of(step[1][0])
-        if step[0] == "conv":
-            conv = plan.modules[step[2]]
-            kernel, dilation, pad = _conv_geometry(conv)
-            return (w + pad[0] + pad[1] - dilation[1] * (kernel[1] - 1) - 1) // _pair(conv.stride)[1] + 1
-        if step[0] in ("max_pool", "avg_pool"):
-            k, s, p = step[3][0], step[3][1], step[3][2]
-            d = step[3][3] if step[0] == "max_pool" else (1, 1)
-            return (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
-        if step[0] == "upsample":
-            return w * step[3][0]
-        return w
-    return width_of(target)
 
 
 def _update_running(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor, count) -> None:
