@@ -15,9 +15,7 @@ benchmarks/results/invert_frontier_<device>.md and prints it.
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import rewriter  # noqa: E402
+from benchmarks.timing import step_seconds  # noqa: E402
 from examples.zoo.plain import BNLeakyChain  # noqa: E402
 from examples.zoo.revnet import RevNetStyle  # noqa: E402
 
@@ -35,26 +34,6 @@ SIZES = {  # device: (RevNet channels, input), (chain channels, depth, input), c
     "cpu": ((32, (8, 3, 64, 64)), (32, 8, (16, 3, 64, 64)), 0.6),
     "cuda": ((64, (64, 3, 128, 128)), (64, 16, (64, 3, 128, 128)), 0.6),
 }
-
-
-def step_seconds(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 9) -> dict[str, float]:
-    """Median seconds of a training step of each model, the models taking turns each
-    round (so that the machine's drift hits all alike), after a warm-up."""
-    def step(model):
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        model(x).sum().backward()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for model in models.values():
-        step(model)
-    times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            times[name].append(step(model))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def lowest(model: nn.Module, x: torch.Tensor, strategies) -> nn.Module:

@@ -1,12 +1,15 @@
 """Peak memory against step time: rewriter's recompute beside PyTorch's own tools.
 
 For the zoo's ResNet-50-style and DenseNet-BC models, at budgets 0.75, 0.5, 0.3 and
-0.2 x the eager peak: rewriter.optimize with recompute alone; per-block torch.utils.checkpoint;
-checkpoint_sequential at several segment counts; and torch.compile(backend="aot_eager")
-with torch._functorch.config.activation_memory_budget at the same fractions. Peak:
+0.2 x the eager peak: rewriter.optimize with recompute alone and with its default
+strategies (all four); per-block torch.utils.checkpoint; checkpoint_sequential at
+several segment counts; and torch.compile(backend="aot_eager") with
+torch._functorch.config.activation_memory_budget at the same fractions. Peak:
 rewriter.measure_peak (the dispatch-mode protocol on CPU, the allocator on CUDA).
-Time: median of 3 training steps after a warm-up, untracked, as a ratio to eager.
-Writes benchmarks/results/recompute_frontier_<device>.md and prints it.
+Time: median of 9 training steps after a warm-up, every variant of a model taking
+turns (benchmarks/timing.py), as a ratio to eager; each compiled variant takes turns
+with eager right after it is compiled. Writes
+benchmarks/results/recompute_frontier_<device>.md and prints it.
 
     python benchmarks/recompute_frontier.py            # CPU sizes below; --device cuda on a GPU
 """
@@ -14,9 +17,7 @@ Writes benchmarks/results/recompute_frontier_<device>.md and prints it.
 import argparse
 import copy
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import rewriter  # noqa: E402
+from benchmarks.timing import step_seconds  # noqa: E402
 from examples.zoo.densenet import DenseLayer, DenseNetBC, Transition  # noqa: E402
 from examples.zoo.resnet import Bottleneck, resnet50_style  # noqa: E402
 
@@ -76,22 +78,6 @@ class Sequentially(nn.Module):
         return checkpoint_sequential(self.body, self.segments, x, use_reentrant=False)
 
 
-def step_seconds(model: nn.Module, x: torch.Tensor) -> float:
-    def step():
-        model.zero_grad(set_to_none=True)
-        model(x).sum().backward()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-
-    step()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -103,9 +89,10 @@ def main() -> None:
         f"# Recompute frontier on {name_of_device}",
         "",
         f"torch {torch.__version__}. Command: `python benchmarks/recompute_frontier.py --device {args.device}`.",
-        "Peak: rewriter.measure_peak (ARCHITECTURE.md's protocol). Time: median of 3 steps, as a ratio to eager;",
-        "on this 2-core machine they vary by up to ±0.4 between runs (a compiled step that recomputes nothing",
-        "measured 0.69 to 1.44): read them as rough.",
+        "Peak: rewriter.measure_peak (ARCHITECTURE.md's protocol). Time: median of 9 steps after a warm-up,",
+        "all variants of a model taking turns, as a ratio to eager (each compiled variant takes turns with",
+        "eager right after compiling). rewriter (recompute): `strategies=\"recompute\"`; rewriter (default):",
+        "all four strategies, row-split searched only where the others find no plan.",
         "",
         "Note: on CPU the peak is counted by a TorchDispatchMode, and torch.compile (dynamo) runs the",
         "eager code, not the compiled graphs, while such a mode is active (checked: a counting backend is",
@@ -116,21 +103,9 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
 
-    def measured(model_name, shape, method, budget, module, base_peak, base_seconds):
-        """A row for `module`, or for the error it raises (a peer that cannot run it)."""
-        try:
-            row(model_name, shape, method, budget, rewriter.measure_peak(module, x), base_peak, step_seconds(module, x), base_seconds)
-        except RuntimeError as error:
-            reason = str(error).splitlines()[0][:90]
-            lines.append(f"| {model_name} | {'x'.join(map(str, shape))} | {method} | {'' if budget is None else f'{budget / 2**20:.1f} MiB'} | fails: {reason} | | | |")
-            print(lines[-1], flush=True)
-
-    def row(model_name, shape, method, budget, peak, base_peak, seconds, base_seconds):
-        fits = "" if budget is None else ("yes" if peak <= budget else "**no**")
-        lines.append(
-            f"| {model_name} | {'x'.join(map(str, shape))} | {method} | {'' if budget is None else f'{budget / 2**20:.1f} MiB'} "
-            f"| {peak / 2**20:.1f} MiB | {peak / base_peak:.2f} | {seconds / base_seconds:.2f} | {fits} |"
-        )
+    def row(model_name, shape, method, budget, cells):
+        lines.append(f"| {model_name} | {'x'.join(map(str, shape))} | {method} | "
+                     f"{'' if budget is None else f'{budget / 2**20:.1f} MiB'} | {cells} |")
         print(lines[-1], flush=True)
 
     for model_name in args.models:
@@ -139,34 +114,53 @@ def main() -> None:
         torch.manual_seed(0)
         model = build().to(device).train()
         x = torch.randn(shape, device=device)
-        base_peak, base_seconds = rewriter.measure_peak(model, x), step_seconds(model, x)
-        row(model_name, shape, "eager", None, base_peak, base_peak, base_seconds, base_seconds)
-        measured(model_name, shape, "checkpoint per block", None, per_block(model, types), base_peak, base_seconds)
+        base_peak = rewriter.measure_peak(model, x)
+        variants = {"eager": (None, model)}  # method -> (budget, module)
+        errors = []  # (method, budget, cells) of variants that did not run
+        variants["checkpoint per block"] = (None, per_block(model, types))
         for segments in (2, 4, 8):
-            measured(model_name, shape, f"checkpoint_sequential({segments})", None, Sequentially(model, segments), base_peak, base_seconds)
+            variants[f"checkpoint_sequential({segments})"] = (None, Sequentially(model, segments))
+        for label, strategies in (("recompute", "recompute"), ("default", None)):
+            for fraction in FRACTIONS:
+                budget = int(fraction * base_peak)
+                method = f"rewriter ({label}) at {fraction}"
+                try:
+                    variants[method] = (budget, rewriter.optimize(model, budget, x, strategies=strategies))
+                except rewriter.BudgetError as error:
+                    errors.append((method, budget, f"BudgetError: smallest reachable {error.minimum_bytes / 2**20:.1f} MiB "
+                                                   f"({error.minimum_bytes / base_peak:.2f}) | | | "))
+                    if fraction == FRACTIONS[-1]:  # rewriter's lowest point, at the budget the error named
+                        variants[f"rewriter ({label}) at BudgetError.minimum_bytes"] = (
+                            error.minimum_bytes, rewriter.optimize(model, error.minimum_bytes, x, strategies=strategies))
+        peaks = {}
+        for method, (budget, module) in list(variants.items()):
+            try:
+                peaks[method] = rewriter.measure_peak(module, x)
+            except RuntimeError as error:  # a peer that cannot run this model
+                errors.append((method, budget, f"fails: {str(error).splitlines()[0][:90]} | | | "))
+                del variants[method]
+        seconds = step_seconds({method: module for method, (_, module) in variants.items()}, x)
+        for method, (budget, _) in variants.items():
+            fits = "" if budget is None else ("yes" if peaks[method] <= budget else "**no**")
+            row(model_name, shape, method, budget, f"{peaks[method] / 2**20:.1f} MiB | {peaks[method] / base_peak:.2f} | "
+                                                   f"{seconds[method] / seconds['eager']:.2f} | {fits}")
+        for method, budget, cells in errors:
+            row(model_name, shape, method, budget, cells)
         for fraction in FRACTIONS:
             budget = int(fraction * base_peak)
-            try:
-                measured(model_name, shape, "rewriter", budget, rewriter.optimize(model, budget, x, strategies="recompute"), base_peak, base_seconds)
-            except rewriter.BudgetError as error:
-                lines.append(f"| {model_name} | {'x'.join(map(str, shape))} | rewriter | {budget / 2**20:.1f} MiB | BudgetError: smallest reachable {error.minimum_bytes / 2**20:.1f} MiB ({error.minimum_bytes / base_peak:.2f}) | | | |")
-                print(lines[-1], flush=True)
-                if fraction == FRACTIONS[-1]:  # rewriter's lowest point, at the budget the error named
-                    measured(model_name, shape, "rewriter at BudgetError.minimum_bytes", error.minimum_bytes,
-                             rewriter.optimize(model, error.minimum_bytes, x, strategies="recompute"), base_peak, base_seconds)
             torch._dynamo.reset()
             with torch._functorch.config.patch(activation_memory_budget=fraction):
                 compiled = torch.compile(model, backend="aot_eager")
-                step_seconds(compiled, x)  # compile outside the measurement
+                compiled(x).sum().backward()  # compile outside the measurement
                 method = f"torch.compile aot_eager, activation_memory_budget={fraction}"
+                timed = step_seconds({"eager": model, "compiled": compiled}, x)
+                ratio = timed["compiled"] / timed["eager"]
                 if device.type == "cuda":
-                    measured(model_name, shape, method, budget, compiled, base_peak, base_seconds)
+                    peak = rewriter.measure_peak(compiled, x)
+                    row(model_name, shape, method, budget, f"{peak / 2**20:.1f} MiB | {peak / base_peak:.2f} | {ratio:.2f} | "
+                                                           f"{'yes' if peak <= budget else '**no**'}")
                 else:  # dynamo runs eager code while a TorchDispatchMode is active: no CPU peak
-                    lines.append(
-                        f"| {model_name} | {'x'.join(map(str, shape))} | {method} | {budget / 2**20:.1f} MiB "
-                        f"| not measurable on CPU (see note) | | {step_seconds(compiled, x) / base_seconds:.2f} | |"
-                    )
-                    print(lines[-1], flush=True)
+                    row(model_name, shape, method, budget, f"not measurable on CPU (see note) | | {ratio:.2f} | ")
     out = ROOT / "benchmarks" / "results" / f"recompute_frontier_{device.type}.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")

@@ -100,6 +100,7 @@ class _Profiler(OpaqueLeaves):
     def _set_value(self, name: str, value: Any) -> None:
         self.values[name] = value
         self.elements[name] = tensors_in(value)
+        self.tracker.pin(self.elements[name])  # held here until the profile ends
 
     def _isolate(self, structure: Any, element_of: dict[int, tuple[str, int]]):
         """Replace each tensor by a detached leaf; return the new structure and the leaves."""
@@ -528,18 +529,36 @@ def profile_graph(
     batch where every op allows it; where an op forces the batch to a constant, from
     two static traces (batch b and b + 1), each count taken as affine in the batch.
     """
-    profiler = _Profiler(gm, example_inputs, loss_fn, opaque)
-    costs = profiler.run()
-    if profiler.batch_was_specialised():
-        log.info("an op fixed the batch size while tracing symbolically; fitting costs from two static traces")
-        batch = profiler.example_batch
-        costs = _affine_fit(
-            _Profiler(gm, example_inputs, loss_fn, opaque, batch=batch).run(),
-            _Profiler(gm, example_inputs, loss_fn, opaque, batch=batch + 1).run(),
-            batch,
-        )
+    with _fixed_momentum(gm):
+        profiler = _Profiler(gm, example_inputs, loss_fn, opaque)
+        costs = profiler.run()
+        if profiler.batch_was_specialised():
+            log.info("an op fixed the batch size while tracing symbolically; fitting costs from two static traces")
+            batch = profiler.example_batch
+            costs = _affine_fit(
+                _Profiler(gm, example_inputs, loss_fn, opaque, batch=batch).run(),
+                _Profiler(gm, example_inputs, loss_fn, opaque, batch=batch + 1).run(),
+                batch,
+            )
     costs.held_until = dict(held_until or {})
     return costs
+
+
+@contextlib.contextmanager
+def _fixed_momentum(gm: fx.GraphModule):
+    """Norm layers with momentum=None (a cumulative average) turn their step count into
+    a Python number, which a fake tensor cannot give; while profiling they run with a
+    fixed momentum: the same ops on the same tensors, so the same memory."""
+    roots = [gm] + [m.checkpointed_code for m in gm.modules() if hasattr(m, "checkpointed_code")]
+    norms = {id(m): m for root in roots for m in root.modules()
+             if getattr(m, "momentum", 0.0) is None and isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor)}
+    for norm in norms.values():
+        norm.momentum = 0.5
+    try:
+        yield
+    finally:
+        for norm in norms.values():
+            norm.momentum = None
 
 
 def _affine_fit(first: Costs, second: Costs, batch: int) -> Costs:

@@ -58,8 +58,15 @@ class StorageTracker(TorchDispatchMode):
         self.current = 0
         self.peak = 0
         self.live: dict[int, _Live] = {}
+        self._watched: dict[int, _Live] = {}  # the live storages nobody has pinned: what `poll` checks
         self.events: list[tuple[str, int, Any]] = []
         self._next_uid = 0
+
+    def pin(self, tensors: list[torch.Tensor]) -> None:
+        """The caller holds these tensors for the rest of tracking: their storages cannot
+        be freed, so `poll` stops checking them (it is called before every op)."""
+        for tensor in tensors:
+            self._watched.pop(storage_key(tensor), None)
 
     def uid_of(self, tensor: torch.Tensor) -> int | None:
         """The id this tracker gave the storage under `tensor`, or None if it is not tracked."""
@@ -68,7 +75,8 @@ class StorageTracker(TorchDispatchMode):
 
     def poll(self) -> None:
         """Subtract the storages that have been freed since the last poll."""
-        for key in [key for key, entry in self.live.items() if entry.ref.expired()]:
+        for key in [key for key, entry in self._watched.items() if entry.ref.expired()]:
+            del self._watched[key]
             entry = self.live.pop(key)
             if self.record_events:
                 self.events.append(("free", entry.uid, entry.nbytes))
@@ -86,7 +94,7 @@ class StorageTracker(TorchDispatchMode):
             if key in inputs or key in self.live:
                 continue
             nbytes = storage.nbytes()
-            self.live[key] = _Live(StorageWeakRef(storage), nbytes, self._next_uid)
+            self.live[key] = self._watched[key] = _Live(StorageWeakRef(storage), nbytes, self._next_uid)
             if self.record_events:
                 self.events.append(("alloc", self._next_uid, nbytes))
             else:

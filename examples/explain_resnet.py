@@ -46,7 +46,8 @@ def main() -> None:
         optimized = rewriter.optimize(model, budget, images)
     plan = optimized.plan
     print(f"optimize(model, {budget:,} bytes): {len(plan.segments)} segments recomputed, "
-          f"{len(plan.inverted)} chains inverted, {len(plan.compressed)} nodes compressed")
+          f"{len(plan.inverted)} chains inverted, {len(plan.compressed)} nodes compressed, "
+          f"{len(plan.row_split)} chains row-split")
     print(f"  predicted peak {format_bytes(optimized.plan.predicted_peak_bytes):>12}")
     print(f"  measured peak  {format_bytes(rewriter.measure_peak(optimized, images)):>12}  (budget {format_bytes(budget)})")
 

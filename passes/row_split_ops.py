@@ -299,37 +299,50 @@ class _Sweep:
     @staticmethod
     def backward_tiles(plan: TiledPlan, target: int, tiles: int, inputs, stats, weights, pairs, grad_of_tile):
         """Input, statistics and weight gradients, summed over disjoint tiles of `target`'s
-        rows; `grad_of_tile(out, a, b)` gives the gradient of rows [a, b)."""
+        rows; `grad_of_tile(out, a, b)` gives the gradient of rows [a, b). Nothing of one
+        tile is referenced once it is summed: every tile allocates and frees alike, which
+        the profile's one tile per shape (`_sweep_bounds`) relies on."""
         grads_in = [torch.zeros_like(x) if x.requires_grad else None for x in inputs]
         grads_stats = [torch.zeros_like(s) if s.requires_grad else None for pair in stats for s in pair]
         grads_w = [torch.zeros_like(w) if w.requires_grad else None for w in weights]
         for a, b in _sweep_bounds(plan, target, tiles, inputs):
-            needed = plan.needs(target, a, b)
-            with torch.enable_grad():
-                pieces = []
-                for i, x in enumerate(inputs):
-                    lo, hi = needed.get(-1 - i, (0, 0))
-                    pieces.append((x[:, :, lo:hi].detach().requires_grad_(x.requires_grad), lo))
-                leaf_stats = [tuple(s.detach().requires_grad_(s.requires_grad) for s in pair) for pair in stats]
-                leaf_weights = [w.detach().requires_grad_(w.requires_grad) for w in weights]
-                out = plan.evaluate(target, a, b, pieces, leaf_stats, _rebuild(pairs, leaf_weights))
-                leaves = [p for p, _ in pieces] + [s for pair in leaf_stats for s in pair] + leaf_weights
-                wanted = [leaf for leaf in leaves if leaf.requires_grad]
-                if not out.requires_grad:  # a BatchNorm at the start of the chain, on an input without grad
-                    break
-                found = iter(torch.autograd.grad(out, wanted, grad_of_tile(out, a, b), allow_unused=True))
-            for i, (piece, lo) in enumerate(pieces):
-                if piece.requires_grad:
-                    g = next(found)
-                    if g is not None:
-                        grads_in[i][:, :, lo:lo + piece.shape[2]] += g
-            for bucket in (grads_stats, grads_w):
-                for j, total in enumerate(bucket):
-                    if total is not None:
-                        g = next(found)
-                        if g is not None:
-                            total += g
+            if not _Sweep.add_tile(plan, target, a, b, inputs, stats, weights, pairs, grad_of_tile,
+                                   grads_in, grads_stats + grads_w):
+                break
         return grads_in, grads_stats, grads_w
+
+    @staticmethod
+    def add_tile(plan: TiledPlan, target: int, a: int, b: int, inputs, stats, weights, pairs, grad_of_tile,
+                 grads_in, totals) -> bool:
+        """Recompute rows [a, b) of `target` with grad and add their gradients into
+        `grads_in` (at the rows each input piece came from) and `totals` (statistics,
+        then weights); False if the tile has no gradient (a BatchNorm at the start of
+        the chain, on an input without grad)."""
+        needed = plan.needs(target, a, b)
+        with torch.enable_grad():
+            pieces = []
+            for i, x in enumerate(inputs):
+                lo, hi = needed.get(-1 - i, (0, 0))
+                pieces.append((x[:, :, lo:hi].detach().requires_grad_(x.requires_grad), lo))
+            leaf_stats = [tuple(s.detach().requires_grad_(s.requires_grad) for s in pair) for pair in stats]
+            leaf_weights = [w.detach().requires_grad_(w.requires_grad) for w in weights]
+            out = plan.evaluate(target, a, b, pieces, leaf_stats, _rebuild(pairs, leaf_weights))
+            if not out.requires_grad:
+                return False
+            leaves = [p for p, _ in pieces] + [s for pair in leaf_stats for s in pair] + leaf_weights
+            found = iter(torch.autograd.grad(out, [leaf for leaf in leaves if leaf.requires_grad],
+                                             grad_of_tile(out, a, b), allow_unused=True))
+        for i, (piece, lo) in enumerate(pieces):
+            if piece.requires_grad:
+                g = next(found)
+                if g is not None:
+                    grads_in[i][:, :, lo:lo + piece.shape[2]] += g
+        for total in totals:
+            if total is not None:
+                g = next(found)
+                if g is not None:
+                    total += g
+        return True
 
 
 class _Tiled(torch.autograd.Function):
@@ -342,6 +355,7 @@ class _Tiled(torch.autograd.Function):
             if out is None:
                 out = tile.new_empty((tile.shape[0], tile.shape[1], plan.rows[target], tile.shape[3]))
             out[:, :, a:b] = tile
+            del tile  # not alive while the next tile is computed (see `backward_tiles`)
         ctx.save_for_backward(*tensors)
         ctx.plan, ctx.tiles, ctx.counts = plan, tiles, counts
         return out
@@ -369,6 +383,7 @@ class _Statistics(torch.autograd.Function):
             total = z.sum((0, 2, 3)) if total is None else total + z.sum((0, 2, 3))
             squares = (z * z).sum((0, 2, 3)) if squares is None else squares + (z * z).sum((0, 2, 3))
             width = z.shape[3]
+            del z  # not alive while the next tile is computed (see `backward_tiles`)
         count = inputs[0].shape[0] * plan.height(target) * width  # values per channel
         mean = total / count
         var = (squares / count - mean * mean).clamp_min(0)

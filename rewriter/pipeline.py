@@ -32,9 +32,7 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("recompute", "invert", "compress", "row_split")
 AVAILABLE_STRATEGIES = STRATEGIES
-# row-split only on request for now: a plan mixing tiled chains with recomputed segments
-# was measured above its prediction (resnet50 test size, 1,328,392 bytes against 1,249,544)
-DEFAULT_STRATEGIES = ("recompute", "invert", "compress")
+DEFAULT_STRATEGIES = STRATEGIES  # row-split is searched only where the others find no plan
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -539,9 +537,9 @@ def _solve_families(choices: list[Choice], peak: Callable, limit: int):
 
 
 def _chosen(gm: fx.GraphModule, plan: Plan, budget: int) -> fx.GraphModule:
-    log.info("plan: %d segments recomputed, %d chains inverted, %d nodes compressed, predicted peak %s for budget %s",
-             len(plan.segments), len(plan.inverted), len(plan.compressed), format_bytes(plan.predicted_peak_bytes),
-             format_bytes(budget))
+    log.info("plan: %d segments recomputed, %d chains inverted, %d nodes compressed, %d chains row-split, "
+             "predicted peak %s for budget %s", len(plan.segments), len(plan.inverted), len(plan.compressed),
+             len(plan.row_split), format_bytes(plan.predicted_peak_bytes), format_bytes(budget))
     gm.plan = plan
     return gm
 
@@ -617,8 +615,8 @@ def optimize(
 
     With `example_inputs`, plans now and returns a GraphModule with `.plan`; without,
     returns a module that plans on the first call for each input signature.
-    `strategies` chooses the strategies used (default: recompute, invert and compress;
-    row-split only when named, e.g. `strategies=STRATEGIES`). Compression
+    `strategies` chooses the strategies used (default: all of `STRATEGIES`; row-split
+    is searched only where the others find no plan). Compression
     is lossless unless asked for: `compress_bits` (8, 4 or 2) lets the solver keep
     convolution, linear and BatchNorm inputs at 8 bits, or narrower down to that width
     where the budget needs it; `compress_error` (e.g.

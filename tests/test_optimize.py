@@ -47,7 +47,14 @@ def test_measured_peak_fits_the_budget_and_training_is_unchanged(name, fraction)
         optimized = rewriter.optimize(model, error.minimum_bytes, x)
         budget = error.minimum_bytes
     assert rewriter.measure_peak(optimized, x) <= budget
-    assert_trains_like(zoo.test_model(), model, optimized, x)
+    reference = zoo.test_model()
+    if optimized.plan.row_split:
+        # tiles sum in another order than whole tensors: float32 rounding differs (about
+        # 1e-5 of a gradient's scale; a conv bias before BatchNorm has a zero gradient up
+        # to rounding), so the exactness of tiling is checked in float64
+        reference, x = reference.double(), x.double()
+        optimized.double()  # the model's own modules, which it shares
+    assert_trains_like(reference, model, optimized, x)
 
 
 class CountOps(TorchDispatchMode):
@@ -188,3 +195,24 @@ def test_whole_layer_segments_are_predicted_to_the_byte():
     rewritten = adopt_structure(apply(captured.gm, {s.output: "full" for s in found}, found), model)
     predicted = simulate(profile_model_graph(model, rewritten, (x,), default_loss, captured.opaque, {})).peak_bytes
     assert abs(predicted - rewriter.measure_peak(rewritten, x)) <= 16
+
+
+def test_cumulative_average_batchnorm_is_planned_and_trains_alike():
+    """BatchNorm with momentum=None reads its step count as a number, which the fake
+    tensors of the profile lack: planning must work, and leave momentum None."""
+    def build():
+        torch.manual_seed(0)
+        layers = []
+        for c_in, c_out in ((3, 8), (8, 8), (8, 8), (8, 8)):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out, momentum=None), nn.ReLU()]
+        return nn.Sequential(*layers).train()
+
+    model, x = build(), torch.randn(4, 3, 32, 32)
+    budget = rewriter.measure_peak(model, x) * 4 // 5
+    optimized = rewriter.optimize(model, budget, x)
+    assert any(n.strategy != "keep" for n in optimized.plan.nodes)
+    assert all(m.momentum is None for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert rewriter.measure_peak(optimized, x) <= budget
+    reference = build()
+    for _ in range(2):  # the second step averages over two
+        assert_trains_like(reference, model, optimized, x)

@@ -175,6 +175,41 @@ def test_unet_chains_are_exact_in_float64():
     assert any({"up_2", "cat_2"} <= set(c.nodes) for c in found)
 
 
+class Bottleneck(nn.Module):
+    """A residual bottleneck whose tiled backward is the step's peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(8, 4, 1, bias=False)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.b = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn_b = nn.BatchNorm2d(4)
+        self.c = nn.Conv2d(4, 8, 1, bias=False)
+
+    def forward(self, x):
+        y = torch.relu(self.bn_b(self.b(torch.relu(self.bn_a(self.a(x))))))
+        return torch.relu(self.c(y) + x)
+
+
+@pytest.mark.parametrize("tiles", [2, 3, 7])
+@pytest.mark.parametrize("build, shape", [(Bottleneck, (2, 8, 32, 12)), (Strided, (2, 3, 37, 23))])
+def test_tiled_peak_is_predicted_to_the_byte(build, shape, tiles):
+    """The profile runs one tile per distinct row shape; every later tile must allocate
+    and free as that one did (none may still hold the one before's gradients)."""
+    from cost_models.simulate import simulate
+    from rewriter.measure import default_loss
+    from rewriter.report import profile_model_graph
+
+    torch.manual_seed(0)
+    model = build().train()
+    x = torch.randn(shape)
+    gm = capture(model).gm
+    found = _chains(gm, [x])
+    tiled = row_split.apply(gm, {c.output: tiles for c in found}, found)
+    predicted = simulate(profile_model_graph(model, tiled, (x,), default_loss, (), {})).peak_bytes
+    assert measure_peak(tiled, x) == predicted
+
+
 @pytest.fixture(scope="module")
 def highres():
     """The high-resolution zoo model at a quarter of its baseline peak: less than three of
