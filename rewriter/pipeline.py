@@ -144,6 +144,7 @@ class _Planner:
         self.row_granularity = "block"
         self.tiled: list[row_split.Chain] = []  # row-split chains
         self.tiled_profiles: dict[tuple[str, str], Costs] = {}  # (granularity, mode) -> every chain so tiled
+        self.row_modes: tuple[str, ...] = tuple(_ROW_MODES)  # the tile counts offered
 
     def use_rows(self, granularity: str | None) -> bool:
         """Find row-split chains this way (None: none); False if that finds no chain or
@@ -196,7 +197,7 @@ class _Planner:
             if self.inverted is None:
                 self.inverted = self._profile(invert.apply(self.gm, [c.output for c in self.chains], self.chains), {})
             self.alternatives["invert"] = self.inverted
-        for mode in _ROW_MODES if self.tiled else ():
+        for mode in self.row_modes if self.tiled else ():
             key = (self.row_granularity, mode)
             if key not in self.tiled_profiles:
                 chosen = {c.output: self.tiles_for(c, mode) for c in self.tiled}
@@ -440,9 +441,17 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
                 continue
             if not planner.segments and not planner.chains and not planner.groups and not planner.tiled:
                 continue
-            outcome = _search(planner, budget, min(lowest) if rows and lowest else None)
-            if outcome is not None:
-                (found if isinstance(outcome, tuple) else lowest).append(outcome)
+            if rows is None:
+                outcomes = [_search(planner, budget)]
+            else:  # the most tiles first (the lowest peaks); fewer too (less halo time) once that fits
+                planner.row_modes = tuple(_ROW_MODES)[-1:]
+                outcomes = [_search(planner, budget, min(lowest) if lowest else None)]
+                if isinstance(outcomes[0], tuple):
+                    planner.row_modes = tuple(_ROW_MODES)
+                    outcomes.append(_search(planner, budget, min(lowest) if lowest else None))
+            for outcome in outcomes:
+                if outcome is not None:
+                    (found if isinstance(outcome, tuple) else lowest).append(outcome)
     if found:  # the verified plan that adds the least time
         gm, plan = min(found, key=lambda pair: sum(n.seconds_added for n in pair[1].nodes))
         return _chosen(gm, plan, budget)
