@@ -292,9 +292,13 @@ class _Sweep:
         """(a, b, rows [a, b) of `target`) for each tile, without grad."""
         pairs, _ = _weights(plan)
         for a, b in _sweep_bounds(plan, target, tiles, inputs):
-            needed = plan.needs(target, a, b)
-            pieces = [(x[:, :, slice(*needed.get(-1 - i, (0, 0)))], needed.get(-1 - i, (0, 0))[0]) for i, x in enumerate(inputs)]
-            yield a, b, plan.evaluate(target, a, b, pieces, stats, _rebuild(pairs, weights))
+            yield a, b, plan.evaluate(target, a, b, _Sweep.pieces(plan, target, a, b, inputs), stats, _rebuild(pairs, weights))
+
+    @staticmethod
+    def pieces(plan: TiledPlan, target: int, a: int, b: int, inputs) -> list[tuple[torch.Tensor, int]]:
+        """(the rows of each input that rows [a, b) of `target` read, the first of those rows)."""
+        needed = plan.needs(target, a, b)
+        return [(x[:, :, slice(*needed.get(-1 - i, (0, 0)))], needed.get(-1 - i, (0, 0))[0]) for i, x in enumerate(inputs)]
 
     @staticmethod
     def backward_tiles(plan: TiledPlan, target: int, tiles: int, inputs, stats, weights, pairs, grad_of_tile):
@@ -318,12 +322,9 @@ class _Sweep:
         `grads_in` (at the rows each input piece came from) and `totals` (statistics,
         then weights); False if the tile has no gradient (a BatchNorm at the start of
         the chain, on an input without grad)."""
-        needed = plan.needs(target, a, b)
         with torch.enable_grad():
-            pieces = []
-            for i, x in enumerate(inputs):
-                lo, hi = needed.get(-1 - i, (0, 0))
-                pieces.append((x[:, :, lo:hi].detach().requires_grad_(x.requires_grad), lo))
+            pieces = [(piece.detach().requires_grad_(x.requires_grad), lo)
+                      for (piece, lo), x in zip(_Sweep.pieces(plan, target, a, b, inputs), inputs)]
             leaf_stats = [tuple(s.detach().requires_grad_(s.requires_grad) for s in pair) for pair in stats]
             leaf_weights = [w.detach().requires_grad_(w.requires_grad) for w in weights]
             out = plan.evaluate(target, a, b, pieces, leaf_stats, _rebuild(pairs, leaf_weights))

@@ -26,13 +26,12 @@ from rewriter.plan import Plan, format_bytes
 from rewriter.solve import Choice, solve
 from rewriter.trace import capture
 
-__all__ = ["optimize", "apply_plan", "parse_budget", "STRATEGIES", "AVAILABLE_STRATEGIES", "DEFAULT_STRATEGIES"]
+__all__ = ["optimize", "apply_plan", "parse_budget", "STRATEGIES", "AVAILABLE_STRATEGIES"]
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("recompute", "invert", "compress", "row_split")
-AVAILABLE_STRATEGIES = STRATEGIES
-DEFAULT_STRATEGIES = STRATEGIES  # row-split is searched only where the others find no plan
+AVAILABLE_STRATEGIES = STRATEGIES  # the default; row-split is searched only where the others find no plan
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -54,7 +53,7 @@ def parse_budget(budget: int | str) -> int:
 
 def _strategies(strategies) -> tuple[str, ...]:
     if strategies is None:
-        return DEFAULT_STRATEGIES
+        return AVAILABLE_STRATEGIES
     names = (strategies,) if isinstance(strategies, str) else tuple(strategies)
     for name in names:
         if name not in STRATEGIES:
@@ -444,11 +443,12 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
             if rows is None:
                 outcomes = [_search(planner, budget)]
             else:  # the most tiles first (the lowest peaks); fewer too (less halo time) once that fits
+                beat = min(lowest) if lowest else None
                 planner.row_modes = tuple(_ROW_MODES)[-1:]
-                outcomes = [_search(planner, budget, min(lowest) if lowest else None)]
+                outcomes = [_search(planner, budget, beat)]
                 if isinstance(outcomes[0], tuple):
                     planner.row_modes = tuple(_ROW_MODES)
-                    outcomes.append(_search(planner, budget, min(lowest) if lowest else None))
+                    outcomes.append(_search(planner, budget, beat))
             for outcome in outcomes:
                 if outcome is not None:
                     (found if isinstance(outcome, tuple) else lowest).append(outcome)
