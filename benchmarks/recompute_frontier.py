@@ -82,13 +82,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="*", default=list(CASES))
+    parser.add_argument("--fractions", nargs="*", type=float, default=list(FRACTIONS))
     args = parser.parse_args()
+    fractions = tuple(args.fractions)
     device = torch.device(args.device)
     name_of_device = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     lines = [
         f"# Recompute frontier on {name_of_device}",
         "",
-        f"torch {torch.__version__}. Command: `python benchmarks/recompute_frontier.py --device {args.device}`.",
+        f"torch {torch.__version__}. Command: `python benchmarks/recompute_frontier.py {' '.join(sys.argv[1:])}`.",
         "Peak: rewriter.measure_peak (ARCHITECTURE.md's protocol). Time: median of 9 steps after a warm-up,",
         "all variants of a model taking turns, as a ratio to eager (each compiled variant takes turns with",
         "eager right after compiling). rewriter (recompute): `strategies=\"recompute\"`; rewriter (default):",
@@ -121,15 +123,16 @@ def main() -> None:
         for segments in (2, 4, 8):
             variants[f"checkpoint_sequential({segments})"] = (None, Sequentially(model, segments))
         for label, strategies in (("recompute", "recompute"), ("default", None)):
-            for fraction in FRACTIONS:
+            for fraction in fractions:
                 budget = int(fraction * base_peak)
                 method = f"rewriter ({label}) at {fraction}"
+                print(f"planning {model_name}: {method}", flush=True)
                 try:
                     variants[method] = (budget, rewriter.optimize(model, budget, x, strategies=strategies))
                 except rewriter.BudgetError as error:
                     errors.append((method, budget, f"BudgetError: smallest reachable {error.minimum_bytes / 2**20:.1f} MiB "
                                                    f"({error.minimum_bytes / base_peak:.2f}) | | | "))
-                    if fraction == FRACTIONS[-1]:  # rewriter's lowest point, at the budget the error named
+                    if fraction == fractions[-1]:  # rewriter's lowest point, at the budget the error named
                         variants[f"rewriter ({label}) at BudgetError.minimum_bytes"] = (
                             error.minimum_bytes, rewriter.optimize(model, error.minimum_bytes, x, strategies=strategies))
         peaks = {}
@@ -146,7 +149,7 @@ def main() -> None:
                                                    f"{seconds[method] / seconds['eager']:.2f} | {fits}")
         for method, budget, cells in errors:
             row(model_name, shape, method, budget, cells)
-        for fraction in FRACTIONS:
+        for fraction in fractions:
             budget = int(fraction * base_peak)
             torch._dynamo.reset()
             with torch._functorch.config.patch(activation_memory_budget=fraction):

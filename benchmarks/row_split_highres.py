@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--unet-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", nargs="*", choices=["highres_fcn", "unet"], default=["highres_fcn", "unet"])
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -108,15 +109,16 @@ def main() -> None:
         channels = model.body[0].out_channels
         return int(2.5 * channels * size * size * 4)  # 2.5 full-size feature maps
 
-    rows = [
-        _case("highres_fcn", args.fcn_size, fcn_budget, args.steps, args.device),
-        _case("unet", args.unet_size, lambda model, baseline, size: baseline // 4, args.steps, args.device),
-    ]
+    cases = {
+        "highres_fcn": lambda: _case("highres_fcn", args.fcn_size, fcn_budget, args.steps, args.device),
+        "unet": lambda: _case("unet", args.unet_size, lambda model, baseline, size: baseline // 4, args.steps, args.device),
+    }
+    rows = [cases[name]() for name in args.models]
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     lines = [
         "# Row-split at high resolution",
         "",
-        f"`python benchmarks/row_split_highres.py --fcn-size {args.fcn_size} --unet-size {args.unet_size} --steps {args.steps}`"
+        f"`python benchmarks/row_split_highres.py {' '.join(sys.argv[1:])}`"
         f" on {device}, torch {torch.__version__}. Peaks are measured (bytes beyond what was live when the step began);"
         " step time is the median of the steps, one run; gradient error is ||g - g_eager|| / ||g_eager||"
         " over all parameter gradients together (float32 both).",

@@ -35,7 +35,8 @@ class OpaqueLeaves:
                 return t
             shape = [self._concrete(s) for s in t.shape]
             with unset_fake_temporarily():
-                real = torch.randn(shape, dtype=t.dtype) if t.is_floating_point() else torch.zeros(shape, dtype=t.dtype)
+                make = torch.randn if t.is_floating_point() else torch.zeros
+                real = make(shape, dtype=t.dtype, device=t.device)
                 real.requires_grad_(t.requires_grad)
             owner = self.owner.get(storage_key(t))
             if owner:
@@ -63,7 +64,7 @@ class OpaqueLeaves:
             shape = list(t.shape)
             if shape and shape[0] == self.example_batch and batch is not None:
                 shape[0] = batch
-            return torch.empty(shape, dtype=t.dtype).requires_grad_(t.requires_grad)
+            return torch.empty(shape, dtype=t.dtype, device=t.device).requires_grad_(t.requires_grad)
 
         return tree_map(lambda t: fake_like(t) if isinstance(t, torch.Tensor) else t, real_out)
 
@@ -108,12 +109,12 @@ class _GradientSource(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tracker, *outputs):
         ctx.tracker = tracker
-        ctx.shapes = [(t.shape, t.dtype) for t in outputs]
+        ctx.shapes = [(t.shape, t.dtype, t.device) for t in outputs]
         return outputs[0].new_zeros(())
 
     @staticmethod
     def backward(ctx, _):
-        grads = tuple(torch.randn(shape, dtype=dtype) for shape, dtype in ctx.shapes)
+        grads = tuple(torch.randn(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes)
         ctx.tracker.poll()
         _GradientSource.made = [ctx.tracker.uid_of(g) for g in grads]
         return (None, *grads)

@@ -27,6 +27,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from cost_models.cuda_allocator import allocated_bytes, workspace_bytes
 from cost_models.node_costs import BATCH, Costs, NodeCost
 from cost_models.opaque_leaves import OpaqueLeaves, _GradientSource, _state_items
 from cost_models.storage_tracker import StorageTracker, storage_key, tensors_in
@@ -58,7 +59,9 @@ class _Profiler(OpaqueLeaves):
         self.static_batch = batch
         self.shape_env = ShapeEnv() if batch is None else None
         self.mode = FakeTensorMode(shape_env=self.shape_env)
-        self.tracker = StorageTracker(record_events=True)
+        self.device_type = "cuda" if any(t.is_cuda for t in tensors_in(inputs)) else "cpu"
+        transient = (lambda func, args, kwargs: workspace_bytes(func, args, kwargs, self._concrete)) if self.device_type == "cuda" else None
+        self.tracker = StorageTracker(record_events=True, transient=transient)
         self.values: dict[str, Any] = {}
         self.elements: dict[str, list[torch.Tensor]] = {}
         self.owner: dict[int, tuple[str, int]] = {}  # storage key -> first value element on it
@@ -164,7 +167,7 @@ class _Profiler(OpaqueLeaves):
         freed = {uid for kind, uid, _ in events if kind == "free"}
         outputs, shapes, nbytes = [], [], []
         for k, t in enumerate(tensors_in(out)):
-            nbytes.append(self._expr(t.numel() * t.element_size()) * (BATCH / self.example_batch if opaque and t.dim() and t.shape[0] == self.example_batch else 1))
+            nbytes.append(allocated_bytes(self._expr(t.numel() * t.element_size()) * (BATCH / self.example_batch if opaque and t.dim() and t.shape[0] == self.example_batch else 1), self.device_type))
             outputs.append(self._ref_of(t, new_uids))
             if outputs[-1][0] == "new":
                 self.owner.setdefault(storage_key(t), (node.name, k))
@@ -461,7 +464,8 @@ class _Profiler(OpaqueLeaves):
             self.loss_node(output_node)
             for cost in reversed(self.costs):
                 self.backward_node(cost)
-        sizes = {uid: b for c in self.costs for kind, uid, b in (*c.fwd_events, *c.bwd_events) if kind == "alloc"}
+        sizes = {uid: allocated_bytes(b, self.device_type)
+                 for c in self.costs for kind, uid, b in (*c.fwd_events, *c.bwd_events) if kind == "alloc"}
         outputs = tuple((n.name, k) for n in output_node.all_input_nodes for k in range(len(self.elements[n.name])))
         return Costs(
             nodes=self.costs, outputs=outputs, sizes=sizes, example_batch=self.example_batch,

@@ -10,13 +10,15 @@ inputs, gradients) are never counted, since an op that returns them returns a vi
 of an input.
 
 The same tracker runs on fake tensors, where byte counts may be symbolic (SymInt):
-it then keeps the sequence of events instead of a numeric peak.
+it then keeps the sequence of events instead of a numeric peak. There, `transient`
+can add what an op holds only while it runs (a CUDA workspace) as an allocation freed
+right after the op's outputs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -49,12 +51,14 @@ class StorageTracker(TorchDispatchMode):
     `current` and `peak` are kept when byte counts are plain ints. With
     `record_events`, `events` lists ("alloc", key, nbytes) and ("free", key, nbytes)
     in order instead, for replay with symbolic sizes; ids are the tracker's own uids,
-    never reused.
+    never reused. `transient(func, args, kwargs)` gives the bytes an op holds beyond
+    its outputs while it runs (None: not such an op).
     """
 
-    def __init__(self, record_events: bool = False) -> None:
+    def __init__(self, record_events: bool = False, transient: Callable[..., int] | None = None) -> None:
         super().__init__()
         self.record_events = record_events
+        self.transient = transient
         self.current = 0
         self.peak = 0
         self.live: dict[int, _Live] = {}
@@ -101,4 +105,11 @@ class StorageTracker(TorchDispatchMode):
                 self.current += nbytes
                 self.peak = max(self.peak, self.current)
             self._next_uid += 1
+        extra = self.transient(func, args, kwargs) if self.transient is not None else None
+        if extra is not None:
+            if self.record_events:
+                self.events += [("alloc", self._next_uid, extra), ("free", self._next_uid, extra)]
+                self._next_uid += 1
+            else:
+                self.peak = max(self.peak, self.current + extra)
         return out

@@ -16,8 +16,12 @@ class InputError(RewriterError, ValueError):
 
 
 class BudgetError(RewriterError, ValueError):
-    """No plan fits the budget. `minimum_bytes` is the smallest budget a plan reaches."""
+    """No plan fits the budget. `minimum_bytes` is the smallest budget a plan reaches;
+    `plan` is that plan (its `budget_bytes` is `minimum_bytes`), found and verified
+    while searching: `rewriter.apply_plan(model, error.plan)` builds it without
+    searching again (None where the error comes from elsewhere)."""
 
-    def __init__(self, message: str, minimum_bytes: int):
+    def __init__(self, message: str, minimum_bytes: int, plan=None):
         super().__init__(message)
         self.minimum_bytes = minimum_bytes
+        self.plan = plan

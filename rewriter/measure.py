@@ -85,8 +85,8 @@ def measure_peak(
     """Bytes of peak activation memory of one training step of `model` on `example_inputs`.
 
     On CPU this counts tensor storages with a dispatch mode (deterministic, exact);
-    on CUDA it reads the caching allocator's peak. The model's gradients, buffers and
-    RNG state are as they were afterwards.
+    on CUDA it reads the caching allocator's peak over a step after a warm-up step.
+    The model's gradients, buffers and RNG state are as they were afterwards.
     """
     check_trainable(model)
     inputs = as_input_tuple(example_inputs)
@@ -108,6 +108,12 @@ def measure_peak(
 
 
 def _measure_cuda(model: nn.Module, inputs: Sequence, loss_fn: Callable) -> int:
+    # a warm-up step first: the first step also allocates what cuBLAS and cuDNN keep
+    # for good (handles, workspaces), which is not a training step's activation memory
+    loss_fn(model(*inputs)).backward()
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.zero_()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()

@@ -443,7 +443,7 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
             if rows is None:
                 outcomes = [_search(planner, budget)]
             else:  # the most tiles first (the lowest peaks); fewer too (less halo time) once that fits
-                beat = min(lowest) if lowest else None
+                beat = min(p.predicted_peak_bytes for p in lowest) if lowest else None
                 planner.row_modes = tuple(_ROW_MODES)[-1:]
                 outcomes = [_search(planner, budget, beat)]
                 if isinstance(outcomes[0], tuple):
@@ -455,13 +455,19 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
     if found:  # the verified plan that adds the least time
         gm, plan = min(found, key=lambda pair: sum(n.seconds_added for n in pair[1].nodes))
         return _chosen(gm, plan, budget)
-    reachable = min(lowest) if lowest else simulate(planner.base).peak_bytes
-    raise _budget_error(budget, min(_smallest_budget(reachable), baseline), strategies, lossy)
+    if lowest:
+        witness = min(lowest, key=lambda plan: plan.predicted_peak_bytes)
+    else:
+        witness = planner.plan({}, budget, {})[1]
+    minimum = min(_smallest_budget(witness.predicted_peak_bytes), baseline)
+    if minimum == baseline:
+        witness = planner.plan({}, budget, {})[1]
+    raise _budget_error(budget, minimum, strategies, lossy, dataclasses.replace(witness, budget_bytes=minimum))
 
 
-def _search(planner: _Planner, budget: int, beat: int | None = None) -> tuple[fx.GraphModule, Plan] | int | None:
-    """A verified plan for the planner's segments under `budget`, or else the lowest
-    predicted peak of a verified plan it could find. With `beat` (a row-split search
+def _search(planner: _Planner, budget: int, beat: int | None = None) -> tuple[fx.GraphModule, Plan] | Plan | None:
+    """A verified plan for the planner's segments under `budget` (with its module), or
+    else the verified plan of the lowest predicted peak it could find. With `beat` (a row-split search
     after others failed), only the extreme plan of lowest composed peak is verified,
     and only if that peak is under `beat` (else None: nothing new)."""
     planner.profile_modes()
@@ -509,7 +515,7 @@ def _search(planner: _Planner, budget: int, beat: int | None = None) -> tuple[fx
         extremes = [best]
     gm, plan = min((planner.plan(modes_of(e), budget, seconds_of(e)) for e in extremes),
                    key=lambda pair: pair[1].predicted_peak_bytes)
-    return (gm, plan) if plan.predicted_peak_bytes <= room else plan.predicted_peak_bytes
+    return (gm, plan) if plan.predicted_peak_bytes <= room else plan
 
 
 def _width(mode: str) -> int:
@@ -569,7 +575,8 @@ def _shapes(gm: fx.GraphModule, costs: Costs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _budget_error(budget: int, minimum: int, strategies: tuple[str, ...], lossy: Lossy = Lossy()) -> BudgetError:
+def _budget_error(budget: int, minimum: int, strategies: tuple[str, ...], lossy: Lossy = Lossy(),
+                  plan: Plan | None = None) -> BudgetError:
     unused = [s for s in AVAILABLE_STRATEGIES if s not in strategies]
     ways = ["raise the budget", "use a smaller batch (rewriter.largest_batch)"]
     if unused:
@@ -581,6 +588,7 @@ def _budget_error(budget: int, minimum: int, strategies: tuple[str, ...], lossy:
         f"{format_bytes(minimum)} ({minimum} bytes) for this model and input with strategies {strategies}; "
         f"{', '.join(ways[:-1])} or {ways[-1]}",
         minimum,
+        plan,
     )
 
 

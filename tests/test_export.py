@@ -18,7 +18,7 @@ def test_saved_module_loads_and_trains_identically(name, tmp_path):
     try:
         optimized = rewriter.optimize(model, budget, x)
     except rewriter.BudgetError as error:
-        optimized = rewriter.optimize(model, error.minimum_bytes, x)
+        optimized = rewriter.apply_plan(model, error.plan)
     rewriter.save(optimized, tmp_path)
     loaded = rewriter.load(tmp_path)
 
@@ -36,7 +36,7 @@ def test_saved_invert_chains_load_and_train_identically(name, strategies, tmp_pa
     try:
         optimized = rewriter.optimize(model, budget, x, strategies=strategies)
     except rewriter.BudgetError as error:
-        optimized = rewriter.optimize(model, error.minimum_bytes, x, strategies=strategies)
+        optimized = rewriter.apply_plan(model, error.plan)
     assert optimized.plan.inverted
     rewriter.save(optimized, tmp_path)
     code = (tmp_path / "module.py").read_text()

@@ -76,5 +76,9 @@ def test_output_without_floats_is_an_error():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_peak_of_the_hand_counted_step():
     model, x = one_mib_chain().cuda(), torch.randn(1, 1, 512, 512, device="cuda")
-    # the caching allocator rounds small blocks up to 512 bytes
-    assert 2 * MiB <= rewriter.measure_peak(model, x) <= 2 * MiB + 2048
+    # beyond the hand count: the allocator's 512-byte blocks for the 4-byte loss and its
+    # gradient, and the workspace cuDNN takes for the convolution (about 9 MiB measured
+    # on an H100), which the cost model measures once per convolution shape
+    measured = rewriter.measure_peak(model, x)
+    assert measured >= 2 * MiB + 1024
+    assert measured == rewriter.explain(model, x).predicted_peak_bytes

@@ -33,21 +33,20 @@ def assert_trains_like(reference: nn.Module, model: nn.Module, optimized: nn.Mod
         torch.testing.assert_close(c, b, msg=name)
 
 
-@pytest.mark.parametrize("fraction", [0.8, 0.5, 0.3])
-@pytest.mark.parametrize("name", sorted(ZOO))
-def test_measured_peak_fits_the_budget_and_training_is_unchanged(name, fraction):
-    zoo = ZOO[name]
-    model, x = zoo.test_model(), zoo.test_input()
+def optimized_within(model: nn.Module, x: torch.Tensor, fraction: float) -> tuple[nn.Module, int]:
+    """`optimize` at `fraction` of the measured eager peak, and that budget; on BudgetError,
+    the plan the error names and its minimum (an honest minimum fits when measured)."""
     budget = int(fraction * rewriter.measure_peak(model, x))
     try:
-        optimized = rewriter.optimize(model, budget, x)
+        return rewriter.optimize(model, budget, x), budget
     except rewriter.BudgetError as error:
-        # honest minimum: at that budget a plan exists and fits when measured
-        assert error.minimum_bytes > budget
-        optimized = rewriter.optimize(model, error.minimum_bytes, x)
-        budget = error.minimum_bytes
+        assert error.minimum_bytes > budget and error.plan.budget_bytes == error.minimum_bytes
+        return rewriter.apply_plan(model, error.plan), error.minimum_bytes
+
+
+def assert_fits_and_trains_like(reference: nn.Module, model: nn.Module, optimized: nn.Module,
+                                x: torch.Tensor, budget: int) -> None:
     assert rewriter.measure_peak(optimized, x) <= budget
-    reference = zoo.test_model()
     if optimized.plan.row_split:
         # tiles sum in another order than whole tensors: float32 rounding differs (about
         # 1e-5 of a gradient's scale; a conv bias before BatchNorm has a zero gradient up
@@ -55,6 +54,15 @@ def test_measured_peak_fits_the_budget_and_training_is_unchanged(name, fraction)
         reference, x = reference.double(), x.double()
         optimized.double()  # the model's own modules, which it shares
     assert_trains_like(reference, model, optimized, x)
+
+
+@pytest.mark.parametrize("fraction", [0.8, 0.5, 0.3])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_measured_peak_fits_the_budget_and_training_is_unchanged(name, fraction):
+    zoo = ZOO[name]
+    model, x = zoo.test_model(), zoo.test_input()
+    optimized, budget = optimized_within(model, x, fraction)
+    assert_fits_and_trains_like(zoo.test_model(), model, optimized, x, budget)
 
 
 class CountOps(TorchDispatchMode):
@@ -176,7 +184,11 @@ def test_budget_error_names_the_minimum():
     with pytest.raises(rewriter.BudgetError, match=r"below the smallest reachable peak") as caught:
         rewriter.optimize(model, 1024, x)
     assert isinstance(caught.value, ValueError)
-    assert 1024 < caught.value.minimum_bytes <= rewriter.measure_peak(model, x)
+    minimum = caught.value.minimum_bytes
+    assert 1024 < minimum <= rewriter.measure_peak(model, x)
+    # the plan the error carries, and a new search at the budget it names, both fit it
+    assert rewriter.measure_peak(rewriter.apply_plan(model, caught.value.plan), x) <= minimum
+    assert rewriter.measure_peak(rewriter.optimize(model, minimum, x), x) <= minimum
 
 
 def test_whole_layer_segments_are_predicted_to_the_byte():
