@@ -27,6 +27,7 @@ from cost_models.node_costs import Costs
 from cost_models.saved import saved_tensors
 from passes import compressed_ops
 from passes.compressed_ops import BITS
+from passes.names import fresh_name
 
 __all__ = ["LOSSLESS", "LOSSY", "Group", "kind", "groups", "calibrate_bits", "bits_for", "lossy_nodes", "sensitivity", "apply", "form_of"]
 
@@ -236,15 +237,6 @@ def _bits(form: str) -> int | None:
     return bits
 
 
-def _fresh(name: str, taken) -> str:
-    """`name`, or `name` with a number, not among `taken` (so that gm's own nodes keep theirs)."""
-    candidate, count = name, 0
-    while candidate in taken:
-        count += 1
-        candidate = f"{name}_{count}"
-    return candidate
-
-
 def apply(gm: fx.GraphModule, chosen: dict[str, str]) -> fx.GraphModule:
     """A new GraphModule where each node named in `chosen` (node -> form, see `form_of`)
     runs as its compressed op. `gm` is not modified; parameters are shared."""
@@ -268,7 +260,7 @@ def apply(gm: fx.GraphModule, chosen: dict[str, str]) -> fx.GraphModule:
         args = fx.node.map_arg(node.args, lambda n: env[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
         if node.op == "call_module":
-            owner = graph.create_node("get_attr", node.target, name=_fresh(f"{node.name}_module", present))
+            owner = graph.create_node("get_attr", node.target, name=fresh_name(f"{node.name}_module", present))
             call = graph.create_node("call_function", compressed_ops.module_call, (owner, *args),
                                      {"bits": bits} if bits else {}, name=node.name)
         elif node.op == "call_method":

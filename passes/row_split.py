@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from passes import row_split_ops
+from passes.names import fresh_name
 from passes.recompute import _ends_scope, _mutates_an_input
 
 __all__ = ["Chain", "GRANULARITIES", "TILES", "MIN_TILE_ROWS", "chains", "apply", "steps_of", "tiles_for"]
@@ -218,7 +219,6 @@ def steps_of(gm: fx.GraphModule, chain: Chain) -> tuple[tuple, list[str]]:
 def apply(gm: fx.GraphModule, chosen: dict[str, int], all_chains: list[Chain]) -> fx.GraphModule:
     """A new GraphModule where each chain named in `chosen` (output node -> tiles) runs
     as `row_split_ops.tiled_chain`. `gm` is not modified; parameters are shared."""
-    from passes.compress import _fresh
     from passes.recompute import replace_runs
 
     by_output = {c.output: c for c in all_chains if c.output in chosen}
@@ -231,7 +231,7 @@ def apply(gm: fx.GraphModule, chosen: dict[str, int], all_chains: list[Chain]) -
         steps, paths = steps_of(gm, chain)
         modules = []
         for k, path in enumerate(paths):  # each module handed over whole (get_attr), as compress does
-            modules.append(graph.create_node("get_attr", path, name=_fresh(f"{chain.output}_module{k}", taken)))
+            modules.append(graph.create_node("get_attr", path, name=fresh_name(f"{chain.output}_module{k}", taken)))
             taken.add(modules[-1].name)
         inputs = tuple(value(n) for n in chain.inputs)
         node = graph.create_node("call_function", row_split_ops.tiled_chain,

@@ -143,7 +143,7 @@ class _Planner:
         self.row_granularity = "block"
         self.tiled: list[row_split.Chain] = []  # row-split chains
         self.tiled_profiles: dict[tuple[str, str], Costs] = {}  # (granularity, mode) -> every chain so tiled
-        self.row_modes: tuple[str, ...] = tuple(_ROW_MODES)  # the tile counts offered
+        self._steps: dict[row_split.Chain, tuple[tuple, list[str]]] = {}
 
     def use_rows(self, granularity: str | None) -> bool:
         """Find row-split chains this way (None: none); False if that finds no chain or
@@ -181,11 +181,11 @@ class _Planner:
         self.granularity, self.segments, self.alternatives = granularity, found, {}
         return True
 
-    def profile_modes(self) -> None:
+    def profile_modes(self, row_modes: tuple[str, ...] = tuple(_ROW_MODES)) -> None:
         """Profile the graph with every segment in each recompute mode (or, where a
-        segment lacks that mode, its last one), and with every chain inverted: the
-        records plans are composed from, and at the same time the predictions of the
-        extreme plans."""
+        segment lacks that mode, its last one), with every chain inverted, and with every
+        row-split chain at each tile count of `row_modes`: the records plans are composed
+        from, and at the same time the predictions of the extreme plans."""
         if self.segments:
             for mode in recompute.MODES:
                 key = (self.granularity, mode)
@@ -196,7 +196,7 @@ class _Planner:
             if self.inverted is None:
                 self.inverted = self._profile(invert.apply(self.gm, [c.output for c in self.chains], self.chains), {})
             self.alternatives["invert"] = self.inverted
-        for mode in self.row_modes if self.tiled else ():
+        for mode in row_modes if self.tiled else ():
             key = (self.row_granularity, mode)
             if key not in self.tiled_profiles:
                 chosen = {c.output: self.tiles_for(c, mode) for c in self.tiled}
@@ -290,9 +290,15 @@ class _Planner:
         """The tiles a row-split mode ("rows16") gives this chain (fewer on small maps)."""
         return row_split.tiles_for(self.shapes[chain.output][2], _ROW_MODES[mode])
 
+    def steps(self, chain: row_split.Chain) -> tuple[tuple, list[str]]:
+        """`row_split.steps_of` the chain, worked out once."""
+        if chain not in self._steps:
+            self._steps[chain] = row_split.steps_of(self.gm, chain)
+        return self._steps[chain]
+
     def halo(self, chain: row_split.Chain, tiles: int) -> tuple[list[float], list[float]]:
         """Per chain node: its forward FLOPs, and the rows a tiled forward computes over its rows."""
-        steps, paths = row_split.steps_of(self.gm, chain)
+        steps, paths = self.steps(chain)
         modules = [self.gm.get_submodule(p) for p in paths]
         computed, rows = rows_computed(steps, modules, [self.shapes[n][2] for n in chain.inputs], tiles)
         flops = [float(self.base.by_name[n].fwd_flops.xreplace({BATCH: self.base.example_batch})) for n in chain.nodes]
@@ -308,7 +314,7 @@ class _Planner:
         backward; per BatchNorm one more sweep of the nodes before it for the batch
         statistics, and in backward their recompute and backward (about 3x)."""
         flops, factor = self.halo(chain, tiles)
-        steps, _ = row_split.steps_of(self.gm, chain)
+        steps, _ = self.steps(chain)
         norms = [i for i, step in enumerate(steps) if step[0] == "bn"]
         # eager: forward 1, backward 2 (x FLOPs); tiled: each x the halo factor, and 4 per later BatchNorm
         times = [4 * f - 3 + 4 * f * sum(1 for j in norms if j > i) for i, f in enumerate(factor)]
@@ -444,10 +450,8 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
                 outcomes = [_search(planner, budget)]
             else:  # the most tiles first (the lowest peaks); fewer too (less halo time) once that fits
                 beat = min(p.predicted_peak_bytes for p in lowest) if lowest else None
-                planner.row_modes = tuple(_ROW_MODES)[-1:]
-                outcomes = [_search(planner, budget, beat)]
+                outcomes = [_search(planner, budget, beat, tuple(_ROW_MODES)[-1:])]
                 if isinstance(outcomes[0], tuple):
-                    planner.row_modes = tuple(_ROW_MODES)
                     outcomes.append(_search(planner, budget, beat))
             for outcome in outcomes:
                 if outcome is not None:
@@ -465,12 +469,14 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
     raise _budget_error(budget, minimum, strategies, lossy, dataclasses.replace(witness, budget_bytes=minimum))
 
 
-def _search(planner: _Planner, budget: int, beat: int | None = None) -> tuple[fx.GraphModule, Plan] | Plan | None:
+def _search(planner: _Planner, budget: int, beat: int | None = None,
+            row_modes: tuple[str, ...] = tuple(_ROW_MODES)) -> tuple[fx.GraphModule, Plan] | Plan | None:
     """A verified plan for the planner's segments under `budget` (with its module), or
-    else the verified plan of the lowest predicted peak it could find. With `beat` (a row-split search
-    after others failed), only the extreme plan of lowest composed peak is verified,
-    and only if that peak is under `beat` (else None: nothing new)."""
-    planner.profile_modes()
+    else the verified plan of the lowest predicted peak it could find; row-split chains
+    are offered at the tile counts of `row_modes`. With `beat` (a row-split search after
+    others failed), only the extreme plan of lowest composed peak is verified, and only
+    if that peak is under `beat` (else None: nothing new)."""
+    planner.profile_modes(row_modes)
     choices, options = planner.choices()
 
     def modes_of(assignment: dict[str, int]) -> dict[str, str]:
@@ -537,16 +543,19 @@ def _solve_widest(choices: list[Choice], peak: Callable, limit: int):
 
 
 def _solve_families(choices: list[Choice], peak: Callable, limit: int):
-    """`solve` over all choices, and, where invert chains and compress groups share
-    nodes, again without the chains and without the groups: the greedy search takes
-    overlapping choices in rank order, so a cheap group can block a chain that would
-    have done better. The fitting solution that adds the least time."""
+    """`solve` over all choices, and again without the invert chains, without the
+    compress groups, and without both: the greedy search takes choices in rank order, so
+    a cheap group can block a chain that would have done better, and the memory a group
+    frees can lead it to segments that cost more than recompute alone needs (measured:
+    ResNet-50 at 0.5 of its peak, 0.163 s added with two groups against 0.081 s with
+    none). The fitting solution that adds the least time."""
     solutions = [solve(choices, peak, limit)]
-    chains = frozenset().union(*(c.members for c in choices if c.key.startswith(_INVERT)))
-    groups = frozenset().union(*(c.members for c in choices if c.key.startswith(_COMPRESS)))
-    if chains & groups:
-        for prefix in (_INVERT, _COMPRESS):
-            solutions.append(solve([c for c in choices if not c.key.startswith(prefix)], peak, limit))
+    present = [prefix for prefix in (_INVERT, _COMPRESS) if any(c.key.startswith(prefix) for c in choices)]
+    dropped = [(prefix,) for prefix in present] + ([tuple(present)] if len(present) > 1 else [])
+    for prefixes in dropped:
+        rest = [c for c in choices if not c.key.startswith(prefixes)]
+        if rest:
+            solutions.append(solve(rest, peak, limit))
     fitting = [s for s in solutions if s.fits]
     return min(fitting, key=lambda s: s.seconds) if fitting else min(solutions, key=lambda s: s.peak_bytes)
 
