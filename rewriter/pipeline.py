@@ -459,12 +459,10 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
     if found:  # the verified plan that adds the least time
         gm, plan = min(found, key=lambda pair: sum(n.seconds_added for n in pair[1].nodes))
         return _chosen(gm, plan, budget)
-    if lowest:
-        witness = min(lowest, key=lambda plan: plan.predicted_peak_bytes)
-    else:
-        witness = planner.plan({}, budget, {})[1]
-    minimum = min(_smallest_budget(witness.predicted_peak_bytes), baseline)
-    if minimum == baseline:
+    witness = min(lowest, key=lambda plan: plan.predicted_peak_bytes) if lowest else None
+    reachable = witness.predicted_peak_bytes if witness else simulate(planner.base).peak_bytes
+    minimum = min(_smallest_budget(reachable), baseline)
+    if witness is None or minimum == baseline:  # at the baseline, the graph unchanged
         witness = planner.plan({}, budget, {})[1]
     raise _budget_error(budget, minimum, strategies, lossy, dataclasses.replace(witness, budget_bytes=minimum))
 
