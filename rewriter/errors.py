@@ -25,3 +25,6 @@ class BudgetError(RewriterError, ValueError):
         super().__init__(message)
         self.minimum_bytes = minimum_bytes
         self.plan = plan
+
+    def __reduce__(self):  # pickles whole (across processes, say)
+        return type(self), (self.args[0], self.minimum_bytes, self.plan)

@@ -2,6 +2,7 @@
 
 import collections
 import dataclasses
+import pickle
 
 import pytest
 import torch
@@ -186,6 +187,8 @@ def test_budget_error_names_the_minimum():
     assert isinstance(caught.value, ValueError)
     minimum = caught.value.minimum_bytes
     assert 1024 < minimum <= rewriter.measure_peak(model, x)
+    again = pickle.loads(pickle.dumps(caught.value))
+    assert (str(again), again.minimum_bytes, again.plan) == (str(caught.value), minimum, caught.value.plan)
     # the plan the error carries, and a new search at the budget it names, both fit it
     assert rewriter.measure_peak(rewriter.apply_plan(model, caught.value.plan), x) <= minimum
     assert rewriter.measure_peak(rewriter.optimize(model, minimum, x), x) <= minimum
