@@ -51,12 +51,14 @@ class StorageTracker(TorchDispatchMode):
     `current` and `peak` are kept when byte counts are plain ints. With
     `record_events`, `events` lists ("alloc", key, nbytes) and ("free", key, nbytes)
     in order instead, for replay with symbolic sizes; ids are the tracker's own uids,
-    never reused. `transient(func, args, kwargs)` gives the bytes an op holds beyond
-    its outputs while it runs (None: not such an op).
+    never reused. `transient(func, args, kwargs)` (with `record_events` only) gives the
+    bytes an op holds beyond its outputs while it runs (None: not such an op).
     """
 
     def __init__(self, record_events: bool = False, transient: Callable[..., int] | None = None) -> None:
         super().__init__()
+        if transient is not None and not record_events:
+            raise ValueError("StorageTracker: transient bytes are recorded as events; pass record_events=True")
         self.record_events = record_events
         self.transient = transient
         self.current = 0
@@ -107,9 +109,6 @@ class StorageTracker(TorchDispatchMode):
             self._next_uid += 1
         extra = self.transient(func, args, kwargs) if self.transient is not None else None
         if extra is not None:
-            if self.record_events:
-                self.events += [("alloc", self._next_uid, extra), ("free", self._next_uid, extra)]
-                self._next_uid += 1
-            else:
-                self.peak = max(self.peak, self.current + extra)
+            self.events += [("alloc", self._next_uid, extra), ("free", self._next_uid, extra)]
+            self._next_uid += 1
         return out
