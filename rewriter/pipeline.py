@@ -23,7 +23,7 @@ from rewriter.errors import BudgetError, InputError
 from rewriter.report import keep_all_plan, profile_model_graph
 from rewriter.measure import as_input_tuple, check_trainable, default_loss, preserved_model_state
 from rewriter.plan import Plan, format_bytes
-from rewriter.solve import Choice, solve
+from rewriter.solve import Choice, relaxed, solve
 from rewriter.trace import capture
 
 __all__ = ["optimize", "apply_plan", "parse_budget", "STRATEGIES", "AVAILABLE_STRATEGIES"]
@@ -517,8 +517,15 @@ def _search(planner: _Planner, budget: int, beat: int | None = None,
         if peak(best) >= beat:
             return None
         extremes = [best]
-    gm, plan = min((planner.plan(modes_of(e), budget, seconds_of(e)) for e in extremes),
-                   key=lambda pair: pair[1].predicted_peak_bytes)
+    verified = [(planner.plan(modes_of(e), budget, seconds_of(e)), e) for e in extremes]
+    (gm, plan), extreme = min(verified, key=lambda item: item[0][1].predicted_peak_bytes)
+    # then each choice moved to a cheaper option where the composed peak stays within
+    # the extreme's (a segment whose backward comes after the peak can be kept)
+    cheaper = relaxed(choices, extreme, lambda a: peak(a) <= peak(extreme))
+    if cheaper != extreme:
+        gm2, plan2 = planner.plan(modes_of(cheaper), budget, seconds_of(cheaper))
+        if plan2.predicted_peak_bytes <= plan.predicted_peak_bytes:
+            gm, plan = gm2, plan2
     return (gm, plan) if plan.predicted_peak_bytes <= room else plan
 
 

@@ -9,7 +9,7 @@ never both taken. The solver never looks at a graph.
 - Up to `EXACT_LIMIT` assignments: all of them, cheapest first; the first that fits
   is the optimum.
 - Beyond: greedy by bytes saved per second added, the prefix that fits found by
-  bisection, then each chosen option dropped again where the rest still fits.
+  bisection, then each chosen option moved to a cheaper one where the whole still fits.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Choice", "Solution", "solve", "EXACT_LIMIT"]
+__all__ = ["Choice", "Solution", "solve", "relaxed", "EXACT_LIMIT"]
 
 EXACT_LIMIT = 4096
 
@@ -96,7 +96,7 @@ def _greedy(choices, evaluate, limit) -> dict[str, int] | None:
     """Choices ranked by bytes saved per second of their best option; the shortest
     ranked prefix that fits (by bisection), or else the cheaper extreme (every choice at
     its first or its last option) that fits, or else coordinate descent on the peak;
-    then each chosen option dropped again where the rest still fits."""
+    then each chosen option moved to a cheaper one where the rest still fits."""
     ranked = []
     for choice in choices:
         best = max(range(1, len(choice.seconds)), key=lambda o: choice.saved_bytes[o] if choice.saved_bytes else o)
@@ -160,8 +160,22 @@ def _greedy(choices, evaluate, limit) -> dict[str, int] | None:
                 break
         if current > limit:
             return None
+    return relaxed(choices, assignment, fits)
+
+
+def relaxed(choices: list[Choice], assignment: dict[str, int], fits: Callable[[dict[str, int]], bool]) -> dict[str, int]:
+    """`assignment` with each choice, dearest first, moved to the cheapest option
+    (leaving it as it is included) with which the whole still `fits`."""
+    by_key = {c.key: c for c in choices}
     for key in sorted(assignment, key=lambda k: -by_key[k].seconds[assignment[k]]):
-        trial = {k: v for k, v in assignment.items() if k != key}
-        if fits(trial):
-            assignment = trial
+        choice = by_key[key]
+        cheaper = sorted((o for o in range(len(choice.seconds)) if choice.seconds[o] < choice.seconds[assignment[key]]),
+                         key=lambda o: choice.seconds[o])
+        for option in cheaper:
+            trial = {k: v for k, v in assignment.items() if k != key}
+            if option:
+                trial[key] = option
+            if fits(trial):
+                assignment = trial
+                break
     return assignment

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from rewriter.solve import EXACT_LIMIT, Choice, solve
+from rewriter.solve import EXACT_LIMIT, Choice, relaxed, solve
 
 
 def brute_force(choices, peak, limit):
@@ -111,3 +111,26 @@ def test_greedy_never_takes_choices_that_share_members():
         solution = solve(choices, peak, limit)
         assert not _meet(choices, solution.assignment)
         assert solution.fits and peak(solution.assignment) <= limit
+
+
+def test_relaxed_moves_each_choice_to_its_cheapest_option_that_still_fits():
+    choices = [Choice("a", (0.0, 1.0, 3.0)), Choice("b", (0.0, 2.0, 5.0)), Choice("c", (0.0, 4.0))]
+    saved = {"a": (0, 10, 20), "b": (0, 5, 30), "c": (0, 50)}
+
+    def fits(assignment):
+        return 100 - sum(saved[k][o] for k, o in assignment.items()) <= 50
+
+    # 50 bytes must be saved. From every choice at its dearest option (saving 100), the
+    # dearest first: b (5 s) drops (a and c save 70), c (4 s) stays (a alone saves 20),
+    # a (3 s) drops (c alone saves 50)
+    assert relaxed(choices, {"a": 2, "b": 2, "c": 1}, fits) == {"c": 1}
+    # without c, a and b save exactly 50: neither can move
+    assert relaxed(choices[:2], {"a": 2, "b": 2}, fits) == {"a": 2, "b": 2}
+    loose = {"a": (0, 10, 20), "b": (0, 40, 45)}
+
+    def fits_loose(assignment):
+        return 100 - sum(loose[k][o] for k, o in assignment.items()) <= 50
+
+    # b cannot drop (a saves 20) but moves to option 1 (60 saved); then a moves to its
+    # option 1 (50 saved), not to nothing (40)
+    assert relaxed(choices[:2], {"a": 2, "b": 2}, fits_loose) == {"a": 1, "b": 1}
