@@ -10,7 +10,9 @@ candidate, offered only where that frees something, and the solver takes or leav
 each group whole.
 
 Lossless kinds (used by default): relu, leaky_relu, dropout, max_pool2d, avg_pool2d.
-Lossy kinds (only with `bits`): conv, linear, batch_norm (training mode).
+Lossy kinds (only with `bits`): conv, linear, batch_norm (training mode). A BatchNorm
+whose output only a ReLU reads, and whose ReLU only a convolution or Linear reads, is
+grouped with both and the three run as one op that keeps one copy (`fusable`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from passes import compressed_ops
 from passes.compressed_ops import BITS
 from passes.names import fresh_name
 
-__all__ = ["LOSSLESS", "LOSSY", "Group", "kind", "groups", "calibrate_bits", "bits_for", "lossy_nodes", "sensitivity", "apply", "form_of"]
+__all__ = ["LOSSLESS", "LOSSY", "Group", "kind", "groups", "fusable", "calibrate_bits", "bits_for", "lossy_nodes", "sensitivity", "apply", "form_of"]
 
 LOSSLESS = ("relu", "leaky_relu", "dropout", "max_pool2d", "avg_pool2d")
 LOSSY = ("conv", "linear", "batch_norm")
@@ -102,10 +104,18 @@ class Group:
     nodes: tuple[str, ...]  # in graph order
     kinds: tuple[str, ...]
     freed_bytes: int  # at the example batch: the storages only members hold
+    fused: tuple[tuple[str, str, str], ...] = ()  # (batch_norm, relu, consumer) run as one op (see `fusable`)
 
     @property
     def key(self) -> str:
         return "compress:" + self.nodes[0]
+
+    @property
+    def outs(self) -> tuple[str, ...]:
+        """The members that stay nodes once compressed (a fused triple is one node, named
+        as its consumer)."""
+        gone = {n for bn, relu, _ in self.fused for n in (bn, relu)}
+        return tuple(n for n in self.nodes if n not in gone)
 
     @property
     def lossless(self) -> bool:
@@ -125,6 +135,9 @@ def groups(gm: fx.GraphModule, base: Costs, lossy: Collection[str] = ()) -> list
             n = parent[n]
         return n
 
+    triples = [t for t in fusable(gm) if set(t) <= allowed]
+    for bn, relu, _ in triples:  # one op keeps one copy for all three: taken or left together
+        parent[root(bn)] = root(relu)
     freed: dict[str, int] = {}
     for tensor in saved_tensors(base):
         if not tensor.held_by or not set(tensor.held_by) <= allowed:
@@ -141,8 +154,29 @@ def groups(gm: fx.GraphModule, base: Costs, lossy: Collection[str] = ()) -> list
     for name in order:
         if name in allowed and root(name) in totals:
             members.setdefault(root(name), []).append(name)
-    found = [Group(tuple(ns), tuple(kinds[n] for n in ns), totals[r]) for r, ns in members.items()]
+    found = [Group(tuple(ns), tuple(kinds[n] for n in ns), totals[r], tuple(t for t in triples if set(t) <= set(ns)))
+             for r, ns in members.items()]
     return sorted(found, key=lambda g: order.index(g.nodes[0]))
+
+
+def fusable(gm: fx.GraphModule) -> list[tuple[str, str, str]]:
+    """(batch_norm, relu, consumer) module calls where the BatchNorm's output goes only
+    to the ReLU and the ReLU's only to the consumer (a convolution or Linear): compressed
+    together, they run as one op that keeps one quantized copy of the BatchNorm's input
+    and a 1-bit mask (`compressed_ops.norm_relu_call`), where apart they keep a copy of
+    the BatchNorm's input, a mask and a copy of the ReLU's output."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or kind(gm, node) not in ("conv", "linear"):
+            continue
+        relu = node.args[0]
+        if not isinstance(relu, fx.Node) or kind(gm, relu) != "relu" or list(relu.users) != [node]:
+            continue
+        bn = relu.args[0]
+        if (isinstance(bn, fx.Node) and bn.op == "call_module" and kind(gm, bn) == "batch_norm"
+                and list(bn.users) == [relu]):
+            found.append((bn.name, relu.name, node.name))
+    return found
 
 
 def lossy_nodes(gm: fx.GraphModule) -> list[str]:
@@ -249,6 +283,8 @@ def apply(gm: fx.GraphModule, chosen: dict[str, str]) -> fx.GraphModule:
     missing = [n for n in chosen if n not in present or kind(gm, present[n]) is None]
     if missing:
         raise ValueError(f"compress: nodes {missing} are not compressible nodes of this graph")
+    fused = {consumer: (bn, relu) for bn, relu, consumer in fusable(gm) if {bn, relu, consumer} <= set(chosen)}
+    skipped = {n for pair in fused.values() for n in pair}  # run inside their consumer's fused op
     for node in gm.graph.nodes:
         if node.name not in chosen:
             env[node] = graph.node_copy(node, lambda n: env[n])
@@ -257,6 +293,17 @@ def apply(gm: fx.GraphModule, chosen: dict[str, str]) -> fx.GraphModule:
         bits = _bits(chosen[node.name])
         if (bits is None) != (found in LOSSLESS):
             raise ValueError(f"compress: node {node.name!r} ({found}) cannot be compressed {chosen[node.name]!r}")
+        if node.name in skipped:
+            continue
+        if node.name in fused:
+            bn, relu = (present[n] for n in fused[node.name])
+            owners = [graph.create_node("get_attr", m.target, name=fresh_name(f"{m.name}_module", present)) for m in (bn, node)]
+            widest = max(bits, _bits(chosen[bn.name]))  # one copy serves both: the finer width
+            call = graph.create_node("call_function", compressed_ops.norm_relu_call, (*owners, env[bn.args[0]]),
+                                     {"bits": widest}, name=node.name)
+            call.meta["rewriter"] = {"strategy": "compress", "form": f"{widest}-bit", "fused": (bn.name, relu.name)}
+            env[node] = call
+            continue
         args = fx.node.map_arg(node.args, lambda n: env[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
         if node.op == "call_module":

@@ -12,6 +12,12 @@ Lossy, opt-in (`bits` in 8, 4, 2; the forward stays exact):
                      values to `bits` with stochastic (unbiased) rounding, min and
                      scale per group in float32; the backward runs PyTorch's backward
                      kernels on the dequantized input.
+  norm_relu_call     BatchNorm, ReLU and the convolution or Linear that alone reads
+                     the ReLU: one copy of the BatchNorm input, quantized with a range
+                     per group on each side of the ReLU's threshold, and the exact mask
+                     (apart: two copies and the mask).
+Quantizing and the backward of conv and BatchNorm work a block of channels at a time,
+so neither a float working copy nor the dequantized input exists whole.
 
 Stochastic rounding draws from a generator of its own, so the model's random stream
 (dropout masks) is the same as eager's.
@@ -24,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 
-__all__ = ["GROUP", "BITS", "pack_bits", "unpack_bits", "grouped", "quantize", "dequantize",
-           "relu", "leaky_relu", "dropout", "max_pool2d", "avg_pool2d",
-           "conv", "linear", "batch_norm", "module_call"]
+__all__ = ["GROUP", "BITS", "CHUNKS", "pack_bits", "unpack_bits", "grouped", "quantize", "dequantize",
+           "manual_seed", "relu", "leaky_relu", "dropout", "max_pool2d", "avg_pool2d",
+           "conv", "linear", "batch_norm", "module_call", "norm_relu_call"]
 
 GROUP = 64  # values per quantization group: min and scale (8 bytes) per group
 BITS = (8, 4, 2)
@@ -34,10 +40,20 @@ BITS = (8, 4, 2)
 _GENERATORS: dict[torch.device, torch.Generator] = {}
 
 
+_SEED = [0]
+
+
 def _generator(device: torch.device) -> torch.Generator:
     if device not in _GENERATORS:
-        _GENERATORS[device] = torch.Generator(device=device).manual_seed(0)
+        _GENERATORS[device] = torch.Generator(device=device).manual_seed(_SEED[0])
     return _GENERATORS[device]
+
+
+def manual_seed(seed: int) -> None:
+    """Restart the stochastic rounding's own random stream (every device) from `seed`:
+    lossy compression then draws the same roundings as a fresh process seeded so."""
+    _SEED[0] = int(seed)
+    _GENERATORS.clear()
 
 
 # ---- packing ---------------------------------------------------------------------------
@@ -62,7 +78,9 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """A bool tensor as bits, 8 per uint8 (padded to a multiple of 8)."""
     flat = mask.reshape(-1).view(torch.uint8)
-    return _pack(F.pad(flat, (0, (-flat.numel()) % 8)), 1)
+    padded = torch.zeros(flat.numel() + (-flat.numel()) % 8, dtype=torch.uint8, device=mask.device)
+    padded[: flat.numel()] = flat  # padded by copying in (F.pad needs a concrete width)
+    return _pack(padded, 1)
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -70,26 +88,76 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return _unpack(packed, 1)[:numel].view(torch.bool).view(shape)
 
 
-def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+CHUNKS = 16  # quantize and dequantize a tensor this many channel blocks at a time
+
+
+def _channel_blocks(channels: int, count: int = CHUNKS) -> list[tuple[int, int]]:
+    """At most `count` (start, stop) channel ranges covering `channels`: the working
+    copies exist one block at a time (a fixed count, so costs stay affine in the batch)."""
+    step = -(-channels // count)
+    return [(c, min(c + step, channels)) for c in range(0, channels, step)]
+
+
+def _as_channels(x: torch.Tensor) -> torch.Tensor:
+    """`x` as (channels, batch, rest): dim 1 holds the channels (a 1-D tensor: one)."""
+    if x.dim() > 1:
+        return x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 1)
+    return x.view(1, 1, -1)
+
+
+def quantize(x: torch.Tensor, bits: int, split: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(packed codes, per-group low, per-group scale): each value stochastically rounded
-    to one of 2**bits levels between its group's min and max (unbiased)."""
+    to one of 2**bits levels between its group's min and max (unbiased). Groups are
+    rows of GROUP values of one channel (see `grouped`); the work is done a block of
+    channels at a time, so the float working copy is a fraction of `x`.
+
+    With `split` (a bool tensor shaped as `x`), each group has two ranges, one for the
+    values where `split` is False and one where it is True (low and scale are then
+    (groups, 2)): values on either side of a ReLU's threshold get levels of their own."""
     if bits not in BITS:
         raise ValueError(f"bits={bits} is not one of {BITS}")
-    scaled = grouped(x.detach())  # a copy
-    low = scaled.amin(1, keepdim=True)
+    moved = _as_channels(x.detach())
+    sides = None if split is None else _as_channels(split)
+    channels, length = moved.shape[0], moved.shape[1] * moved.shape[2]
+    rows_per_channel = (length + (-length) % GROUP) // GROUP
+    packed = torch.empty(channels * rows_per_channel * GROUP * bits // 8, dtype=torch.uint8, device=x.device)
+    low = torch.empty((channels * rows_per_channel, 1 if split is None else 2), dtype=torch.float32, device=x.device)
+    scale = torch.empty_like(low)
     levels = 2**bits - 1
-    scale = (scaled.amax(1, keepdim=True) - low) / levels
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scaled.sub_(low).div_(scale).mul_(256).floor_()
-    # + u in [0, 1) with u = k / 256: floor(v + u) for v in 1/256 steps, in integers
-    noise = torch.empty(scaled.shape, dtype=torch.uint8, device=x.device).random_(0, 256, generator=_generator(x.device))
-    codes = scaled.add_(noise).div_(256).floor_().clamp_(0, levels).to(torch.uint8)
-    return _pack(codes.view(-1), bits), low, scale
+    for start, stop in _channel_blocks(channels):
+        rows = grouped(moved[start:stop], channels_first=True)
+        row_slice = slice(start * rows_per_channel, stop * rows_per_channel)
+        block_low, block_scale = low[row_slice], scale[row_slice]
+        if sides is None:
+            block_low.copy_(rows.amin(1, keepdim=True))
+            block_scale.copy_(rows.amax(1, keepdim=True)).sub_(block_low).div_(levels)
+            block_scale.masked_fill_(block_scale <= 0, 1.0)
+            rows.sub_(block_low).div_(block_scale)
+        else:
+            chosen = grouped(sides[start:stop], channels_first=True).bool()
+            for column, side in enumerate((~chosen, chosen)):
+                lowest = rows.masked_fill(~side, float("inf")).amin(1)
+                spread = rows.masked_fill(~side, float("-inf")).amax(1).sub_(lowest).div_(levels)
+                block_low[:, column] = torch.where(lowest.isfinite(), lowest, 0.0)
+                block_scale[:, column] = torch.where(spread > 0, spread, 1.0)
+            rows.sub_(torch.where(chosen, block_low[:, 1:], block_low[:, :1]))
+            rows.div_(torch.where(chosen, block_scale[:, 1:], block_scale[:, :1]))
+            del chosen
+        rows.mul_(256).floor_()
+        # + u in [0, 1) with u = k / 256: floor(v + u) for v in 1/256 steps, in integers
+        noise = torch.empty(rows.shape, dtype=torch.uint8, device=x.device).random_(0, 256, generator=_generator(x.device))
+        codes = rows.add_(noise).div_(256).floor_().clamp_(0, levels).to(torch.uint8)
+        per_byte = 8 // bits
+        packed[start * rows_per_channel * GROUP // per_byte: stop * rows_per_channel * GROUP // per_byte].copy_(
+            _pack(codes.view(-1), bits))
+    return packed, low, scale
 
 
-def grouped(x: torch.Tensor) -> torch.Tensor:
-    """A float copy of `x` as rows of GROUP values, each row from one channel (dim 1)."""
-    moved = x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 1) if x.dim() > 1 else x.view(1, 1, -1)
+def grouped(x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
+    """A float copy of `x` as rows of GROUP values, each row from one channel (dim 1;
+    dim 0 with `channels_first`, for an (channels, batch, rest) view), each channel
+    padded with zeros to whole rows."""
+    moved = x if channels_first else _as_channels(x)
     length = moved.shape[1] * moved.shape[2]
     rows = torch.zeros((moved.shape[0], length + (-length) % GROUP), dtype=torch.float32, device=x.device)
     rows[:, :length].view(moved.shape).copy_(moved)
@@ -98,13 +166,19 @@ def grouped(x: torch.Tensor) -> torch.Tensor:
 
 def dequantize(packed: torch.Tensor, low: torch.Tensor, scale: torch.Tensor, bits: int,
                shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    channels = shape[1] if len(shape) > 1 else 1
-    values = _unpack(packed, bits).view(-1, GROUP).float().mul_(scale).add_(low).view(channels, -1)
-    per_channel = values[:, : shape.numel() // channels]
-    if len(shape) == 1:
-        return per_channel.reshape(shape).to(dtype)
-    moved = (shape[1], shape[0], *shape[2:])
-    return per_channel.reshape(moved).movedim(0, 1).to(dtype, memory_format=torch.contiguous_format)
+    """The tensor `quantize` was given, to within one level per value, built a block of
+    channels at a time into its final (contiguous) layout."""
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    moved = _as_channels(out)
+    channels, length = moved.shape[0], moved.shape[1] * moved.shape[2]
+    rows_per_channel = low.shape[0] // channels
+    per_byte = 8 // bits
+    for start, stop in _channel_blocks(channels):
+        row_slice = slice(start * rows_per_channel, stop * rows_per_channel)
+        codes = _unpack(packed[start * rows_per_channel * GROUP // per_byte: stop * rows_per_channel * GROUP // per_byte], bits)
+        values = codes.view(-1, GROUP).float().mul_(scale[row_slice]).add_(low[row_slice]).view(stop - start, -1)
+        moved[start:stop].copy_(values[:, :length].view(stop - start, moved.shape[1], moved.shape[2]))
+    return out
 
 
 # ---- lossless --------------------------------------------------------------------------
@@ -242,33 +316,123 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
 
 
 # ---- lossy -----------------------------------------------------------------------------
-def _save_quantized(ctx, x: torch.Tensor, bits: int, *others) -> None:
-    ctx.save_for_backward(*quantize(x, bits), *others)
-    ctx.bits, ctx.shape, ctx.dtype = bits, x.shape, x.dtype
+# The backward of a lossy op works a block of channels at a time (BatchNorm is per
+# channel; a convolution is a sum over its input channels, or over its groups), so the
+# dequantized input exists one block at a time, not whole beside the input gradient.
+BACKWARD_BLOCKS = 4
 
 
-def _restored(ctx) -> tuple[torch.Tensor, tuple]:
-    packed, low, scale, *others = ctx.saved_tensors
-    return dequantize(packed, low, scale, ctx.bits, ctx.shape, ctx.dtype), others
+class _Copy:
+    """A tensor quantized for the backward: its channels are dequantized a block at a time."""
+
+    def __init__(self, x: torch.Tensor, bits: int):
+        self.bits, self.shape, self.dtype = bits, x.shape, x.dtype
+
+    def channels(self, packed, low, scale, start: int, stop: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Channels [start, stop) of the quantized tensor, dequantized, contiguous;
+        `mask`: the split it was quantized with (see `quantize`), as `_pack_channels` keeps it."""
+        shape = self.shape
+        channels = shape[1] if len(shape) > 1 else 1
+        rows_per_channel = low.shape[0] // channels
+        per_byte = 8 // self.bits
+        width = rows_per_channel * GROUP // per_byte
+        rows = slice(start * rows_per_channel, stop * rows_per_channel)
+        codes = _unpack(packed[start * width: stop * width], self.bits)
+        values = codes.view(-1, GROUP).float()
+        if mask is None:
+            values.mul_(scale[rows]).add_(low[rows])
+        else:
+            chosen = grouped(_as_channels(_unpack_channels(mask, shape, start, stop)), channels_first=True).bool()
+            values.mul_(torch.where(chosen, scale[rows][:, 1:], scale[rows][:, :1]))
+            values.add_(torch.where(chosen, low[rows][:, 1:], low[rows][:, :1]))
+            del chosen
+        values = values.view(stop - start, -1)
+        block = (shape[0], stop - start, *shape[2:]) if len(shape) > 1 else shape
+        out = torch.empty(block, dtype=self.dtype, device=packed.device)
+        moved = _as_channels(out)
+        moved.copy_(values[:, : moved.shape[1] * moved.shape[2]].view(moved.shape))
+        return out
+
+
+def _pack_channels(mask: torch.Tensor) -> torch.Tensor:
+    """A bool (N, C, ...) tensor as bits, each channel's bytes apart: (C, bytes)."""
+    moved = _as_channels(mask).reshape(mask.shape[1] if mask.dim() > 1 else 1, -1).view(torch.uint8)
+    padded = torch.zeros((moved.shape[0], moved.shape[1] + (-moved.shape[1]) % 8), dtype=torch.uint8, device=mask.device)
+    padded[:, : moved.shape[1]] = moved  # padded by copying in (F.pad needs a concrete width)
+    return _pack(padded.view(-1), 1).view(moved.shape[0], -1)
+
+
+def _unpack_channels(packed: torch.Tensor, shape: torch.Size, start: int, stop: int) -> torch.Tensor:
+    """Channels [start, stop) of a `_pack_channels` mask, as a bool (N, stop - start, ...) tensor."""
+    per_channel = shape.numel() // (shape[1] if len(shape) > 1 else 1)
+    bits = _unpack(packed[start:stop].reshape(-1), 1).view(stop - start, -1)[:, :per_channel]
+    block = (stop - start, shape[0], *shape[2:]) if len(shape) > 1 else (1, *shape)
+    return bits.view(torch.bool).reshape(block).movedim(0, 1) if len(shape) > 1 else bits.view(torch.bool).view(shape)
+
+
+def _conv_blocks(channels: int, out_channels: int, groups: int) -> list[tuple[slice, slice]]:
+    """(input channels, output channels) of each block a convolution's backward takes
+    apart: input-channel blocks over all outputs (groups == 1), or blocks of whole groups."""
+    if groups == 1:
+        return [(slice(a, b), slice(0, out_channels)) for a, b in _channel_blocks(channels, BACKWARD_BLOCKS)]
+    per_in, per_out = channels // groups, out_channels // groups
+    return [(slice(a * per_in, b * per_in), slice(a * per_out, b * per_out)) for a, b in _channel_blocks(groups, BACKWARD_BLOCKS)]
+
+
+def _conv_backward_block(grad, x, weight, conv_args, inputs: slice, outputs: slice, needs) -> tuple:
+    """Input and weight gradients of one block of `_conv_blocks`: (input gradient of
+    channels `inputs`, weight gradient of its slice (or None))."""
+    stride, padding, dilation, groups = conv_args
+    if groups == 1:
+        w, g, blocks = weight[:, inputs], grad, 1
+    else:
+        w, g, blocks = weight[outputs], grad[:, outputs], (inputs.stop - inputs.start) // (weight.shape[1])
+    dims = weight.dim() - 2
+    grad_in, grad_weight, _ = torch.ops.aten.convolution_backward(
+        g.contiguous(), x, w.contiguous(), None, stride, padding, dilation, False, [0] * dims, blocks, [needs[0], needs[1], False])
+    return grad_in, grad_weight
+
+
+def _conv_backward(grad, copy: _Copy, saved, weight, conv_args, has_bias: bool, needs, rebuild=None, mask=None) -> tuple:
+    """(input, weight, bias) gradients of a convolution whose input is `copy`, a block
+    of channels at a time (`saved`: packed, low, scale; `mask`: the split it was
+    quantized with); `rebuild(block, channels)` maps a dequantized block to the
+    convolution's actual input (identity if None)."""
+    channels, out_channels = copy.shape[1], weight.shape[0]
+    grad_in = grad.new_empty(copy.shape) if needs[0] else None
+    grad_weight = torch.empty_like(weight) if needs[1] else None
+    for inputs, outputs in _conv_blocks(channels, out_channels, conv_args[3]):
+        block = copy.channels(*saved, inputs.start, inputs.stop, mask)
+        if rebuild is not None:
+            block = rebuild(block, inputs)
+        gi, gw = _conv_backward_block(grad, block, weight, conv_args, inputs, outputs, needs)
+        del block
+        if gi is not None:
+            grad_in[:, inputs] = gi
+        if gw is not None:
+            if conv_args[3] == 1:
+                grad_weight[:, inputs] = gw
+            else:
+                grad_weight[outputs] = gw
+    grad_bias = grad.sum([0, *range(2, grad.dim())]) if has_bias and needs[2] else None
+    return grad_in, grad_weight, grad_bias
 
 
 class _Conv(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, bits):
         dims = weight.dim() - 2
-        ctx.args = (stride, padding, dilation, groups, dims, bias is not None)
-        _save_quantized(ctx, x, bits, weight)
+        ctx.conv_args, ctx.has_bias = (stride, padding, dilation, groups), bias is not None
+        ctx.copy = _Copy(x, bits)
+        ctx.save_for_backward(*quantize(x, bits), weight)
         return (F.conv1d, F.conv2d, F.conv3d)[dims - 1](x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
-        x, (weight,) = _restored(ctx)
-        stride, padding, dilation, groups, dims, has_bias = ctx.args
-        needs = ctx.needs_input_grad
-        grad_in, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation,
-            False, [0] * dims, groups, [needs[0], needs[1], has_bias and needs[2]])
-        return grad_in, grad_weight, grad_bias, None, None, None, None, None
+        packed, low, scale, weight = ctx.saved_tensors
+        grads = _conv_backward(grad, ctx.copy, (packed, low, scale), weight, ctx.conv_args, ctx.has_bias,
+                               ctx.needs_input_grad)
+        return (*grads, None, None, None, None, None)
 
 
 def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1, bits: int = 4):
@@ -281,26 +445,52 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
     return _Conv.apply(x, weight, bias, many(stride), many(padding), many(dilation), int(groups), bits)
 
 
+def _linear_backward(grad, x, weight, has_bias: bool, needs) -> tuple:
+    flat_grad = grad.reshape(-1, grad.shape[-1])
+    grad_in = grad @ weight if needs[0] else None
+    grad_weight = flat_grad.t() @ x.reshape(-1, x.shape[-1]) if needs[1] else None
+    return grad_in, grad_weight, flat_grad.sum(0) if has_bias and needs[2] else None
+
+
 class _Linear(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, bits):
         ctx.has_bias = bias is not None
-        _save_quantized(ctx, x, bits, weight)
+        ctx.save_for_backward(*quantize(x, bits), weight)
+        ctx.bits, ctx.shape, ctx.dtype = bits, x.shape, x.dtype
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, (weight,) = _restored(ctx)
-        needs = ctx.needs_input_grad
-        grad_in = grad @ weight if needs[0] else None
-        flat_grad = grad.reshape(-1, grad.shape[-1])
-        grad_weight = flat_grad.t() @ x.reshape(-1, x.shape[-1]) if needs[1] else None
-        grad_bias = flat_grad.sum(0) if ctx.has_bias and needs[2] else None
-        return grad_in, grad_weight, grad_bias, None
+        packed, low, scale, weight = ctx.saved_tensors
+        x = dequantize(packed, low, scale, ctx.bits, ctx.shape, ctx.dtype)
+        return (*_linear_backward(grad, x, weight, ctx.has_bias, ctx.needs_input_grad), None)
 
 
 def linear(x, weight, bias=None, bits: int = 4):
     return _Linear.apply(x, weight, bias, bits)
+
+
+def _batch_norm_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
+    """Training-mode batch norm as nn.BatchNorm runs it: (output, mean, invstd), the
+    running statistics and `num_batches_tracked` updated once."""
+    factor = 0.0 if momentum is None else momentum
+    if running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:  # a cumulative moving average
+            factor = 1.0 / float(num_batches_tracked)
+    return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
+
+
+def _batch_norm_backward_block(grad, x, weight, mean, invstd, eps, channels: slice, needs) -> tuple:
+    """BatchNorm's (input, weight, bias) gradients for `channels`, from their input `x`."""
+    return torch.ops.aten.native_batch_norm_backward(
+        grad, x, None if weight is None else weight[channels], None, None, mean[channels], invstd[channels],
+        True, eps, [needs[0], weight is not None and needs[1], needs[2]])
+
+
+def _per_channel(values: torch.Tensor, dims: int) -> torch.Tensor:
+    return values.view((1, -1) + (1,) * (dims - 2))
 
 
 class _BatchNorm(Function):
@@ -308,29 +498,132 @@ class _BatchNorm(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, bits):
-        factor = 0.0 if momentum is None else momentum
-        if running_mean is not None and num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-            if momentum is None:  # a cumulative moving average
-                factor = 1.0 / float(num_batches_tracked)
-        out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
-        _save_quantized(ctx, x, bits, mean, invstd, weight)
-        ctx.eps, ctx.has_weight, ctx.has_bias = eps, weight is not None, bias is not None
+        out, mean, invstd = _batch_norm_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+        ctx.copy = _Copy(x, bits)
+        ctx.save_for_backward(*quantize(x, bits), mean, invstd, weight)
+        ctx.eps, ctx.has_bias = eps, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, (mean, invstd, weight) = _restored(ctx)
-        needs = ctx.needs_input_grad
-        grad_in, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad, x, weight if ctx.has_weight else None, None, None, mean, invstd, True, ctx.eps,
-            [needs[0], ctx.has_weight and needs[1], ctx.has_bias and needs[2]])
+        packed, low, scale, mean, invstd, weight = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        shape = ctx.copy.shape
+        grad_in = grad.new_empty(shape) if needs[0] else None
+        grad_weight = torch.empty_like(weight) if weight is not None and needs[1] else None
+        grad_bias = grad.new_empty(shape[1]) if needs[2] else None
+        for start, stop in _channel_blocks(shape[1], BACKWARD_BLOCKS):
+            channels = slice(start, stop)
+            x = ctx.copy.channels(packed, low, scale, start, stop)
+            gi, gw, gb = _batch_norm_backward_block(grad[:, channels].contiguous(), x, weight, mean, invstd, ctx.eps,
+                                                    channels, needs)
+            del x
+            if grad_in is not None:
+                grad_in[:, channels] = gi
+            if grad_bias is not None:
+                grad_bias[channels] = gb
+            if grad_weight is not None:
+                grad_weight[channels] = gw
         return grad_in, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, bits: int = 4):
     """BatchNorm in training mode as nn.BatchNorm does it, keeping `x` quantized."""
     return _BatchNorm.apply(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, bits)
+
+
+class _NormReluConsumer(Function):
+    """Training-mode BatchNorm, ReLU, then a convolution or linear layer reading only the
+    ReLU's output, keeping for the backward one quantized copy of the BatchNorm input
+    and a 1-bit mask, where apart they keep a copy of the BatchNorm input, a mask and a
+    copy of the ReLU's output. The backward, a block of channels at a time: the
+    consumer's backward reads relu(batch_norm(dequantized input)), rebuilt with the mask
+    (exactly 0 where the ReLU passed nothing); the ReLU's backward is the exact mask;
+    BatchNorm's reads the dequantized input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                c_weight, c_bias, conv_args, bits):
+        out, mean, invstd = _batch_norm_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+        out = out.relu_()
+        passed = ~(out <= 0)  # eager's threshold_backward: zero where the result is <= 0
+        if conv_args is None:
+            result = F.linear(out, c_weight, c_bias)
+        else:
+            stride, padding, dilation, groups = conv_args
+            result = (F.conv1d, F.conv2d, F.conv3d)[c_weight.dim() - 3](out, c_weight, c_bias, stride, padding, dilation, groups)
+        ctx.copy = _Copy(x, bits)
+        ctx.save_for_backward(*quantize(x, bits, passed), _pack_channels(passed), mean, invstd, weight, bias, c_weight)
+        ctx.eps, ctx.conv_args, ctx.has_c_bias = eps, conv_args, c_bias is not None
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, low, scale, mask, mean, invstd, weight, bias, c_weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        shape, dims = ctx.copy.shape, len(ctx.copy.shape)
+        gain = invstd if weight is None else invstd * weight
+        shift = -mean * gain if bias is None else bias - mean * gain
+
+        def relu_input(x, channels: slice):  # the ReLU's output, rebuilt for these channels
+            passed = _unpack_channels(mask, shape, channels.start, channels.stop)
+            return torch.where(passed, x * _per_channel(gain[channels], dims) + _per_channel(shift[channels], dims),
+                               x.new_zeros(()))
+
+        if ctx.conv_args is None:  # a Linear consumer: small, whole
+            x = ctx.copy.channels(packed, low, scale, 0, shape[1], mask)
+            grad_out, grad_c_weight, grad_c_bias = _linear_backward(
+                grad, relu_input(x, slice(0, shape[1])), c_weight, ctx.has_c_bias, [True, needs[8], needs[9]])
+            blocks = [(0, shape[1])]
+        else:
+            grad_out, grad_c_weight, grad_c_bias = _conv_backward(
+                grad, ctx.copy, (packed, low, scale), c_weight, ctx.conv_args, ctx.has_c_bias,
+                [True, needs[8], needs[9]], relu_input, mask)
+            blocks = _channel_blocks(shape[1], BACKWARD_BLOCKS)
+        bn_needs = [needs[0], weight is not None and needs[1], bias is not None and needs[2]]
+        grad_in = grad.new_empty(shape) if needs[0] else None
+        grad_weight = torch.empty_like(weight) if bn_needs[1] else None
+        grad_bias = torch.empty_like(bias) if bn_needs[2] else None
+        for start, stop in blocks:
+            channels = slice(start, stop)
+            passed = _unpack_channels(mask, shape, start, stop)
+            g = grad_out[:, channels].masked_fill(~passed, 0)
+            del passed
+            x = ctx.copy.channels(packed, low, scale, start, stop, mask)
+            gi, gw, gb = _batch_norm_backward_block(g, x, weight, mean, invstd, ctx.eps, channels, bn_needs)
+            del x, g
+            if grad_in is not None:
+                grad_in[:, channels] = gi
+            if grad_weight is not None:
+                grad_weight[channels] = gw
+            if grad_bias is not None:
+                grad_bias[channels] = gb
+        return (grad_in, grad_weight, grad_bias, None, None, None, None, None,
+                grad_c_weight, grad_c_bias, None, None)
+
+
+def norm_relu_call(norm: nn.Module, consumer: nn.Module, x: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """`consumer(relu(norm(x)))` for a BatchNorm `norm` and a convolution or Linear
+    `consumer`, keeping one quantized copy of `x` and a mask for the backward (see
+    `_NormReluConsumer`); as the three modules run it where BatchNorm uses its running
+    statistics or nothing needs a gradient."""
+    params = [*norm.parameters(), *consumer.parameters()]
+    eval_stats = not norm.training and norm.track_running_stats
+    if eval_stats or not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
+        return consumer(F.relu(norm(x)))
+    if isinstance(consumer, nn.modules.conv._ConvNd):
+        conv_args = ([int(v) for v in consumer.stride], [int(v) for v in consumer.padding],
+                     [int(v) for v in consumer.dilation], int(consumer.groups))
+    elif isinstance(consumer, nn.Linear):
+        conv_args = None
+    else:
+        raise ValueError(f"norm_relu_call: the consumer is a {type(consumer).__name__}; a convolution or Linear is needed")
+    momentum = norm.momentum if norm.training else 0.0
+    tracked = norm.num_batches_tracked if norm.training else None
+    return _NormReluConsumer.apply(
+        x, norm.weight, norm.bias, norm.running_mean if norm.training else None,
+        norm.running_var if norm.training else None, tracked, momentum, norm.eps,
+        consumer.weight, consumer.bias, conv_args, bits)
 
 
 def module_call(module: nn.Module, x: torch.Tensor, bits: int | None = None) -> torch.Tensor:

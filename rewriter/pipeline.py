@@ -208,7 +208,7 @@ class _Planner:
             self.alternatives[mode] = self.compressed[mode]
         units = {s.output: (s.output, s.nodes) for s in self.segments}
         units.update({_INVERT + c.output: (c.output, c.nodes) for c in self.chains})
-        units.update({g.key: (g.nodes, g.nodes) for g in self.groups})
+        units.update({g.key: (g.outs, g.nodes) for g in self.groups})
         units.update({_ROWS + c.output: (c.output, c.nodes) for c in self.tiled})
         self._composer = Composer(self.base, list(self.alternatives.values()), units)
 
