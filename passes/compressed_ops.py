@@ -88,12 +88,25 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return _unpack(packed, 1)[:numel].view(torch.bool).view(shape)
 
 
-CHUNKS = 16  # quantize and dequantize a tensor this many channel blocks at a time
+CHUNKS = 16  # quantize and dequantize a large tensor in at most this many channel blocks
 
 
-def _channel_blocks(channels: int, count: int = CHUNKS) -> list[tuple[int, int]]:
+SAMPLE_VALUES_PER_BLOCK = 2**16  # a block per this many values of one sample (small tensors: one block)
+
+
+def _count(shape, most: int) -> int:
+    """How many channel blocks a tensor of `shape` is worked in: more for larger samples,
+    at most `most`. It depends on the size of one sample only, not on the batch, so a
+    profile's costs stay affine in the batch."""
+    per_sample = 1
+    for size in shape[1:]:
+        per_sample *= int(size)
+    return max(1, min(most, per_sample // SAMPLE_VALUES_PER_BLOCK)) if len(shape) > 1 else 1
+
+
+def _channel_blocks(channels: int, count: int) -> list[tuple[int, int]]:
     """At most `count` (start, stop) channel ranges covering `channels`: the working
-    copies exist one block at a time (a fixed count, so costs stay affine in the batch)."""
+    copies exist one block at a time."""
     step = -(-channels // count)
     return [(c, min(c + step, channels)) for c in range(0, channels, step)]
 
@@ -124,7 +137,7 @@ def quantize(x: torch.Tensor, bits: int, split: torch.Tensor | None = None) -> t
     low = torch.empty((channels * rows_per_channel, 1 if split is None else 2), dtype=torch.float32, device=x.device)
     scale = torch.empty_like(low)
     levels = 2**bits - 1
-    for start, stop in _channel_blocks(channels):
+    for start, stop in _channel_blocks(channels, _count(x.shape, CHUNKS)):
         rows = grouped(moved[start:stop], channels_first=True)
         row_slice = slice(start * rows_per_channel, stop * rows_per_channel)
         block_low, block_scale = low[row_slice], scale[row_slice]
@@ -173,7 +186,7 @@ def dequantize(packed: torch.Tensor, low: torch.Tensor, scale: torch.Tensor, bit
     channels, length = moved.shape[0], moved.shape[1] * moved.shape[2]
     rows_per_channel = low.shape[0] // channels
     per_byte = 8 // bits
-    for start, stop in _channel_blocks(channels):
+    for start, stop in _channel_blocks(channels, _count(shape, CHUNKS)):
         row_slice = slice(start * rows_per_channel, stop * rows_per_channel)
         codes = _unpack(packed[start * rows_per_channel * GROUP // per_byte: stop * rows_per_channel * GROUP // per_byte], bits)
         values = codes.view(-1, GROUP).float().mul_(scale[row_slice]).add_(low[row_slice]).view(stop - start, -1)
@@ -319,7 +332,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
 # The backward of a lossy op works a block of channels at a time (BatchNorm is per
 # channel; a convolution is a sum over its input channels, or over its groups), so the
 # dequantized input exists one block at a time, not whole beside the input gradient.
-BACKWARD_BLOCKS = 4
+BACKWARD_BLOCKS = 4  # at most this many blocks in a backward
 
 
 class _Copy:
@@ -370,13 +383,15 @@ def _unpack_channels(packed: torch.Tensor, shape: torch.Size, start: int, stop: 
     return bits.view(torch.bool).reshape(block).movedim(0, 1) if len(shape) > 1 else bits.view(torch.bool).view(shape)
 
 
-def _conv_blocks(channels: int, out_channels: int, groups: int) -> list[tuple[slice, slice]]:
-    """(input channels, output channels) of each block a convolution's backward takes
-    apart: input-channel blocks over all outputs (groups == 1), or blocks of whole groups."""
+def _conv_blocks(shape, out_channels: int, groups: int) -> list[tuple[slice, slice]]:
+    """(input channels, output channels) of each block the backward of a convolution
+    with input `shape` takes apart: input-channel blocks over all outputs (groups == 1),
+    or blocks of whole groups."""
+    channels, count = shape[1], _count(shape, BACKWARD_BLOCKS)
     if groups == 1:
-        return [(slice(a, b), slice(0, out_channels)) for a, b in _channel_blocks(channels, BACKWARD_BLOCKS)]
+        return [(slice(a, b), slice(0, out_channels)) for a, b in _channel_blocks(channels, count)]
     per_in, per_out = channels // groups, out_channels // groups
-    return [(slice(a * per_in, b * per_in), slice(a * per_out, b * per_out)) for a, b in _channel_blocks(groups, BACKWARD_BLOCKS)]
+    return [(slice(a * per_in, b * per_in), slice(a * per_out, b * per_out)) for a, b in _channel_blocks(groups, count)]
 
 
 def _conv_backward_block(grad, x, weight, conv_args, inputs: slice, outputs: slice, needs) -> tuple:
@@ -398,10 +413,10 @@ def _conv_backward(grad, copy: _Copy, saved, weight, conv_args, has_bias: bool, 
     of channels at a time (`saved`: packed, low, scale; `mask`: the split it was
     quantized with); `rebuild(block, channels)` maps a dequantized block to the
     convolution's actual input (identity if None)."""
-    channels, out_channels = copy.shape[1], weight.shape[0]
+    out_channels = weight.shape[0]
     grad_in = grad.new_empty(copy.shape) if needs[0] else None
     grad_weight = torch.empty_like(weight) if needs[1] else None
-    for inputs, outputs in _conv_blocks(channels, out_channels, conv_args[3]):
+    for inputs, outputs in _conv_blocks(copy.shape, out_channels, conv_args[3]):
         block = copy.channels(*saved, inputs.start, inputs.stop, mask)
         if rebuild is not None:
             block = rebuild(block, inputs)
@@ -512,7 +527,7 @@ class _BatchNorm(Function):
         grad_in = grad.new_empty(shape) if needs[0] else None
         grad_weight = torch.empty_like(weight) if weight is not None and needs[1] else None
         grad_bias = grad.new_empty(shape[1]) if needs[2] else None
-        for start, stop in _channel_blocks(shape[1], BACKWARD_BLOCKS):
+        for start, stop in _channel_blocks(shape[1], _count(shape, BACKWARD_BLOCKS)):
             channels = slice(start, stop)
             x = ctx.copy.channels(packed, low, scale, start, stop)
             gi, gw, gb = _batch_norm_backward_block(grad[:, channels].contiguous(), x, weight, mean, invstd, ctx.eps,
@@ -579,7 +594,7 @@ class _NormReluConsumer(Function):
             grad_out, grad_c_weight, grad_c_bias = _conv_backward(
                 grad, ctx.copy, (packed, low, scale), c_weight, ctx.conv_args, ctx.has_c_bias,
                 [True, needs[8], needs[9]], relu_input, mask)
-            blocks = _channel_blocks(shape[1], BACKWARD_BLOCKS)
+            blocks = _channel_blocks(shape[1], _count(shape, BACKWARD_BLOCKS))
         bn_needs = [needs[0], weight is not None and needs[1], bias is not None and needs[2]]
         grad_in = grad.new_empty(shape) if needs[0] else None
         grad_weight = torch.empty_like(weight) if bn_needs[1] else None
