@@ -183,15 +183,30 @@ def dequantize(packed: torch.Tensor, low: torch.Tensor, scale: torch.Tensor, bit
     channels at a time into its final (contiguous) layout."""
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     moved = _as_channels(out)
-    channels, length = moved.shape[0], moved.shape[1] * moved.shape[2]
-    rows_per_channel = low.shape[0] // channels
-    per_byte = 8 // bits
-    for start, stop in _channel_blocks(channels, _count(shape, CHUNKS)):
-        row_slice = slice(start * rows_per_channel, stop * rows_per_channel)
-        codes = _unpack(packed[start * rows_per_channel * GROUP // per_byte: stop * rows_per_channel * GROUP // per_byte], bits)
-        values = codes.view(-1, GROUP).float().mul_(scale[row_slice]).add_(low[row_slice]).view(stop - start, -1)
-        moved[start:stop].copy_(values[:, :length].view(stop - start, moved.shape[1], moved.shape[2]))
+    for start, stop in _channel_blocks(moved.shape[0], _count(shape, CHUNKS)):
+        _dequantize_into(moved[start:stop], packed, low, scale, bits, moved.shape[0], start)
     return out
+
+
+def _dequantize_into(target: torch.Tensor, packed, low, scale, bits: int, channels: int, start: int,
+                     split: torch.Tensor | None = None) -> None:
+    """Write channels start, start + 1, ... of a quantized tensor of `channels` channels
+    into `target`, their (channels, batch, rest) view. `split`: the same channels of
+    the mask it was quantized with (see `quantize`), in the same view."""
+    stop = start + target.shape[0]
+    rows_per_channel = low.shape[0] // channels
+    width = rows_per_channel * GROUP * bits // 8
+    rows = slice(start * rows_per_channel, stop * rows_per_channel)
+    values = _unpack(packed[start * width: stop * width], bits).view(-1, GROUP).float()
+    if split is None:
+        values.mul_(scale[rows]).add_(low[rows])
+    else:
+        chosen = grouped(split, channels_first=True).bool()
+        values.mul_(torch.where(chosen, scale[rows][:, 1:], scale[rows][:, :1]))
+        values.add_(torch.where(chosen, low[rows][:, 1:], low[rows][:, :1]))
+        del chosen
+    length = target.shape[1] * target.shape[2]
+    target.copy_(values.view(stop - start, -1)[:, :length].view(target.shape))
 
 
 # ---- lossless --------------------------------------------------------------------------
@@ -345,25 +360,10 @@ class _Copy:
         """Channels [start, stop) of the quantized tensor, dequantized, contiguous;
         `mask`: the split it was quantized with (see `quantize`), as `_pack_channels` keeps it."""
         shape = self.shape
-        channels = shape[1] if len(shape) > 1 else 1
-        rows_per_channel = low.shape[0] // channels
-        per_byte = 8 // self.bits
-        width = rows_per_channel * GROUP // per_byte
-        rows = slice(start * rows_per_channel, stop * rows_per_channel)
-        codes = _unpack(packed[start * width: stop * width], self.bits)
-        values = codes.view(-1, GROUP).float()
-        if mask is None:
-            values.mul_(scale[rows]).add_(low[rows])
-        else:
-            chosen = grouped(_as_channels(_unpack_channels(mask, shape, start, stop)), channels_first=True).bool()
-            values.mul_(torch.where(chosen, scale[rows][:, 1:], scale[rows][:, :1]))
-            values.add_(torch.where(chosen, low[rows][:, 1:], low[rows][:, :1]))
-            del chosen
-        values = values.view(stop - start, -1)
         block = (shape[0], stop - start, *shape[2:]) if len(shape) > 1 else shape
         out = torch.empty(block, dtype=self.dtype, device=packed.device)
-        moved = _as_channels(out)
-        moved.copy_(values[:, : moved.shape[1] * moved.shape[2]].view(moved.shape))
+        split = None if mask is None else _as_channels(_unpack_channels(mask, shape, start, stop))
+        _dequantize_into(_as_channels(out), packed, low, scale, self.bits, shape[1] if len(shape) > 1 else 1, start, split)
         return out
 
 
@@ -471,14 +471,14 @@ class _Linear(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, bits):
         ctx.has_bias = bias is not None
+        ctx.copy = _Copy(x, bits)
         ctx.save_for_backward(*quantize(x, bits), weight)
-        ctx.bits, ctx.shape, ctx.dtype = bits, x.shape, x.dtype
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         packed, low, scale, weight = ctx.saved_tensors
-        x = dequantize(packed, low, scale, ctx.bits, ctx.shape, ctx.dtype)
+        x = dequantize(packed, low, scale, ctx.copy.bits, ctx.copy.shape, ctx.copy.dtype)
         return (*_linear_backward(grad, x, weight, ctx.has_bias, ctx.needs_input_grad), None)
 
 
@@ -504,6 +504,30 @@ def _batch_norm_backward_block(grad, x, weight, mean, invstd, eps, channels: sli
         True, eps, [needs[0], weight is not None and needs[1], needs[2]])
 
 
+def _batch_norm_backward(grad, grad_of, copy: _Copy, saved, weight, mean, invstd, eps, needs, blocks,
+                         mask=None) -> tuple:
+    """BatchNorm's (input, weight, bias) gradients from its quantized input `copy`, a
+    block of channels at a time (`blocks`: (start, stop) ranges); `grad_of(channels)`
+    gives those channels of its output gradient `grad`, contiguous."""
+    shape = copy.shape
+    grad_in = grad.new_empty(shape) if needs[0] else None
+    grad_weight = torch.empty_like(weight) if needs[1] else None
+    grad_bias = grad.new_empty(shape[1]) if needs[2] else None
+    for start, stop in blocks:
+        channels = slice(start, stop)
+        g = grad_of(channels)
+        x = copy.channels(*saved, start, stop, mask)
+        gi, gw, gb = _batch_norm_backward_block(g, x, weight, mean, invstd, eps, channels, needs)
+        del x, g
+        if grad_in is not None:
+            grad_in[:, channels] = gi
+        if grad_weight is not None:
+            grad_weight[channels] = gw
+        if grad_bias is not None:
+            grad_bias[channels] = gb
+    return grad_in, grad_weight, grad_bias
+
+
 def _per_channel(values: torch.Tensor, dims: int) -> torch.Tensor:
     return values.view((1, -1) + (1,) * (dims - 2))
 
@@ -522,24 +546,13 @@ class _BatchNorm(Function):
     @staticmethod
     def backward(ctx, grad):
         packed, low, scale, mean, invstd, weight = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        needs = ctx.needs_input_grad
         shape = ctx.copy.shape
-        grad_in = grad.new_empty(shape) if needs[0] else None
-        grad_weight = torch.empty_like(weight) if weight is not None and needs[1] else None
-        grad_bias = grad.new_empty(shape[1]) if needs[2] else None
-        for start, stop in _channel_blocks(shape[1], _count(shape, BACKWARD_BLOCKS)):
-            channels = slice(start, stop)
-            x = ctx.copy.channels(packed, low, scale, start, stop)
-            gi, gw, gb = _batch_norm_backward_block(grad[:, channels].contiguous(), x, weight, mean, invstd, ctx.eps,
-                                                    channels, needs)
-            del x
-            if grad_in is not None:
-                grad_in[:, channels] = gi
-            if grad_bias is not None:
-                grad_bias[channels] = gb
-            if grad_weight is not None:
-                grad_weight[channels] = gw
-        return grad_in, grad_weight, grad_bias, None, None, None, None, None, None
+        grads = _batch_norm_backward(
+            grad, lambda channels: grad[:, channels].contiguous(), ctx.copy, (packed, low, scale), weight, mean, invstd,
+            ctx.eps, [needs[0], weight is not None and needs[1], ctx.has_bias and needs[2]],
+            _channel_blocks(shape[1], _count(shape, BACKWARD_BLOCKS)))
+        return (*grads, None, None, None, None, None, None)
 
 
 def batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, bits: int = 4):
@@ -595,26 +608,15 @@ class _NormReluConsumer(Function):
                 grad, ctx.copy, (packed, low, scale), c_weight, ctx.conv_args, ctx.has_c_bias,
                 [True, needs[8], needs[9]], relu_input, mask)
             blocks = _channel_blocks(shape[1], _count(shape, BACKWARD_BLOCKS))
-        bn_needs = [needs[0], weight is not None and needs[1], bias is not None and needs[2]]
-        grad_in = grad.new_empty(shape) if needs[0] else None
-        grad_weight = torch.empty_like(weight) if bn_needs[1] else None
-        grad_bias = torch.empty_like(bias) if bn_needs[2] else None
-        for start, stop in blocks:
-            channels = slice(start, stop)
-            passed = _unpack_channels(mask, shape, start, stop)
-            g = grad_out[:, channels].masked_fill(~passed, 0)
-            del passed
-            x = ctx.copy.channels(packed, low, scale, start, stop, mask)
-            gi, gw, gb = _batch_norm_backward_block(g, x, weight, mean, invstd, ctx.eps, channels, bn_needs)
-            del x, g
-            if grad_in is not None:
-                grad_in[:, channels] = gi
-            if grad_weight is not None:
-                grad_weight[channels] = gw
-            if grad_bias is not None:
-                grad_bias[channels] = gb
-        return (grad_in, grad_weight, grad_bias, None, None, None, None, None,
-                grad_c_weight, grad_c_bias, None, None)
+
+        def relu_grad(channels: slice):  # the ReLU's backward: the exact mask
+            passed = _unpack_channels(mask, shape, channels.start, channels.stop)
+            return grad_out[:, channels].masked_fill(~passed, 0)
+
+        grads = _batch_norm_backward(
+            grad_out, relu_grad, ctx.copy, (packed, low, scale), weight, mean, invstd, ctx.eps,
+            [needs[0], weight is not None and needs[1], bias is not None and needs[2]], blocks, mask)
+        return (*grads, None, None, None, None, None, grad_c_weight, grad_c_bias, None, None)
 
 
 def norm_relu_call(norm: nn.Module, consumer: nn.Module, x: torch.Tensor, bits: int = 4) -> torch.Tensor:

@@ -521,7 +521,8 @@ def _search(planner: _Planner, budget: int, beat: int | None = None,
     (gm, plan), extreme = min(verified, key=lambda item: item[0][1].predicted_peak_bytes)
     # then each choice moved to a cheaper option where the composed peak stays within
     # the extreme's (a segment whose backward comes after the peak can be kept)
-    cheaper = relaxed(choices, extreme, lambda a: peak(a) <= peak(extreme))
+    ceiling = peak(extreme)
+    cheaper = relaxed(choices, extreme, lambda a: peak(a) <= ceiling)
     if cheaper != extreme:
         gm2, plan2 = planner.plan(modes_of(cheaper), budget, seconds_of(cheaper))
         if plan2.predicted_peak_bytes <= plan.predicted_peak_bytes:
