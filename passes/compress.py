@@ -9,7 +9,8 @@ is it freed. `groups` therefore joins the nodes that hold a common storage into 
 candidate, offered only where that frees something, and the solver takes or leaves
 each group whole.
 
-Lossless kinds (used by default): relu, leaky_relu, dropout, max_pool2d, avg_pool2d.
+Lossless kinds (used by default): relu, leaky_relu, hardtanh (ReLU6 too), dropout,
+max_pool2d, avg_pool2d.
 Lossy kinds (only with `bits`): conv, linear, batch_norm (training mode). A BatchNorm
 whose output only a ReLU reads, and whose ReLU only a convolution or Linear reads, is
 grouped with both and the three run as one op that keeps one copy (`fusable`).
@@ -33,21 +34,24 @@ from passes.names import fresh_name
 
 __all__ = ["LOSSLESS", "LOSSY", "Group", "kind", "groups", "fusable", "calibrate_bits", "bits_for", "lossy_nodes", "sensitivity", "apply", "form_of"]
 
-LOSSLESS = ("relu", "leaky_relu", "dropout", "max_pool2d", "avg_pool2d")
+LOSSLESS = ("relu", "leaky_relu", "hardtanh", "relu6", "dropout", "max_pool2d", "avg_pool2d")
 LOSSY = ("conv", "linear", "batch_norm")
 
 _MODULE_KINDS = {
-    nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Dropout: "dropout", nn.MaxPool2d: "max_pool2d",
+    nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Hardtanh: "hardtanh", nn.ReLU6: "hardtanh",
+    nn.Dropout: "dropout", nn.MaxPool2d: "max_pool2d",
     nn.AvgPool2d: "avg_pool2d", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv", nn.Linear: "linear",
     nn.BatchNorm1d: "batch_norm", nn.BatchNorm2d: "batch_norm", nn.BatchNorm3d: "batch_norm",
 }
 _FUNCTION_KINDS = {
-    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.leaky_relu: "leaky_relu", F.dropout: "dropout",
+    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.leaky_relu: "leaky_relu", F.hardtanh: "hardtanh",
+    F.relu6: "relu6", F.dropout: "dropout",
     F.max_pool2d: "max_pool2d", F.avg_pool2d: "avg_pool2d", F.conv1d: "conv", F.conv2d: "conv",
     F.conv3d: "conv", F.linear: "linear",
 }
 _COMPRESSED = {
-    "relu": compressed_ops.relu, "leaky_relu": compressed_ops.leaky_relu, "dropout": compressed_ops.dropout,
+    "relu": compressed_ops.relu, "leaky_relu": compressed_ops.leaky_relu, "hardtanh": compressed_ops.hardtanh,
+    "relu6": compressed_ops.relu6, "dropout": compressed_ops.dropout,
     "max_pool2d": compressed_ops.max_pool2d, "avg_pool2d": compressed_ops.avg_pool2d,
     "conv": compressed_ops.conv, "linear": compressed_ops.linear,
 }
@@ -77,7 +81,7 @@ def _function_ok(node: fx.Node, kind: str) -> bool:
         return isinstance(p, float) and 0.0 < p < 1.0 and training is True and inplace is False
     if kind == "max_pool2d":
         return not kwargs.get("return_indices", args[6] if len(args) > 6 else False)
-    if kind == "leaky_relu":
+    if kind in ("leaky_relu", "hardtanh", "relu6"):
         return all(not isinstance(a, fx.Node) for a in (*args[1:], *kwargs.values()))
     return True
 
@@ -126,7 +130,8 @@ def groups(gm: fx.GraphModule, base: Costs, lossy: Collection[str] = ()) -> list
     """The candidate groups of `gm` whose profile is `base`: lossless kinds, and the
     lossy-kind nodes named in `lossy`."""
     kinds = {n.name: kind(gm, n) for n in gm.graph.nodes}
-    allowed = {n for n, k in kinds.items() if k in LOSSLESS or (k in LOSSY and n in lossy)}
+    allowed = {n for n, k in kinds.items()
+               if k in LOSSLESS or (k in LOSSY and n in lossy and _fills_a_group(base, n))}
     parent = {n: n for n in allowed}
 
     def root(n: str) -> str:
@@ -157,6 +162,23 @@ def groups(gm: fx.GraphModule, base: Costs, lossy: Collection[str] = ()) -> list
     found = [Group(tuple(ns), tuple(kinds[n] for n in ns), totals[r], tuple(t for t in triples if set(t) <= set(ns)))
              for r, ns in members.items()]
     return sorted(found, key=lambda g: order.index(g.nodes[0]))
+
+
+def _fills_a_group(base: Costs, name: str) -> bool:
+    """Whether the input of lossy node `name` has at least GROUP values per channel at
+    the example batch. A shorter channel is padded to a whole row (16 values: 40 bytes
+    at 4 bits against 64 in float32; 4, a Linear's input at batch 4: 40 against 16), and
+    a BatchNorm's input quantized over so few values errs the most (MobileNetV2's last
+    2x2 stage at batch 4: gradient cosine 0.982 with it, see the README)."""
+    cost = base.by_name.get(name)
+    if cost is None or not cost.inputs or cost.inputs[0][0] not in base.by_name:
+        return True
+    source, index = cost.inputs[0]
+    shape = base.by_name[source].shapes[index]
+    values = 1
+    for size in shape:
+        values *= int(size)
+    return values // (int(shape[1]) if len(shape) > 1 else 1) >= compressed_ops.GROUP
 
 
 def fusable(gm: fx.GraphModule) -> list[tuple[str, str, str]]:
@@ -246,10 +268,11 @@ def sensitivity(gm: fx.GraphModule, forms: dict[str, str], inputs: tuple, loss_f
 def bits_for(x: torch.Tensor, error: float) -> int | None:
     """The fewest bits that keep `x`'s rounding error under `error` x max|x|."""
     rows = compressed_ops.grouped(x.detach())  # the groups `quantize` makes
-    spread = float((rows.amax(1) - rows.amin(1)).max())
+    lowest, highest = rows.amin(1), rows.amax(1)
     largest = float(x.detach().abs().max())
-    for bits in sorted(BITS):
-        if spread / (2**bits - 1) <= error * largest:
+    for bits in sorted(BITS):  # the step `quantize` takes, its bfloat16 rounding included
+        _, scale = compressed_ops.group_range(lowest, highest, 2**bits - 1)
+        if float(scale.float().max()) <= error * largest:
             return bits
     return None
 
@@ -285,6 +308,12 @@ def apply(gm: fx.GraphModule, chosen: dict[str, str]) -> fx.GraphModule:
         raise ValueError(f"compress: nodes {missing} are not compressible nodes of this graph")
     fused = {consumer: (bn, relu) for bn, relu, consumer in fusable(gm) if {bn, relu, consumer} <= set(chosen)}
     skipped = {n for pair in fused.values() for n in pair}  # run inside their consumer's fused op
+    readers: dict[tuple[fx.Node, int], list[str]] = {}  # lossy ops reading one tensor at one width
+    for node in gm.graph.nodes:
+        if node.name in chosen and node.name not in fused and node.name not in skipped and kind(gm, node) in LOSSY:
+            readers.setdefault((_activation_input(node), _bits(chosen[node.name])), []).append(node.name)
+    shared = {name: key for key, names in readers.items() if len(names) > 1 for name in names}
+    copies: dict[tuple[fx.Node, int], fx.Node] = {}
     for node in gm.graph.nodes:
         if node.name not in chosen:
             env[node] = graph.node_copy(node, lambda n: env[n])
@@ -306,10 +335,17 @@ def apply(gm: fx.GraphModule, chosen: dict[str, str]) -> fx.GraphModule:
             continue
         args = fx.node.map_arg(node.args, lambda n: env[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+        extra = {"bits": bits} if bits else {}
+        if node.name in shared:  # one quantized copy for every lossy reader of this tensor
+            source, width = shared[node.name]
+            if shared[node.name] not in copies:
+                copies[shared[node.name]] = graph.create_node(
+                    "call_function", compressed_ops.shared_copy, (env[source], width),
+                    name=fresh_name(f"{source.name}_copy", present))
+            extra["copy"] = copies[shared[node.name]]
         if node.op == "call_module":
             owner = graph.create_node("get_attr", node.target, name=fresh_name(f"{node.name}_module", present))
-            call = graph.create_node("call_function", compressed_ops.module_call, (owner, *args),
-                                     {"bits": bits} if bits else {}, name=node.name)
+            call = graph.create_node("call_function", compressed_ops.module_call, (owner, *args), extra, name=node.name)
         elif node.op == "call_method":
             call = graph.create_node("call_function", compressed_ops.relu, args, {"inplace": node.target == "relu_"}, name=node.name)
         else:
@@ -321,9 +357,7 @@ def apply(gm: fx.GraphModule, chosen: dict[str, str]) -> fx.GraphModule:
             if found == "max_pool2d":
                 kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
                 args = args[:6]
-            if bits:
-                kwargs = {**kwargs, "bits": bits}
-            call = graph.create_node("call_function", _COMPRESSED[found], args, kwargs, name=node.name)
+            call = graph.create_node("call_function", _COMPRESSED[found], args, {**kwargs, **extra}, name=node.name)
         call.meta["rewriter"] = {"strategy": "compress", "form": chosen[node.name]}
         env[node] = call
     new.graph = graph

@@ -10,8 +10,9 @@ Lossless (gradients bit-for-bit equal to eager):
 Lossy, opt-in (`bits` in 8, 4, 2; the forward stays exact):
   conv, linear, batch_norm   the activation input quantized per group of `GROUP`
                      values to `bits` with stochastic (unbiased) rounding, min and
-                     scale per group in float32; the backward runs PyTorch's backward
-                     kernels on the dequantized input.
+                     scale per group in bfloat16 (min rounded down, scale up, so
+                     the levels still span the group); the backward runs PyTorch's
+                     backward kernels on the dequantized input.
   norm_relu_call     BatchNorm, ReLU and the convolution or Linear that alone reads
                      the ReLU: one copy of the BatchNorm input, quantized with a range
                      per group on each side of the ReLU's threshold, and the exact mask
@@ -30,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 
-__all__ = ["GROUP", "BITS", "CHUNKS", "pack_bits", "unpack_bits", "grouped", "quantize", "dequantize",
+__all__ = ["GROUP", "BITS", "CHUNKS", "pack_bits", "unpack_bits", "grouped", "group_range", "quantize", "dequantize", "shared_copy",
            "manual_seed", "relu", "leaky_relu", "dropout", "max_pool2d", "avg_pool2d",
            "conv", "linear", "batch_norm", "module_call", "norm_relu_call"]
 
-GROUP = 64  # values per quantization group: min and scale (8 bytes) per group
+GROUP = 64  # values per quantization group: min and scale (4 bytes: bfloat16) per group
 BITS = (8, 4, 2)
 
 _GENERATORS: dict[torch.device, torch.Generator] = {}
@@ -118,6 +119,25 @@ def _as_channels(x: torch.Tensor) -> torch.Tensor:
     return x.view(1, 1, -1)
 
 
+def _to_bfloat16(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """float32 `x` rounded to bfloat16 toward +inf (`up`) or -inf: its top 16 bits,
+    one unit more in magnitude where bits were cut from a value on the rounding side."""
+    bits = x.contiguous().view(torch.int32)
+    cut = bits & -65536  # toward zero
+    away = ((bits & 65535) != 0) & ((bits >= 0) if up else (bits < 0))
+    return cut.add_(away.to(torch.int32) * 65536).view(torch.float32).to(torch.bfloat16)
+
+
+def group_range(lowest: torch.Tensor, highest: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low, scale) in bfloat16 with low <= lowest and low + levels x scale >= highest
+    (within float32 rounding, which the codes' clamp absorbs); scale 1 for an empty or
+    constant group."""
+    low = _to_bfloat16(torch.where(lowest.isfinite(), lowest, 0.0), up=False)
+    spread = (highest - low.float()).div_(levels)
+    scale = _to_bfloat16(torch.where(spread > 0, spread, 1.0), up=True)
+    return low, scale
+
+
 def quantize(x: torch.Tensor, bits: int, split: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(packed codes, per-group low, per-group scale): each value stochastically rounded
     to one of 2**bits levels between its group's min and max (unbiased). Groups are
@@ -134,7 +154,7 @@ def quantize(x: torch.Tensor, bits: int, split: torch.Tensor | None = None) -> t
     channels, length = moved.shape[0], moved.shape[1] * moved.shape[2]
     rows_per_channel = (length + (-length) % GROUP) // GROUP
     packed = torch.empty(channels * rows_per_channel * GROUP * bits // 8, dtype=torch.uint8, device=x.device)
-    low = torch.empty((channels * rows_per_channel, 1 if split is None else 2), dtype=torch.float32, device=x.device)
+    low = torch.empty((channels * rows_per_channel, 1 if split is None else 2), dtype=torch.bfloat16, device=x.device)
     scale = torch.empty_like(low)
     levels = 2**bits - 1
     for start, stop in _channel_blocks(channels, _count(x.shape, CHUNKS)):
@@ -142,19 +162,16 @@ def quantize(x: torch.Tensor, bits: int, split: torch.Tensor | None = None) -> t
         row_slice = slice(start * rows_per_channel, stop * rows_per_channel)
         block_low, block_scale = low[row_slice], scale[row_slice]
         if sides is None:
-            block_low.copy_(rows.amin(1, keepdim=True))
-            block_scale.copy_(rows.amax(1, keepdim=True)).sub_(block_low).div_(levels)
-            block_scale.masked_fill_(block_scale <= 0, 1.0)
-            rows.sub_(block_low).div_(block_scale)
+            found_low, found_scale = group_range(rows.amin(1), rows.amax(1), levels)
+            block_low[:, 0], block_scale[:, 0] = found_low, found_scale
+            rows.sub_(found_low.float()[:, None]).div_(found_scale.float()[:, None])
         else:
             chosen = grouped(sides[start:stop], channels_first=True).bool()
             for column, side in enumerate((~chosen, chosen)):
-                lowest = rows.masked_fill(~side, float("inf")).amin(1)
-                spread = rows.masked_fill(~side, float("-inf")).amax(1).sub_(lowest).div_(levels)
-                block_low[:, column] = torch.where(lowest.isfinite(), lowest, 0.0)
-                block_scale[:, column] = torch.where(spread > 0, spread, 1.0)
-            rows.sub_(torch.where(chosen, block_low[:, 1:], block_low[:, :1]))
-            rows.div_(torch.where(chosen, block_scale[:, 1:], block_scale[:, :1]))
+                block_low[:, column], block_scale[:, column] = group_range(
+                    rows.masked_fill(~side, float("inf")).amin(1), rows.masked_fill(~side, float("-inf")).amax(1), levels)
+            rows.sub_(torch.where(chosen, block_low[:, 1:].float(), block_low[:, :1].float()))
+            rows.div_(torch.where(chosen, block_scale[:, 1:].float(), block_scale[:, :1].float()))
             del chosen
         rows.mul_(256).floor_()
         # + u in [0, 1) with u = k / 256: floor(v + u) for v in 1/256 steps, in integers
@@ -169,11 +186,14 @@ def quantize(x: torch.Tensor, bits: int, split: torch.Tensor | None = None) -> t
 def grouped(x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
     """A float copy of `x` as rows of GROUP values, each row from one channel (dim 1;
     dim 0 with `channels_first`, for an (channels, batch, rest) view), each channel
-    padded with zeros to whole rows."""
+    padded to whole rows with copies of its last value (so padding widens no group's
+    range: a channel of 16 values is one row, quantized over those 16 alone)."""
     moved = x if channels_first else _as_channels(x)
     length = moved.shape[1] * moved.shape[2]
-    rows = torch.zeros((moved.shape[0], length + (-length) % GROUP), dtype=torch.float32, device=x.device)
+    rows = torch.empty((moved.shape[0], length + (-length) % GROUP), dtype=torch.float32, device=x.device)
     rows[:, :length].view(moved.shape).copy_(moved)
+    if rows.shape[1] > length:
+        rows[:, length:].copy_(rows[:, length - 1:length].expand(-1, rows.shape[1] - length))
     return rows.view(-1, GROUP)
 
 
@@ -199,11 +219,11 @@ def _dequantize_into(target: torch.Tensor, packed, low, scale, bits: int, channe
     rows = slice(start * rows_per_channel, stop * rows_per_channel)
     values = _unpack(packed[start * width: stop * width], bits).view(-1, GROUP).float()
     if split is None:
-        values.mul_(scale[rows]).add_(low[rows])
+        values.mul_(scale[rows].float()).add_(low[rows].float())
     else:
         chosen = grouped(split, channels_first=True).bool()
-        values.mul_(torch.where(chosen, scale[rows][:, 1:], scale[rows][:, :1]))
-        values.add_(torch.where(chosen, low[rows][:, 1:], low[rows][:, :1]))
+        values.mul_(torch.where(chosen, scale[rows][:, 1:].float(), scale[rows][:, :1].float()))
+        values.add_(torch.where(chosen, low[rows][:, 1:].float(), low[rows][:, :1].float()))
         del chosen
     length = target.shape[1] * target.shape[2]
     target.copy_(values.view(stop - start, -1)[:, :length].view(target.shape))
@@ -241,6 +261,35 @@ def relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
 def leaky_relu(x: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False) -> torch.Tensor:
     return _Mask.apply(x, float(negative_slope), inplace)
+
+
+class _Clamp(Function):
+    """hardtanh / relu6: the backward needs only where the input was strictly inside
+    (min_val, max_val)."""
+
+    @staticmethod
+    def forward(ctx, x, low: float, high: float, inplace: bool):
+        out = F.hardtanh(x, low, high, inplace=inplace)
+        if inplace:
+            ctx.mark_dirty(x)
+        # eager's hardtanh_backward: zero where the value is <= min_val or >= max_val (the
+        # output is on the same side of both as the input; NaN passes)
+        ctx.save_for_backward(pack_bits(~((out <= low) | (out >= high))))
+        ctx.shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        return torch.where(unpack_bits(packed, ctx.shape), grad, grad.new_zeros(())), None, None, None
+
+
+def hardtanh(x: torch.Tensor, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> torch.Tensor:
+    return _Clamp.apply(x, float(min_val), float(max_val), inplace)
+
+
+def relu6(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return _Clamp.apply(x, 0.0, 6.0, inplace)
 
 
 class _Dropout(Function):
@@ -347,7 +396,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
 # The backward of a lossy op works a block of channels at a time (BatchNorm is per
 # channel; a convolution is a sum over its input channels, or over its groups), so the
 # dequantized input exists one block at a time, not whole beside the input gradient.
-BACKWARD_BLOCKS = 4  # at most this many blocks in a backward
+BACKWARD_BLOCKS = 8  # at most this many blocks in a backward
 
 
 class _Copy:
@@ -433,13 +482,25 @@ def _conv_backward(grad, copy: _Copy, saved, weight, conv_args, has_bias: bool, 
     return grad_in, grad_weight, grad_bias
 
 
+def _quantized(x: torch.Tensor, bits: int, packed, low, scale) -> tuple:
+    """`x` quantized to `bits`, or the copy of it another op made (`shared_copy`)."""
+    return quantize(x, bits) if packed is None else (packed, low, scale)
+
+
+def shared_copy(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One quantized copy of `x` (see `quantize`) for every lossy op that reads `x` at
+    `bits` (their `copy` argument): they keep it once between them. None without
+    autograd (the ops then run as they are)."""
+    return quantize(x, bits) if torch.is_grad_enabled() else None
+
+
 class _Conv(Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, bits):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, bits, packed, low, scale):
         dims = weight.dim() - 2
         ctx.conv_args, ctx.has_bias = (stride, padding, dilation, groups), bias is not None
         ctx.copy = _Copy(x, bits)
-        ctx.save_for_backward(*quantize(x, bits), weight)
+        ctx.save_for_backward(*_quantized(x, bits, packed, low, scale), weight)
         return (F.conv1d, F.conv2d, F.conv3d)[dims - 1](x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -447,17 +508,18 @@ class _Conv(Function):
         packed, low, scale, weight = ctx.saved_tensors
         grads = _conv_backward(grad, ctx.copy, (packed, low, scale), weight, ctx.conv_args, ctx.has_bias,
                                ctx.needs_input_grad)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
-def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1, bits: int = 4):
-    """conv1d/2d/3d (by the weight's rank) keeping `x` quantized to `bits` for the backward."""
+def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1, bits: int = 4, copy=None):
+    """conv1d/2d/3d (by the weight's rank) keeping `x` quantized to `bits` for the
+    backward (`copy`: a `shared_copy` of `x` at `bits` to keep instead)."""
     dims = weight.dim() - 2
 
     def many(v):
         return [int(e) for e in v] if isinstance(v, (tuple, list)) else [int(v)] * dims
 
-    return _Conv.apply(x, weight, bias, many(stride), many(padding), many(dilation), int(groups), bits)
+    return _Conv.apply(x, weight, bias, many(stride), many(padding), many(dilation), int(groups), bits, *(copy or (None,) * 3))
 
 
 def _linear_backward(grad, x, weight, has_bias: bool, needs) -> tuple:
@@ -469,21 +531,21 @@ def _linear_backward(grad, x, weight, has_bias: bool, needs) -> tuple:
 
 class _Linear(Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, bits):
+    def forward(ctx, x, weight, bias, bits, packed, low, scale):
         ctx.has_bias = bias is not None
         ctx.copy = _Copy(x, bits)
-        ctx.save_for_backward(*quantize(x, bits), weight)
+        ctx.save_for_backward(*_quantized(x, bits, packed, low, scale), weight)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         packed, low, scale, weight = ctx.saved_tensors
         x = dequantize(packed, low, scale, ctx.copy.bits, ctx.copy.shape, ctx.copy.dtype)
-        return (*_linear_backward(grad, x, weight, ctx.has_bias, ctx.needs_input_grad), None)
+        return (*_linear_backward(grad, x, weight, ctx.has_bias, ctx.needs_input_grad), None, None, None, None)
 
 
-def linear(x, weight, bias=None, bits: int = 4):
-    return _Linear.apply(x, weight, bias, bits)
+def linear(x, weight, bias=None, bits: int = 4, copy=None):
+    return _Linear.apply(x, weight, bias, bits, *(copy or (None,) * 3))
 
 
 def _batch_norm_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
@@ -536,10 +598,11 @@ class _BatchNorm(Function):
     """Training-mode batch norm: batch statistics, running statistics updated once."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, bits):
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, bits,
+                packed, low, scale):
         out, mean, invstd = _batch_norm_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
         ctx.copy = _Copy(x, bits)
-        ctx.save_for_backward(*quantize(x, bits), mean, invstd, weight)
+        ctx.save_for_backward(*_quantized(x, bits, packed, low, scale), mean, invstd, weight)
         ctx.eps, ctx.has_bias = eps, bias is not None
         return out
 
@@ -552,12 +615,14 @@ class _BatchNorm(Function):
             grad, lambda channels: grad[:, channels].contiguous(), ctx.copy, (packed, low, scale), weight, mean, invstd,
             ctx.eps, [needs[0], weight is not None and needs[1], ctx.has_bias and needs[2]],
             _channel_blocks(shape[1], _count(shape, BACKWARD_BLOCKS)))
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
-def batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, bits: int = 4):
-    """BatchNorm in training mode as nn.BatchNorm does it, keeping `x` quantized."""
-    return _BatchNorm.apply(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, bits)
+def batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, bits: int = 4, copy=None):
+    """BatchNorm in training mode as nn.BatchNorm does it, keeping `x` quantized (`copy`:
+    a `shared_copy` of `x` at `bits` to keep instead)."""
+    return _BatchNorm.apply(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, bits,
+                            *(copy or (None,) * 3))
 
 
 class _NormReluConsumer(Function):
@@ -643,15 +708,18 @@ def norm_relu_call(norm: nn.Module, consumer: nn.Module, x: torch.Tensor, bits: 
         consumer.weight, consumer.bias, conv_args, bits)
 
 
-def module_call(module: nn.Module, x: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+def module_call(module: nn.Module, x: torch.Tensor, bits: int | None = None, copy=None) -> torch.Tensor:
     """`module(x)` with what its backward needs compressed, as far as the module's
-    state allows (a Dropout or BatchNorm in eval mode, or no autograd, runs as is)."""
+    state allows (a Dropout or BatchNorm in eval mode, or no autograd, runs as is);
+    `copy`: a `shared_copy` of `x` at `bits` for a lossy module to keep."""
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))):
         return module(x)
     if isinstance(module, nn.ReLU):
         return relu(x, module.inplace)
     if isinstance(module, nn.LeakyReLU):
         return leaky_relu(x, module.negative_slope, module.inplace)
+    if isinstance(module, nn.Hardtanh):  # ReLU6 too
+        return hardtanh(x, module.min_val, module.max_val, module.inplace)
     if isinstance(module, nn.Dropout):
         return dropout(x, module.p) if module.training else x
     if isinstance(module, nn.MaxPool2d):
@@ -662,14 +730,14 @@ def module_call(module: nn.Module, x: torch.Tensor, bits: int | None = None) -> 
     if bits is None:
         raise ValueError(f"module_call: a {type(module).__name__} is compressed lossy only; pass bits")
     if isinstance(module, nn.modules.conv._ConvNd):
-        return conv(x, module.weight, module.bias, module.stride, module.padding, module.dilation, module.groups, bits)
+        return conv(x, module.weight, module.bias, module.stride, module.padding, module.dilation, module.groups, bits, copy)
     if isinstance(module, nn.Linear):
-        return linear(x, module.weight, module.bias, bits)
+        return linear(x, module.weight, module.bias, bits, copy)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if not module.training and module.track_running_stats:
             return module(x)
         momentum = module.momentum if module.training else 0.0
         tracked = module.num_batches_tracked if module.training else None
         return batch_norm(x, module.weight, module.bias, module.running_mean if module.training else None,
-                          module.running_var if module.training else None, tracked, momentum, module.eps, bits)
+                          module.running_var if module.training else None, tracked, momentum, module.eps, bits, copy)
     raise ValueError(f"module_call: no compressed form for {type(module).__name__}")
