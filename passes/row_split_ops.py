@@ -21,14 +21,16 @@ included); a tile evaluates each step on exactly the rows it needs, padding (zer
 reflection, replication, -inf for max pooling) only at the true image border, so
 each tile's rows equal the whole tensor's.
 
-BatchNorm in training mode needs statistics over the whole tensor: `_Statistics`
-sweeps the tiles once per BatchNorm to sum its input (float64), the running
-statistics are updated once, and the normalisation is elementwise with those
-statistics as inputs, so autograd carries the two global reductions of BatchNorm's
-backward through them. Backward of both Functions splits the gradient it receives
-into disjoint row tiles, recomputes each tile's chain and backpropagates through it,
-summing the input gradient's overlapping halo rows: nothing but the chain's inputs
-and the statistics is kept between forward and backward.
+BatchNorm in training mode needs statistics over the whole tensor: the forward sweeps
+the tiles once per BatchNorm to sum its input (float64), the running statistics are
+updated once, and the normalisation is elementwise with those statistics. The
+backward splits the output's gradient into disjoint row tiles, recomputes each tile's
+chain and backpropagates through it (the statistics as leaves), summing the input
+gradient's overlapping halo rows; then, last BatchNorm first, it sweeps each one's
+statistics gradient back through the rows before it (BatchNorm's two global
+reductions). All of it is one autograd Function whose gradients are summed in place
+in its own buffers: nothing but the chain's inputs and the statistics is kept between
+forward and backward.
 """
 
 from __future__ import annotations
@@ -276,16 +278,8 @@ def _rebuild(pairs, flat) -> list:
 
 
 class _Sweep:
-    """What both Functions share: the tiles of one target step, evaluated without grad in
+    """The tiles of one target step, evaluated without grad in
     forward and recomputed with grad in backward."""
-
-    @staticmethod
-    def unpack(ctx_values, counts):
-        inputs_n, stats_n = counts
-        inputs = ctx_values[:inputs_n]
-        stats = ctx_values[inputs_n:inputs_n + stats_n]
-        weights = ctx_values[inputs_n + stats_n:]
-        return list(inputs), [tuple(stats[i:i + 2]) for i in range(0, len(stats), 2)], list(weights)
 
     @staticmethod
     def forward_tiles(plan: TiledPlan, target: int, tiles: int, inputs, stats, weights):
@@ -301,19 +295,16 @@ class _Sweep:
         return [(x[:, :, slice(*needed.get(-1 - i, (0, 0)))], needed.get(-1 - i, (0, 0))[0]) for i, x in enumerate(inputs)]
 
     @staticmethod
-    def backward_tiles(plan: TiledPlan, target: int, tiles: int, inputs, stats, weights, pairs, grad_of_tile):
-        """Input, statistics and weight gradients, summed over disjoint tiles of `target`'s
+    def backward_tiles(plan: TiledPlan, target: int, tiles: int, inputs, stats, weights, pairs, grad_of_tile,
+                       grads_in, totals) -> None:
+        """Add the input, statistics and weight gradients of `target`'s rows into
+        `grads_in` and `totals` (statistics, then weights), over disjoint tiles of those
         rows; `grad_of_tile(out, a, b)` gives the gradient of rows [a, b). Nothing of one
         tile is referenced once it is summed: every tile allocates and frees alike, which
         the profile's one tile per shape (`_sweep_bounds`) relies on."""
-        grads_in = [torch.zeros_like(x) if x.requires_grad else None for x in inputs]
-        grads_stats = [torch.zeros_like(s) if s.requires_grad else None for pair in stats for s in pair]
-        grads_w = [torch.zeros_like(w) if w.requires_grad else None for w in weights]
         for a, b in _sweep_bounds(plan, target, tiles, inputs):
-            if not _Sweep.add_tile(plan, target, a, b, inputs, stats, weights, pairs, grad_of_tile,
-                                   grads_in, grads_stats + grads_w):
+            if not _Sweep.add_tile(plan, target, a, b, inputs, stats, weights, pairs, grad_of_tile, grads_in, totals):
                 break
-        return grads_in, grads_stats, grads_w
 
     @staticmethod
     def add_tile(plan: TiledPlan, target: int, a: int, b: int, inputs, stats, weights, pairs, grad_of_tile,
@@ -346,10 +337,45 @@ class _Sweep:
         return True
 
 
-class _Tiled(torch.autograd.Function):
+def _statistics(plan: TiledPlan, norm: int, tiles: int, inputs, stats, weights) -> tuple:
+    """(mean, biased variance, values per channel) of BatchNorm step `norm`'s input,
+    summed over tiles in float64 (`stats`: those of the BatchNorms before it); in
+    training mode with running statistics, those are updated here, once."""
+    target = plan.steps[norm][1][0]
+    total = squares = None
+    for _, _, z in _Sweep.forward_tiles(plan, target, tiles, inputs, stats, weights):
+        z = z.double()
+        total = z.sum((0, 2, 3)) if total is None else total + z.sum((0, 2, 3))
+        squares = (z * z).sum((0, 2, 3)) if squares is None else squares + (z * z).sum((0, 2, 3))
+        width = z.shape[3]
+        del z  # not alive while the next tile is computed (see `backward_tiles`)
+    count = inputs[0].shape[0] * plan.height(target) * width  # values per channel
+    mean = total / count
+    var = (squares / count - mean * mean).clamp_min(0)
+    bn = plan.modules[plan.steps[norm][2]]
+    if bn.training and bn.running_mean is not None:
+        _update_running(bn, mean.to(inputs[0].dtype), var.to(inputs[0].dtype), count)
+    dtype = inputs[0].dtype
+    return mean.to(dtype), var.to(dtype), count
+
+
+class _TiledChain(torch.autograd.Function):
+    """The whole chain, its BatchNorms' batch statistics included, as one Function: its
+    backward sums every gradient into buffers of its own, in place (through separate
+    Functions, autograd would hold each one's input gradients and sum them)."""
+
     @staticmethod
-    def forward(ctx, plan: TiledPlan, tiles: int, counts, *tensors):
-        inputs, stats, weights = _Sweep.unpack(tensors, counts)
+    def forward(ctx, plan: TiledPlan, tiles: int, inputs_n: int, *tensors):
+        inputs, weights = list(tensors[:inputs_n]), list(tensors[inputs_n:])
+        stats, counts = [], []
+        for index in plan.norms:
+            bn = plan.modules[plan.steps[index][2]]
+            if bn.training or bn.running_mean is None:
+                mean, var, count = _statistics(plan, index, tiles, inputs, stats, weights)
+            else:  # eval mode: the running statistics, constants
+                mean, var, count = bn.running_mean, bn.running_var, None
+            stats.append((mean, var))
+            counts.append(count)
         target = len(plan.steps) - 1
         out = None
         for a, b, tile in _Sweep.forward_tiles(plan, target, tiles, inputs, stats, weights):
@@ -357,78 +383,48 @@ class _Tiled(torch.autograd.Function):
                 out = tile.new_empty((tile.shape[0], tile.shape[1], plan.rows[target], tile.shape[3]))
             out[:, :, a:b] = tile
             del tile  # not alive while the next tile is computed (see `backward_tiles`)
-        ctx.save_for_backward(*tensors)
-        ctx.plan, ctx.tiles, ctx.counts = plan, tiles, counts
+        ctx.save_for_backward(*tensors, *[t for pair in stats for t in pair])
+        ctx.plan, ctx.tiles, ctx.inputs_n, ctx.counts = plan, tiles, inputs_n, counts
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        inputs, stats, weights = _Sweep.unpack(ctx.saved_tensors, ctx.counts)
-        pairs, _ = _weights(ctx.plan)
-        grads = _Sweep.backward_tiles(ctx.plan, len(ctx.plan.steps) - 1, ctx.tiles, inputs, stats, weights, pairs,
-                                      lambda out, a, b: grad[:, :, a:b])
-        return (None, None, None, *grads[0], *grads[1], *grads[2])
-
-
-class _Statistics(torch.autograd.Function):
-    """Batch mean and biased variance of a BatchNorm's input, over tiles; in training
-    mode with running statistics, those are updated here, once."""
-
-    @staticmethod
-    def forward(ctx, plan: TiledPlan, norm: int, tiles: int, counts, *tensors):
-        inputs, stats, weights = _Sweep.unpack(tensors, counts)
-        target = plan.steps[norm][1][0]
-        total = squares = None
-        for _, _, z in _Sweep.forward_tiles(plan, target, tiles, inputs, stats, weights):
-            z = z.double()
-            total = z.sum((0, 2, 3)) if total is None else total + z.sum((0, 2, 3))
-            squares = (z * z).sum((0, 2, 3)) if squares is None else squares + (z * z).sum((0, 2, 3))
-            width = z.shape[3]
-            del z  # not alive while the next tile is computed (see `backward_tiles`)
-        count = inputs[0].shape[0] * plan.height(target) * width  # values per channel
-        mean = total / count
-        var = (squares / count - mean * mean).clamp_min(0)
-        bn = plan.modules[plan.steps[norm][2]]
-        if bn.training and bn.running_mean is not None:
-            _update_running(bn, mean.to(inputs[0].dtype), var.to(inputs[0].dtype), count)
-        dtype = inputs[0].dtype
-        ctx.save_for_backward(*tensors, mean.to(dtype))
-        ctx.plan, ctx.norm, ctx.tiles, ctx.counts, ctx.count = plan, norm, tiles, counts, count
-        return mean.to(dtype), var.to(dtype)
-
-    @staticmethod
-    def backward(ctx, grad_mean, grad_var):
-        *tensors, mean = ctx.saved_tensors
-        inputs, stats, weights = _Sweep.unpack(tensors, ctx.counts)
-        pairs, _ = _weights(ctx.plan)
+        """The output's gradient swept over the output's row tiles; then, last BatchNorm
+        first, each one's statistics gradient (complete once every later step has
+        added to it) swept over its input's row tiles, through d mean / dz = 1/N and
+        d var / dz = 2 (z - mean) / N."""
+        plan, tiles, counts = ctx.plan, ctx.tiles, ctx.counts
+        saved = ctx.saved_tensors
+        split = len(saved) - 2 * len(counts)
+        inputs, weights, flat = list(saved[:ctx.inputs_n]), list(saved[ctx.inputs_n:split]), saved[split:]
+        stats = [tuple(t.detach().requires_grad_(count is not None) for t in flat[2 * j:2 * j + 2])
+                 for j, count in enumerate(counts)]
+        pairs, _ = _weights(plan)
+        grads_in = [torch.zeros_like(x) if x.requires_grad else None for x in inputs]
+        grads_stats = [torch.zeros_like(t) if t.requires_grad else None for pair in stats for t in pair]
+        grads_w = [torch.zeros_like(w) if w.requires_grad else None for w in weights]
+        _Sweep.backward_tiles(plan, len(plan.steps) - 1, tiles, inputs, stats, weights, pairs,
+                              lambda out, a, b: grad[:, :, a:b], grads_in, grads_stats + grads_w)
         shape = (1, -1, 1, 1)
-        gm = torch.zeros_like(mean) if grad_mean is None else grad_mean
-        gv = torch.zeros_like(mean) if grad_var is None else grad_var
+        for j in reversed(range(len(counts))):
+            if counts[j] is None:
+                continue
+            gm, gv, mean, count = grads_stats[2 * j], grads_stats[2 * j + 1], stats[j][0].detach(), counts[j]
 
-        def grad_of_tile(z, a, b):  # d mean / dz = 1/N, d var / dz = 2 (z - mean) / N
-            return (gm.view(shape) + 2 * gv.view(shape) * (z.detach() - mean.view(shape))) / ctx.count
+            def grad_of_tile(z, a, b, gm=gm, gv=gv, mean=mean, count=count):
+                return (gm.view(shape) + 2 * gv.view(shape) * (z.detach() - mean.view(shape))) / count
 
-        grads = _Sweep.backward_tiles(ctx.plan, ctx.plan.steps[ctx.norm][1][0], ctx.tiles, inputs, stats, weights, pairs,
-                                      grad_of_tile)
-        return (None, None, None, None, *grads[0], *grads[1], *grads[2])
+            _Sweep.backward_tiles(plan, plan.steps[plan.norms[j]][1][0], tiles, inputs, stats[:j], weights, pairs,
+                                  grad_of_tile, grads_in, grads_stats[:2 * j] + grads_w)
+            grads_stats[2 * j] = grads_stats[2 * j + 1] = None
+        return (None, None, None, *grads_in, *grads_w)
 
 
 def tiled_chain(steps: tuple, tiles: int, inputs: tuple, modules: tuple) -> torch.Tensor:
     """The chain's output, computed `tiles` row tiles at a time (see the module doc)."""
     plan = TiledPlan(steps, modules, [x.shape[2] for x in inputs])
     _, weights = _weights(plan)
-    stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for index in plan.norms:
-        bn = modules[steps[index][2]]
-        if bn.training or bn.running_mean is None:
-            counts = (len(inputs), 2 * len(stats))
-            flat = [t for pair in stats for t in pair]
-            mean, var = _Statistics.apply(plan, index, tiles, counts, *inputs, *flat, *weights)
-        else:
-            mean, var = bn.running_mean, bn.running_var
-        stats.append((mean, var))
-    flat = [t for pair in stats for t in pair]
-    return _Tiled.apply(plan, tiles, (len(inputs), len(flat)), *inputs, *flat, *weights)
+    return _TiledChain.apply(plan, tiles, len(inputs), *inputs, *weights)
 
 
 def _update_running(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor, count) -> None:
