@@ -18,6 +18,7 @@ grouped with both and the three run as one op that keeps one copy (`fusable`).
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Collection
@@ -174,11 +175,8 @@ def _fills_a_group(base: Costs, name: str) -> bool:
     if cost is None or not cost.inputs or cost.inputs[0][0] not in base.by_name:
         return True
     source, index = cost.inputs[0]
-    shape = base.by_name[source].shapes[index]
-    values = 1
-    for size in shape:
-        values *= int(size)
-    return values // (int(shape[1]) if len(shape) > 1 else 1) >= compressed_ops.GROUP
+    shape = [int(size) for size in base.by_name[source].shapes[index]]
+    return math.prod(shape) // (shape[1] if len(shape) > 1 else 1) >= compressed_ops.GROUP
 
 
 def fusable(gm: fx.GraphModule) -> list[tuple[str, str, str]]:
@@ -337,12 +335,11 @@ def apply(gm: fx.GraphModule, chosen: dict[str, str]) -> fx.GraphModule:
         kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
         extra = {"bits": bits} if bits else {}
         if node.name in shared:  # one quantized copy for every lossy reader of this tensor
-            source, width = shared[node.name]
-            if shared[node.name] not in copies:
-                copies[shared[node.name]] = graph.create_node(
-                    "call_function", compressed_ops.shared_copy, (env[source], width),
-                    name=fresh_name(f"{source.name}_copy", present))
-            extra["copy"] = copies[shared[node.name]]
+            key = source, width = shared[node.name]
+            if key not in copies:
+                copies[key] = graph.create_node("call_function", compressed_ops.shared_copy, (env[source], width),
+                                                name=fresh_name(f"{source.name}_copy", present))
+            extra["copy"] = copies[key]
         if node.op == "call_module":
             owner = graph.create_node("get_attr", node.target, name=fresh_name(f"{node.name}_module", present))
             call = graph.create_node("call_function", compressed_ops.module_call, (owner, *args), extra, name=node.name)

@@ -26,6 +26,8 @@ Stochastic rounding draws from a generator of its own, so the model's random str
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,9 +101,7 @@ def _count(shape, most: int) -> int:
     """How many channel blocks a tensor of `shape` is worked in: more for larger samples,
     at most `most`. It depends on the size of one sample only, not on the batch, so a
     profile's costs stay affine in the batch."""
-    per_sample = 1
-    for size in shape[1:]:
-        per_sample *= int(size)
+    per_sample = math.prod(int(size) for size in shape[1:])
     return max(1, min(most, per_sample // SAMPLE_VALUES_PER_BLOCK)) if len(shape) > 1 else 1
 
 

@@ -278,8 +278,8 @@ def _rebuild(pairs, flat) -> list:
 
 
 class _Sweep:
-    """The tiles of one target step, evaluated without grad in
-    forward and recomputed with grad in backward."""
+    """The tiles of one target step, evaluated without grad in forward and recomputed
+    with grad in backward."""
 
     @staticmethod
     def forward_tiles(plan: TiledPlan, target: int, tiles: int, inputs, stats, weights):

@@ -245,8 +245,8 @@ def test_unet_fits_a_quarter_of_its_baseline_with_exact_gradients():
     benchmark's), in float64: its decoder chains read two tensors (the skip and the
     stage below) and hold BatchNorms; the predicted peak is the measured one. (In
     float32 the tiled sums round differently from eager's whole-tensor ones: about
-    1e-3 relative on the first convolution's weight gradient, as before tiles summed
-    their gradients in place.)"""
+    1e-3 relative on the first convolution's weight gradient, the same with the
+    separate statistics Functions this replaced.)"""
     model = ZOO["unet"].bench_model().double()
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     baseline = measure_peak(model, x)
