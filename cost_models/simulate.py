@@ -176,11 +176,11 @@ class _Replay:
                 self.release(self.resolve(ref))
             for uid in node.internal:
                 self.release(uid)
+            for element, uid in incoming:  # the engine sums each input gradient into its buffer
+                self.accumulate(slots, element, uid, node.label)  # while all the node's results live
             for uid in allocated:  # drop the allocation's own hold: what a slot holds stays,
                 if uid not in freed:  # parameter gradients and temporaries die here
                     self.release(uid)
-            for element, uid in incoming:
-                self.accumulate(slots, element, uid, node.label)
             self.timeline.append((f"backward {node.label}", self.live))
 
     def accumulate(self, slots, element, uid, where: str) -> None:

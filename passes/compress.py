@@ -13,7 +13,12 @@ Lossless kinds (used by default): relu, leaky_relu, hardtanh (ReLU6 too), dropou
 max_pool2d, avg_pool2d.
 Lossy kinds (only with `bits`): conv, linear, batch_norm (training mode). A BatchNorm
 whose output only a ReLU reads, and whose ReLU only a convolution or Linear reads, is
-grouped with both and the three run as one op that keeps one copy (`fusable`).
+grouped with both and the three run as one op that keeps one copy (`fusable`). Lossy
+readers of one tensor keep one copy between them; convolution modules among them (a
+ResNet stage's conv1 and downsample) run as one op that also sums their input
+gradients in one buffer. A BatchNorm that alone reads a convolution's output writes
+its output over it (`_overwritable`), and a sum that alone reads a lossy BatchNorm's
+output writes over that (`_sum_into`: tracing makes `out += identity` out of place).
 """
 
 from __future__ import annotations
@@ -208,6 +213,41 @@ def _activation_input(node: fx.Node):
     return node.args[0] if node.args else node.kwargs.get("input")
 
 
+def _forkable(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` can run in one `compressed_ops.convs` op with other convolutions
+    of its input: a call of a zero-padded convolution module with groups 1."""
+    if node.op != "call_module" or kind(gm, node) != "conv":
+        return False
+    module = gm.get_submodule(node.target)
+    return module.groups == 1 and not module.transposed
+
+
+def _sum_into(gm: fx.GraphModule, node: fx.Node, chosen: dict[str, str]) -> int | None:
+    """Which argument of the sum `node` it may write over: one made by a BatchNorm
+    compressed lossy (its backward keeps a copy of its input, never its output) that
+    only this sum reads (`compressed_ops.add_into` checks shapes and dtypes as it runs);
+    None if neither."""
+    if node.op != "call_function" or node.target not in (operator.add, torch.add) or node.kwargs or len(node.args) != 2:
+        return None
+    for index, arg in enumerate(node.args):
+        if (isinstance(arg, fx.Node) and arg.name in chosen and chosen[arg.name] != "lossless"
+                and kind(gm, arg) == "batch_norm" and list(arg.users) == [node]):
+            return index
+    return None
+
+
+def _overwritable(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether BatchNorm `node` may write its output over its input: the input is a
+    convolution's or Linear's output (their backward keeps their input, never their
+    output) that only this node reads."""
+    source = _activation_input(node)
+    if not isinstance(source, fx.Node) or list(source.users) != [node]:
+        return False
+    if source.op == "call_module":
+        return isinstance(gm.get_submodule(source.target), (nn.modules.conv._ConvNd, nn.Linear))
+    return kind(gm, source) in ("conv", "linear")
+
+
 def calibrate_bits(gm: fx.GraphModule, inputs: tuple, error: float) -> dict[str, int]:
     """For each lossy node, the fewest bits (of BITS) whose worst-case rounding error,
     |x~ - x| < the group's scale, stays under `error` x max|x| on the example inputs;
@@ -311,16 +351,36 @@ def apply(gm: fx.GraphModule, chosen: dict[str, str]) -> fx.GraphModule:
         if node.name in chosen and node.name not in fused and node.name not in skipped and kind(gm, node) in LOSSY:
             readers.setdefault((_activation_input(node), _bits(chosen[node.name])), []).append(node.name)
     shared = {name: key for key, names in readers.items() if len(names) > 1 for name in names}
+    forks = {names[0]: names for names in readers.values()
+             if len(names) > 1 and all(_forkable(gm, present[n]) for n in names)}
+    forked = {n for names in forks.values() for n in names[1:]}  # made by the first reader's op
     copies: dict[tuple[fx.Node, int], fx.Node] = {}
     for node in gm.graph.nodes:
         if node.name not in chosen:
-            env[node] = graph.node_copy(node, lambda n: env[n])
+            into = _sum_into(gm, node, chosen)
+            if into is None:
+                env[node] = graph.node_copy(node, lambda n: env[n])
+            else:
+                args = fx.node.map_arg((node.args[into], node.args[1 - into]), lambda n: env[n])
+                env[node] = graph.create_node("call_function", compressed_ops.add_into, args, name=node.name)
             continue
         found = kind(gm, node)
         bits = _bits(chosen[node.name])
         if (bits is None) != (found in LOSSLESS):
             raise ValueError(f"compress: node {node.name!r} ({found}) cannot be compressed {chosen[node.name]!r}")
-        if node.name in skipped:
+        if node.name in skipped or node.name in forked:
+            continue
+        if node.name in forks:  # convolutions of one tensor: one op, one copy, one input gradient
+            names = forks[node.name]
+            owners = tuple(graph.create_node("get_attr", present[n].target, name=fresh_name(f"{n}_module", present))
+                           for n in names)
+            call = graph.create_node("call_function", compressed_ops.convs, (owners, env[_activation_input(node)]),
+                                     {"bits": bits}, name=node.name)
+            call.meta["rewriter"] = {"strategy": "compress", "form": chosen[node.name], "convolutions": names}
+            for k, n in enumerate(names):
+                name = fresh_name(f"{n}_out", present) if k == 0 else n
+                env[present[n]] = graph.create_node("call_function", operator.getitem, (call, k), name=name)
+                env[present[n]].meta["rewriter"] = {"strategy": "compress", "form": chosen[n]}
             continue
         if node.name in fused:
             bn, relu = (present[n] for n in fused[node.name])
@@ -340,6 +400,8 @@ def apply(gm: fx.GraphModule, chosen: dict[str, str]) -> fx.GraphModule:
                 copies[key] = graph.create_node("call_function", compressed_ops.shared_copy, (env[source], width),
                                                 name=fresh_name(f"{source.name}_copy", present))
             extra["copy"] = copies[key]
+        elif found == "batch_norm" and _overwritable(gm, node):
+            extra["overwrite"] = True
         if node.op == "call_module":
             owner = graph.create_node("get_attr", node.target, name=fresh_name(f"{node.name}_module", present))
             call = graph.create_node("call_function", compressed_ops.module_call, (owner, *args), extra, name=node.name)

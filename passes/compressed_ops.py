@@ -94,7 +94,7 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 CHUNKS = 16  # quantize and dequantize a large tensor in at most this many channel blocks
 
 
-SAMPLE_VALUES_PER_BLOCK = 2**16  # a block per this many values of one sample (small tensors: one block)
+SAMPLE_VALUES_PER_BLOCK = 2**15  # a block per this many values of one sample (small tensors: one block)
 
 
 def _count(shape, most: int) -> int:
@@ -166,7 +166,7 @@ def quantize(x: torch.Tensor, bits: int, split: torch.Tensor | None = None) -> t
             block_low[:, 0], block_scale[:, 0] = found_low, found_scale
             rows.sub_(found_low.float()[:, None]).div_(found_scale.float()[:, None])
         else:
-            chosen = grouped(sides[start:stop], channels_first=True).bool()
+            chosen = grouped(sides[start:stop], channels_first=True, dtype=torch.bool)
             for column, side in enumerate((~chosen, chosen)):
                 block_low[:, column], block_scale[:, column] = group_range(
                     rows.masked_fill(~side, float("inf")).amin(1), rows.masked_fill(~side, float("-inf")).amax(1), levels)
@@ -183,14 +183,14 @@ def quantize(x: torch.Tensor, bits: int, split: torch.Tensor | None = None) -> t
     return packed, low, scale
 
 
-def grouped(x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
-    """A float copy of `x` as rows of GROUP values, each row from one channel (dim 1;
-    dim 0 with `channels_first`, for an (channels, batch, rest) view), each channel
+def grouped(x: torch.Tensor, channels_first: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A copy of `x` in `dtype` as rows of GROUP values, each row from one channel (dim
+    1; dim 0 with `channels_first`, for an (channels, batch, rest) view), each channel
     padded to whole rows with copies of its last value (so padding widens no group's
     range: a channel of 16 values is one row, quantized over those 16 alone)."""
     moved = x if channels_first else _as_channels(x)
     length = moved.shape[1] * moved.shape[2]
-    rows = torch.empty((moved.shape[0], length + (-length) % GROUP), dtype=torch.float32, device=x.device)
+    rows = torch.empty((moved.shape[0], length + (-length) % GROUP), dtype=dtype, device=x.device)
     rows[:, :length].view(moved.shape).copy_(moved)
     if rows.shape[1] > length:
         rows[:, length:].copy_(rows[:, length - 1:length].expand(-1, rows.shape[1] - length))
@@ -221,7 +221,7 @@ def _dequantize_into(target: torch.Tensor, packed, low, scale, bits: int, channe
     if split is None:
         values.mul_(scale[rows].float()).add_(low[rows].float())
     else:
-        chosen = grouped(split, channels_first=True).bool()
+        chosen = grouped(split, channels_first=True, dtype=torch.bool)
         values.mul_(torch.where(chosen, scale[rows][:, 1:].float(), scale[rows][:, :1].float()))
         values.add_(torch.where(chosen, low[rows][:, 1:].float(), low[rows][:, :1].float()))
         del chosen
@@ -432,11 +432,14 @@ def _unpack_channels(packed: torch.Tensor, shape: torch.Size, start: int, stop: 
     return bits.view(torch.bool).reshape(block).movedim(0, 1) if len(shape) > 1 else bits.view(torch.bool).view(shape)
 
 
-def _conv_blocks(shape, out_channels: int, groups: int) -> list[tuple[slice, slice]]:
+def _conv_blocks(shape, weight_shape, groups: int) -> list[tuple[slice, slice]]:
     """(input channels, output channels) of each block the backward of a convolution
-    with input `shape` takes apart: input-channel blocks over all outputs (groups == 1),
-    or blocks of whole groups."""
-    channels, count = shape[1], _count(shape, BACKWARD_BLOCKS)
+    with input `shape` and weight `weight_shape` takes apart: input-channel blocks over
+    all outputs (groups == 1), or blocks of whole groups. A block's weight slice and its
+    weight gradient are working copies too, so a large weight asks for as many blocks
+    as a large sample does (both independent of the batch)."""
+    out_channels, channels = weight_shape[0], shape[1]
+    count = max(_count(shape, BACKWARD_BLOCKS), _count((1, *weight_shape), BACKWARD_BLOCKS))
     if groups == 1:
         return [(slice(a, b), slice(0, out_channels)) for a, b in _channel_blocks(channels, count)]
     per_in, per_out = channels // groups, out_channels // groups
@@ -462,15 +465,19 @@ def _conv_backward(grad, copy: _Copy, saved, weight, conv_args, has_bias: bool, 
     of channels at a time (`saved`: packed, low, scale; `mask`: the split it was
     quantized with); `rebuild(block, channels)` maps a dequantized block to the
     convolution's actual input (identity if None)."""
-    out_channels = weight.shape[0]
-    grad_in = grad.new_empty(copy.shape) if needs[0] else None
-    grad_weight = torch.empty_like(weight) if needs[1] else None
-    for inputs, outputs in _conv_blocks(copy.shape, out_channels, conv_args[3]):
+    blocks = _conv_blocks(copy.shape, weight.shape, conv_args[3])
+    whole = len(blocks) == 1  # the block's gradients are the gradients: no buffers to copy them into
+    grad_in = grad.new_empty(copy.shape) if needs[0] and not whole else None
+    grad_weight = torch.empty_like(weight) if needs[1] and not whole else None
+    for inputs, outputs in blocks:
         block = copy.channels(*saved, inputs.start, inputs.stop, mask)
         if rebuild is not None:
             block = rebuild(block, inputs)
         gi, gw = _conv_backward_block(grad, block, weight, conv_args, inputs, outputs, needs)
         del block
+        if whole:
+            grad_in, grad_weight = gi, gw
+            continue
         if gi is not None:
             grad_in[:, inputs] = gi
         if gw is not None:
@@ -522,6 +529,64 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
     return _Conv.apply(x, weight, bias, many(stride), many(padding), many(dilation), int(groups), bits, *(copy or (None,) * 3))
 
 
+class _Convs(Function):
+    """Convolutions (groups == 1) of one input, keeping one quantized copy of it. The
+    backward dequantizes each block of input channels once and sums every convolution's
+    input gradient into one buffer, where apart each would allocate its own and autograd
+    would add them."""
+
+    @staticmethod
+    def forward(ctx, x, bits, conv_args, *params):
+        weights, biases = params[0::2], params[1::2]
+        ctx.copy, ctx.conv_args = _Copy(x, bits), conv_args
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(*quantize(x, bits), *weights)
+        return tuple((F.conv1d, F.conv2d, F.conv3d)[w.dim() - 3](x, w, b, *args, 1)
+                     for w, b, args in zip(weights, biases, conv_args))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        packed, low, scale, *weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        shape = ctx.copy.shape
+        count = max(len(_conv_blocks(shape, w.shape, 1)) for w in weights)
+        grad_in = grads[0].new_zeros(shape) if needs[0] else None
+        grad_weights = [torch.empty_like(w) if needs[3 + 2 * k] else None for k, w in enumerate(weights)]
+        for start, stop in _channel_blocks(shape[1], count):
+            inputs = slice(start, stop)
+            block = ctx.copy.channels(packed, low, scale, start, stop)
+            for k, (grad, weight, args) in enumerate(zip(grads, weights, ctx.conv_args)):
+                gi, gw = _conv_backward_block(grad, block, weight, (*args, 1), inputs, slice(None),
+                                              [needs[0], grad_weights[k] is not None])
+                if gi is not None:
+                    grad_in[:, inputs] += gi
+                if gw is not None:
+                    grad_weights[k][:, inputs] = gw
+                del gi, gw
+            del block
+        out = [grad_in, None, None]
+        for k, grad in enumerate(grads):
+            bias_needed = ctx.has_bias[k] and needs[4 + 2 * k]
+            out += [grad_weights[k], grad.sum([0, *range(2, grad.dim())]) if bias_needed else None]
+        return tuple(out)
+
+
+def convs(modules, x: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, ...]:
+    """`tuple(m(x) for m in modules)` for convolutions `modules` (groups 1, zero
+    padding), keeping one quantized copy of `x` for all of their backwards and summing
+    their input gradients in place (see `_Convs`); as the modules run it where nothing
+    needs a gradient."""
+    params = [p for m in modules for p in m.parameters()]
+    if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
+        return tuple(m(x) for m in modules)
+    for m in modules:
+        if not isinstance(m, nn.modules.conv._ConvNd) or m.groups != 1 or m.transposed or m.padding_mode != "zeros":
+            raise ValueError(f"convs: {m!r} is not a zero-padded convolution with groups=1")
+    conv_args = tuple(([int(v) for v in m.stride], [int(v) for v in m.padding], [int(v) for v in m.dilation])
+                      for m in modules)
+    return _Convs.apply(x, bits, conv_args, *(t for m in modules for t in (m.weight, m.bias)))
+
+
 def _linear_backward(grad, x, weight, has_bias: bool, needs) -> tuple:
     flat_grad = grad.reshape(-1, grad.shape[-1])
     grad_in = grad @ weight if needs[0] else None
@@ -559,6 +624,27 @@ def _batch_norm_forward(x, weight, bias, running_mean, running_var, num_batches_
     return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
 
 
+def _batch_norm_forward_into(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
+    """`_batch_norm_forward` with the output written over `x`, a block of channels at a
+    time (each block's statistics are its channels' own, so output, statistics and
+    running statistics equal the whole op's): (x, mean, invstd)."""
+    factor = 0.0 if momentum is None else momentum
+    if running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    means, invstds = [], []
+    for start, stop in _channel_blocks(x.shape[1], _count(x.shape, CHUNKS)):
+        channels = slice(start, stop)
+        out, mean, invstd = torch.native_batch_norm(
+            x[:, channels].contiguous(), *(None if t is None else t[channels] for t in (weight, bias, running_mean, running_var)),
+            True, factor, eps)
+        x[:, channels] = out
+        means.append(mean)
+        invstds.append(invstd)
+    return x, torch.cat(means), torch.cat(invstds)
+
+
 def _batch_norm_backward_block(grad, x, weight, mean, invstd, eps, channels: slice, needs) -> tuple:
     """BatchNorm's (input, weight, bias) gradients for `channels`, from their input `x`."""
     return torch.ops.aten.native_batch_norm_backward(
@@ -572,6 +658,9 @@ def _batch_norm_backward(grad, grad_of, copy: _Copy, saved, weight, mean, invstd
     block of channels at a time (`blocks`: (start, stop) ranges); `grad_of(channels)`
     gives those channels of its output gradient `grad`, contiguous."""
     shape = copy.shape
+    if len(blocks) == 1:  # the block's gradients are the gradients: no buffers to copy them into
+        x = copy.channels(*saved, 0, shape[1] if len(shape) > 1 else 1, mask)
+        return _batch_norm_backward_block(grad_of(slice(None)), x, weight, mean, invstd, eps, slice(None), needs)
     grad_in = grad.new_empty(shape) if needs[0] else None
     grad_weight = torch.empty_like(weight) if needs[1] else None
     grad_bias = grad.new_empty(shape[1]) if needs[2] else None
@@ -595,14 +684,21 @@ def _per_channel(values: torch.Tensor, dims: int) -> torch.Tensor:
 
 
 class _BatchNorm(Function):
-    """Training-mode batch norm: batch statistics, running statistics updated once."""
+    """Training-mode batch norm: batch statistics, running statistics updated once.
+    With `overwrite`, the output is written over the input once its copy is made (for
+    an input nothing else reads or keeps)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, bits,
-                packed, low, scale):
-        out, mean, invstd = _batch_norm_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+                overwrite, packed, low, scale):
         ctx.copy = _Copy(x, bits)
-        ctx.save_for_backward(*_quantized(x, bits, packed, low, scale), mean, invstd, weight)
+        copy = _quantized(x, bits, packed, low, scale)
+        overwrite = overwrite and _count(x.shape, CHUNKS) > 1  # whole, the output would exist beside x anyway
+        norm = _batch_norm_forward_into if overwrite else _batch_norm_forward
+        out, mean, invstd = norm(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+        if overwrite:
+            ctx.mark_dirty(x)
+        ctx.save_for_backward(*copy, mean, invstd, weight)
         ctx.eps, ctx.has_bias = eps, bias is not None
         return out
 
@@ -615,14 +711,30 @@ class _BatchNorm(Function):
             grad, lambda channels: grad[:, channels].contiguous(), ctx.copy, (packed, low, scale), weight, mean, invstd,
             ctx.eps, [needs[0], weight is not None and needs[1], ctx.has_bias and needs[2]],
             _channel_blocks(shape[1], _count(shape, BACKWARD_BLOCKS)))
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
-def batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, bits: int = 4, copy=None):
+def batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, bits: int = 4, copy=None,
+               overwrite: bool = False):
     """BatchNorm in training mode as nn.BatchNorm does it, keeping `x` quantized (`copy`:
-    a `shared_copy` of `x` at `bits` to keep instead)."""
+    a `shared_copy` of `x` at `bits` to keep instead). `overwrite`: write the output over
+    `x`, which must then be a tensor nothing else reads afterwards or keeps for its
+    backward (a convolution's output read only by this BatchNorm): the forward then never
+    holds input and output whole at once."""
+    if overwrite and copy is not None:
+        raise ValueError("batch_norm: overwrite=True with a shared copy: other ops read x; pass one or the other")
     return _BatchNorm.apply(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, bits,
-                            *(copy or (None,) * 3))
+                            overwrite, *(copy or (None,) * 3))
+
+
+def add_into(a: torch.Tensor, b) -> torch.Tensor:
+    """`a + b`, written over `a` where the sum has a's shape and dtype (the residual sum
+    `out += identity` that tracing turns into `out + identity`); `a` must be a tensor
+    that nothing else reads afterwards and no backward keeps (a lossy BatchNorm's output)."""
+    if a.dtype == torch.result_type(a, b) and (
+            not isinstance(b, torch.Tensor) or a.shape == torch.broadcast_shapes(a.shape, b.shape)):
+        return a.add_(b)
+    return a + b
 
 
 class _NormReluConsumer(Function):
@@ -674,9 +786,10 @@ class _NormReluConsumer(Function):
                 [True, needs[8], needs[9]], relu_input, mask)
             blocks = _channel_blocks(shape[1], _count(shape, BACKWARD_BLOCKS))
 
-        def relu_grad(channels: slice):  # the ReLU's backward: the exact mask
-            passed = _unpack_channels(mask, shape, channels.start, channels.stop)
-            return grad_out[:, channels].masked_fill(~passed, 0)
+        def relu_grad(channels: slice):  # the ReLU's backward: the exact mask, over grad_out (ours alone)
+            start, stop, _ = channels.indices(shape[1])
+            block = grad_out[:, channels]
+            return block.masked_fill_(~_unpack_channels(mask, shape, start, stop), 0).contiguous()
 
         grads = _batch_norm_backward(
             grad_out, relu_grad, ctx.copy, (packed, low, scale), weight, mean, invstd, ctx.eps,
@@ -708,10 +821,12 @@ def norm_relu_call(norm: nn.Module, consumer: nn.Module, x: torch.Tensor, bits: 
         consumer.weight, consumer.bias, conv_args, bits)
 
 
-def module_call(module: nn.Module, x: torch.Tensor, bits: int | None = None, copy=None) -> torch.Tensor:
+def module_call(module: nn.Module, x: torch.Tensor, bits: int | None = None, copy=None,
+                overwrite: bool = False) -> torch.Tensor:
     """`module(x)` with what its backward needs compressed, as far as the module's
     state allows (a Dropout or BatchNorm in eval mode, or no autograd, runs as is);
-    `copy`: a `shared_copy` of `x` at `bits` for a lossy module to keep."""
+    `copy`: a `shared_copy` of `x` at `bits` for a lossy module to keep; `overwrite`: a
+    training-mode BatchNorm writes its output over `x` (see `batch_norm`)."""
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))):
         return module(x)
     if isinstance(module, nn.ReLU):
@@ -739,5 +854,6 @@ def module_call(module: nn.Module, x: torch.Tensor, bits: int | None = None, cop
         momentum = module.momentum if module.training else 0.0
         tracked = module.num_batches_tracked if module.training else None
         return batch_norm(x, module.weight, module.bias, module.running_mean if module.training else None,
-                          module.running_var if module.training else None, tracked, momentum, module.eps, bits, copy)
+                          module.running_var if module.training else None, tracked, momentum, module.eps, bits, copy,
+                          overwrite)
     raise ValueError(f"module_call: no compressed form for {type(module).__name__}")
