@@ -230,8 +230,8 @@ def _sum_into(gm: fx.GraphModule, node: fx.Node, chosen: dict[str, str]) -> int 
     if node.op != "call_function" or node.target not in (operator.add, torch.add) or node.kwargs or len(node.args) != 2:
         return None
     for index, arg in enumerate(node.args):
-        if (isinstance(arg, fx.Node) and arg.name in chosen and chosen[arg.name] != "lossless"
-                and kind(gm, arg) == "batch_norm" and list(arg.users) == [node]):
+        if (isinstance(arg, fx.Node) and arg.name in chosen and kind(gm, arg) == "batch_norm"
+                and list(arg.users) == [node]):
             return index
     return None
 

@@ -432,18 +432,34 @@ def _unpack_channels(packed: torch.Tensor, shape: torch.Size, start: int, stop: 
     return bits.view(torch.bool).reshape(block).movedim(0, 1) if len(shape) > 1 else bits.view(torch.bool).view(shape)
 
 
+def _conv_block_count(shape, weight_shape) -> int:
+    """How many blocks the backward of a convolution with input `shape` and weight
+    `weight_shape` works in: a block's weight slice and its weight gradient are working
+    copies too, so a large weight asks for as many blocks as a large sample does (both
+    independent of the batch)."""
+    return max(_count(shape, BACKWARD_BLOCKS), _count((1, *weight_shape), BACKWARD_BLOCKS))
+
+
 def _conv_blocks(shape, weight_shape, groups: int) -> list[tuple[slice, slice]]:
     """(input channels, output channels) of each block the backward of a convolution
-    with input `shape` and weight `weight_shape` takes apart: input-channel blocks over
-    all outputs (groups == 1), or blocks of whole groups. A block's weight slice and its
-    weight gradient are working copies too, so a large weight asks for as many blocks
-    as a large sample does (both independent of the batch)."""
-    out_channels, channels = weight_shape[0], shape[1]
-    count = max(_count(shape, BACKWARD_BLOCKS), _count((1, *weight_shape), BACKWARD_BLOCKS))
+    with input `shape` and weight `weight_shape` takes apart (`_conv_block_count` of
+    them): input-channel blocks over all outputs (groups == 1), or blocks of whole groups."""
+    out_channels, channels, count = weight_shape[0], shape[1], _conv_block_count(shape, weight_shape)
     if groups == 1:
         return [(slice(a, b), slice(0, out_channels)) for a, b in _channel_blocks(channels, count)]
     per_in, per_out = channels // groups, out_channels // groups
     return [(slice(a * per_in, b * per_in), slice(a * per_out, b * per_out)) for a, b in _channel_blocks(groups, count)]
+
+
+def _conv_forward(x, weight, bias, conv_args) -> torch.Tensor:
+    """conv1d/2d/3d (by the weight's rank) with `conv_args` = (stride, padding, dilation, groups)."""
+    return (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3](x, weight, bias, *conv_args)
+
+
+def _module_conv_args(module: nn.Module) -> tuple:
+    """A convolution module's (stride, padding, dilation, groups), as plain ints."""
+    return ([int(v) for v in module.stride], [int(v) for v in module.padding],
+            [int(v) for v in module.dilation], int(module.groups))
 
 
 def _conv_backward_block(grad, x, weight, conv_args, inputs: slice, outputs: slice, needs) -> tuple:
@@ -504,11 +520,10 @@ def shared_copy(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor,
 class _Conv(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, bits, packed, low, scale):
-        dims = weight.dim() - 2
         ctx.conv_args, ctx.has_bias = (stride, padding, dilation, groups), bias is not None
         ctx.copy = _Copy(x, bits)
         ctx.save_for_backward(*_quantized(x, bits, packed, low, scale), weight)
-        return (F.conv1d, F.conv2d, F.conv3d)[dims - 1](x, weight, bias, stride, padding, dilation, groups)
+        return _conv_forward(x, weight, bias, ctx.conv_args)
 
     @staticmethod
     def backward(ctx, grad):
@@ -541,22 +556,21 @@ class _Convs(Function):
         ctx.copy, ctx.conv_args = _Copy(x, bits), conv_args
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(*quantize(x, bits), *weights)
-        return tuple((F.conv1d, F.conv2d, F.conv3d)[w.dim() - 3](x, w, b, *args, 1)
-                     for w, b, args in zip(weights, biases, conv_args))
+        return tuple(_conv_forward(x, w, b, args) for w, b, args in zip(weights, biases, conv_args))
 
     @staticmethod
     def backward(ctx, *grads):
         packed, low, scale, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad
         shape = ctx.copy.shape
-        count = max(len(_conv_blocks(shape, w.shape, 1)) for w in weights)
+        count = max(_conv_block_count(shape, w.shape) for w in weights)
         grad_in = grads[0].new_zeros(shape) if needs[0] else None
         grad_weights = [torch.empty_like(w) if needs[3 + 2 * k] else None for k, w in enumerate(weights)]
         for start, stop in _channel_blocks(shape[1], count):
             inputs = slice(start, stop)
             block = ctx.copy.channels(packed, low, scale, start, stop)
             for k, (grad, weight, args) in enumerate(zip(grads, weights, ctx.conv_args)):
-                gi, gw = _conv_backward_block(grad, block, weight, (*args, 1), inputs, slice(None),
+                gi, gw = _conv_backward_block(grad, block, weight, args, inputs, slice(None),
                                               [needs[0], grad_weights[k] is not None])
                 if gi is not None:
                     grad_in[:, inputs] += gi
@@ -576,14 +590,12 @@ def convs(modules, x: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, ...]:
     padding), keeping one quantized copy of `x` for all of their backwards and summing
     their input gradients in place (see `_Convs`); as the modules run it where nothing
     needs a gradient."""
-    params = [p for m in modules for p in m.parameters()]
-    if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
+    if not _needs_autograd(x, *modules):
         return tuple(m(x) for m in modules)
     for m in modules:
         if not isinstance(m, nn.modules.conv._ConvNd) or m.groups != 1 or m.transposed or m.padding_mode != "zeros":
             raise ValueError(f"convs: {m!r} is not a zero-padded convolution with groups=1")
-    conv_args = tuple(([int(v) for v in m.stride], [int(v) for v in m.padding], [int(v) for v in m.dilation])
-                      for m in modules)
+    conv_args = tuple(_module_conv_args(m) for m in modules)
     return _Convs.apply(x, bits, conv_args, *(t for m in modules for t in (m.weight, m.bias)))
 
 
@@ -613,14 +625,21 @@ def linear(x, weight, bias=None, bits: int = 4, copy=None):
     return _Linear.apply(x, weight, bias, bits, *(copy or (None,) * 3))
 
 
-def _batch_norm_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
-    """Training-mode batch norm as nn.BatchNorm runs it: (output, mean, invstd), the
-    running statistics and `num_batches_tracked` updated once."""
+def _running_factor(running_mean, num_batches_tracked, momentum) -> float:
+    """The running statistics' update factor of this step, as nn.BatchNorm takes it,
+    with `num_batches_tracked` counted once."""
     factor = 0.0 if momentum is None else momentum
     if running_mean is not None and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
         if momentum is None:  # a cumulative moving average
             factor = 1.0 / float(num_batches_tracked)
+    return factor
+
+
+def _batch_norm_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
+    """Training-mode batch norm as nn.BatchNorm runs it: (output, mean, invstd), the
+    running statistics and `num_batches_tracked` updated once."""
+    factor = _running_factor(running_mean, num_batches_tracked, momentum)
     return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
 
 
@@ -628,11 +647,7 @@ def _batch_norm_forward_into(x, weight, bias, running_mean, running_var, num_bat
     """`_batch_norm_forward` with the output written over `x`, a block of channels at a
     time (each block's statistics are its channels' own, so output, statistics and
     running statistics equal the whole op's): (x, mean, invstd)."""
-    factor = 0.0 if momentum is None else momentum
-    if running_mean is not None and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-        if momentum is None:
-            factor = 1.0 / float(num_batches_tracked)
+    factor = _running_factor(running_mean, num_batches_tracked, momentum)
     means, invstds = [], []
     for start, stop in _channel_blocks(x.shape[1], _count(x.shape, CHUNKS)):
         channels = slice(start, stop)
@@ -755,8 +770,7 @@ class _NormReluConsumer(Function):
         if conv_args is None:
             result = F.linear(out, c_weight, c_bias)
         else:
-            stride, padding, dilation, groups = conv_args
-            result = (F.conv1d, F.conv2d, F.conv3d)[c_weight.dim() - 3](out, c_weight, c_bias, stride, padding, dilation, groups)
+            result = _conv_forward(out, c_weight, c_bias, conv_args)
         ctx.copy = _Copy(x, bits)
         ctx.save_for_backward(*quantize(x, bits, passed), _pack_channels(passed), mean, invstd, weight, bias, c_weight)
         ctx.eps, ctx.conv_args, ctx.has_c_bias = eps, conv_args, c_bias is not None
@@ -797,18 +811,22 @@ class _NormReluConsumer(Function):
         return (*grads, None, None, None, None, None, grad_c_weight, grad_c_bias, None, None)
 
 
+def _needs_autograd(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """Whether a call of `modules` on `x` records a backward: grad mode on, and `x` or a
+    parameter requiring a gradient."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters()))
+
+
 def norm_relu_call(norm: nn.Module, consumer: nn.Module, x: torch.Tensor, bits: int = 4) -> torch.Tensor:
     """`consumer(relu(norm(x)))` for a BatchNorm `norm` and a convolution or Linear
     `consumer`, keeping one quantized copy of `x` and a mask for the backward (see
     `_NormReluConsumer`); as the three modules run it where BatchNorm uses its running
     statistics or nothing needs a gradient."""
-    params = [*norm.parameters(), *consumer.parameters()]
     eval_stats = not norm.training and norm.track_running_stats
-    if eval_stats or not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
+    if eval_stats or not _needs_autograd(x, norm, consumer):
         return consumer(F.relu(norm(x)))
     if isinstance(consumer, nn.modules.conv._ConvNd):
-        conv_args = ([int(v) for v in consumer.stride], [int(v) for v in consumer.padding],
-                     [int(v) for v in consumer.dilation], int(consumer.groups))
+        conv_args = _module_conv_args(consumer)
     elif isinstance(consumer, nn.Linear):
         conv_args = None
     else:
@@ -827,7 +845,7 @@ def module_call(module: nn.Module, x: torch.Tensor, bits: int | None = None, cop
     state allows (a Dropout or BatchNorm in eval mode, or no autograd, runs as is);
     `copy`: a `shared_copy` of `x` at `bits` for a lossy module to keep; `overwrite`: a
     training-mode BatchNorm writes its output over `x` (see `batch_norm`)."""
-    if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))):
+    if not _needs_autograd(x, module):
         return module(x)
     if isinstance(module, nn.ReLU):
         return relu(x, module.inplace)

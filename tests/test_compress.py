@@ -156,6 +156,13 @@ def train_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.detach()
 
 
+def assert_gradients_close_in_direction(model: nn.Module, reference: nn.Module) -> None:
+    """Every parameter gradient of `model` at cosine similarity >= 0.99 to `reference`'s."""
+    for (label, p), q in zip(reference.named_parameters(), model.parameters()):
+        cosine = F.cosine_similarity(q.grad.flatten(), p.grad.flatten(), dim=0)
+        assert cosine >= 0.99, (label, float(cosine))
+
+
 class Clamps(nn.Module):
     """ReLU6 and hardtanh as modules and as functions, in place and not."""
 
@@ -271,9 +278,7 @@ def test_batch_norm_relu_consumer_runs_as_one_op_keeping_one_copy(consumer, norm
     assert torch.equal(train_step(gm, x), train_step(reference, x))  # the forward is exact
     for (label, b), c in zip(reference.named_buffers(), model.buffers()):
         assert torch.equal(c, b), label  # running statistics updated once, as eager
-    for (label, p), q in zip(reference.named_parameters(), model.parameters()):
-        cosine = F.cosine_similarity(q.grad.flatten(), p.grad.flatten(), dim=0)
-        assert cosine >= 0.99, (label, float(cosine))
+    assert_gradients_close_in_direction(model, reference)
     # kept for the backward: 4-bit codes, low and scale for each side of the threshold
     # (8 bytes per group of 64, in bfloat16) and the mask, a bit per value (each channel's bits
     # padded to whole bytes), where apart the ops keep the BatchNorm input's copy, the
@@ -324,9 +329,7 @@ def test_convolutions_of_one_tensor_run_as_one_op_with_one_copy():
     assert [n.name for n in forks] == ["conv1"]  # named as the first reader, as a fused op is
     assert not [n for n in gm.graph.nodes if n.target is compressed_ops.shared_copy]
     assert torch.equal(train_step(gm, x), train_step(reference, x))  # the forward is exact
-    for (label, p), q in zip(reference.named_parameters(), model.parameters()):
-        cosine = F.cosine_similarity(q.grad.flatten(), p.grad.flatten(), dim=0)
-        assert cosine >= 0.99, (label, float(cosine))
+    assert_gradients_close_in_direction(model, reference)
     # 4 x 8 x 16 x 16 values at 4 bits, and a bfloat16 low and scale per 64: kept once
     rewritten = profile_model_graph(model, gm, (x,), default_loss, (), {})
     kept = sorted(t.nbytes for t in saved_tensors(rewritten) if t.held_by == ("conv1",))
@@ -375,9 +378,7 @@ def test_lossy_readers_of_other_kinds_share_one_copy():
     copies = [n for n in gm.graph.nodes if n.target is compressed_ops.shared_copy]
     assert len(copies) == 1 and {u.name for u in copies[0].users} == {"conv", "norm"}
     assert torch.equal(train_step(gm, x), train_step(reference, x))
-    for (label, p), q in zip(reference.named_parameters(), model.parameters()):
-        cosine = F.cosine_similarity(q.grad.flatten(), p.grad.flatten(), dim=0)
-        assert cosine >= 0.99, (label, float(cosine))
+    assert_gradients_close_in_direction(model, reference)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(model.norm, name), getattr(reference.norm, name)), name
 
