@@ -1,13 +1,15 @@
 """Row-split at high resolution: budgets that recompute alone cannot reach.
 
-For the high-resolution FCN (batch 1, 1024x1024 by default) at a budget of 2.5 of its
-full-size feature maps, and for the U-Net (batch 1, 512x512 by default) at 25% of its
-baseline peak: the smallest budget recompute, invert and compress reach without
-row-split, then `optimize` with every strategy: measured peak, predicted peak, step
-time against eager (median of --steps steps, one run), and the largest gradient error
-against eager (||g - g_eager|| / ||g_eager|| over all parameter gradients together).
+For the high-resolution FCN (batch 1, 1024x1024 by default, and a wide strip of as
+many pixels, 128x8192) at a budget of 2.5 of its full-size feature maps, and for the
+U-Net (batch 1, 512x512 by default) at 25% of its baseline peak: the smallest budget
+recompute, invert and compress reach without row-split, then `optimize` with every
+strategy: measured peak, predicted peak, step time against eager (median of --steps
+steps, one run), and the largest gradient error against eager (||g - g_eager|| /
+||g_eager|| over all parameter gradients together). For the wide strip, whose plan
+tiles along W, the same plan with its chains tiled along H instead, measured alike.
 
-    python benchmarks/row_split_highres.py [--fcn-size 1024] [--unet-size 512] [--steps 3]
+    python benchmarks/row_split_highres.py [--fcn-size 1024] [--wide-size 128x8192] [--unet-size 512] [--steps 3]
 
 writes benchmarks/results/row_split_highres_cpu.md (or _cuda.md with --device cuda).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import platform
 import statistics
 import sys
@@ -61,13 +64,18 @@ def _gradient_error(model, optimized, x) -> float:
     return float((ours - reference).norm() / reference.norm())
 
 
-def _case(name: str, size: int, budget_of, steps: int, device: str) -> dict:
+def _chains(plan) -> str:
+    return ", ".join(f"{tiles} {'row' if axis == 'H' else 'column'} tiles (+{100 * halo:.0f}% halo FLOPs)"
+                     for _, tiles, halo, axis in plan.row_split) or "none"
+
+
+def _case(name: str, size: tuple[int, int], budget_of, steps: int, device: str) -> dict:
     zoo = ZOO[name]
     model = zoo.bench_model().to(device)
-    x = torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(1)).to(device)
+    x = torch.randn((1, 3, *size), generator=torch.Generator().manual_seed(1)).to(device)
     baseline = rewriter.measure_peak(model, x)
     budget = budget_of(model, baseline, size)
-    row = {"model": name, "input": f"1x3x{size}x{size}", "baseline": baseline, "target": budget, "budget": budget}
+    row = {"model": name, "input": f"1x3x{size[0]}x{size[1]}", "baseline": baseline, "target": budget, "budget": budget}
     try:
         rewriter.optimize(model, budget, x, strategies=("recompute", "invert", "compress"))
         row["without"] = "fits"
@@ -85,33 +93,45 @@ def _case(name: str, size: int, budget_of, steps: int, device: str) -> dict:
     plan = optimized.plan
     row["measured"] = rewriter.measure_peak(optimized, x)
     row["predicted"] = plan.predicted_peak_bytes
-    row["chains"] = ", ".join(f"{tiles} tiles (+{100 * halo:.0f}% halo FLOPs)" for _, tiles, halo in plan.row_split) or "none"
+    row["chains"] = _chains(plan)
     row["others"] = f"{len(plan.segments)} recomputed, {len(plan.inverted)} inverted, {len(plan.compressed)} compressed"
     eager_time = _step_seconds(model, x, steps)
     ours_time = _step_seconds(optimized, x, steps)
     row["time_ratio"] = ours_time / eager_time
     row["eager_seconds"] = eager_time
     row["grad_error"] = _gradient_error(model, optimized, x)
+    if any(axis == "W" for *_, axis in plan.row_split):  # the same chains along H, for comparison
+        along_h = dataclasses.replace(plan, row_split=tuple((*c[:3], "H") for c in plan.row_split))
+        rows = rewriter.apply_plan(model, along_h)
+        row["along_h"] = {"measured": rewriter.measure_peak(rows, x), "time_ratio": _step_seconds(rows, x, steps) / eager_time,
+                          "chains": ", ".join(f"{tiles} row tiles" for _, tiles, _, _ in along_h.row_split)}
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fcn-size", type=int, default=1024)
+    parser.add_argument("--wide-size", default="128x8192", help="HxW of the FCN's wide strip")
     parser.add_argument("--unet-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--models", nargs="*", choices=["highres_fcn", "unet"], default=["highres_fcn", "unet"])
+    parser.add_argument("--models", nargs="*", choices=["highres_fcn", "highres_fcn_wide", "unet"],
+                        default=["highres_fcn", "highres_fcn_wide", "unet"])
     args = parser.parse_args()
     torch.manual_seed(0)
+    wide = tuple(int(n) for n in args.wide_size.lower().split("x"))
+    if len(wide) != 2:
+        parser.error(f"--wide-size {args.wide_size!r}: give HxW, such as 128x8192")
 
     def fcn_budget(model, baseline, size):
         channels = model.body[0].out_channels
-        return int(2.5 * channels * size * size * 4)  # 2.5 full-size feature maps
+        return int(2.5 * channels * size[0] * size[1] * 4)  # 2.5 full-size feature maps
 
     cases = {
-        "highres_fcn": lambda: _case("highres_fcn", args.fcn_size, fcn_budget, args.steps, args.device),
-        "unet": lambda: _case("unet", args.unet_size, lambda model, baseline, size: baseline // 4, args.steps, args.device),
+        "highres_fcn": lambda: _case("highres_fcn", (args.fcn_size, args.fcn_size), fcn_budget, args.steps, args.device),
+        "highres_fcn_wide": lambda: _case("highres_fcn", wide, fcn_budget, args.steps, args.device),
+        "unet": lambda: _case("unet", (args.unet_size, args.unet_size), lambda model, baseline, size: baseline // 4,
+                              args.steps, args.device),
     }
     rows = [cases[name]() for name in args.models]
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
@@ -135,6 +155,19 @@ def main() -> None:
             f"{r['time_ratio']:.2f}x | {r['eager_seconds']:.2f} s | {r['grad_error']:.1e} | {r['chains']} | {r['others']} | "
             f"{r['plan_seconds']:.0f} s |"
         )
+    compared = [r for r in rows if "along_h" in r]
+    if compared:
+        lines += [
+            "",
+            "The same plans with their chains tiled along H instead of W (measured alike):",
+            "",
+            "| model | input | along W: measured peak | step time vs eager | along H: measured peak | step time vs eager | chains along H |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in compared:
+            h = r["along_h"]
+            lines.append(f"| {r['model']} | {r['input']} | {format_bytes(r['measured'])} | {r['time_ratio']:.2f}x | "
+                         f"{format_bytes(h['measured'])} | {h['time_ratio']:.2f}x | {h['chains']} |")
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)

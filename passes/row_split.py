@@ -4,9 +4,11 @@ A chain is a run of graph nodes, each a spatially local op on 4-D tensors
 (convolution, pooling, BatchNorm, activations, elementwise arithmetic, channel
 concatenation, integer upsampling), whose only value used after it is its last node's.
 `apply` replaces each chosen chain by one call of `row_split_ops.tiled_chain`, which
-never holds the chain's intermediates whole: forward and backward run row tiles with
-halos (`passes/row_split_ops.py`). The chain's external inputs are kept for the
-backward (they are what each tile is recomputed from); its output is made whole.
+never holds the chain's intermediates whole: forward and backward run tiles with
+halos along H (rows) or W (columns; `passes/row_split_ops.py`). The chain's external
+inputs are kept for the backward (they are what each tile is recomputed from); its
+output is made whole. `tiling` picks the axis: the one that allows the most tiles,
+then the one with the least halo recompute (W pays on wide, short maps).
 
 Granularities: "block" closes a chain where a module call ends once it holds two
 convolutions or poolings (a U-Net's double convolution with the pooling before it or
@@ -17,6 +19,7 @@ convolutional network end to end: one chain, its only kept tensors the input).
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,13 +30,15 @@ from passes import row_split_ops
 from passes.names import fresh_name
 from passes.recompute import _ends_scope, _mutates_an_input
 
-__all__ = ["Chain", "GRANULARITIES", "TILES", "MIN_TILE_ROWS", "chains", "apply", "steps_of", "tiles_for"]
+__all__ = ["Chain", "AXES", "GRANULARITIES", "TILES", "MIN_TILE_ROWS", "chains", "apply", "steps_of", "tiles_for",
+           "tiling"]
 
 GRANULARITIES = ("block", "whole")
 TILES = (4, 16)  # the tile counts offered per chain
 MAX_NORMS = 8  # BatchNorms per chain: each costs a sweep over the nodes before it
 MAX_NODES = 48  # nodes per chain: planning profiles every tile's ops
-MIN_TILE_ROWS = 8  # rows of the chain's output per tile, at least: thinner tiles are mostly halo
+MIN_TILE_ROWS = 8  # rows (or columns) of the chain's output per tile, at least: thinner tiles are mostly halo
+AXES = {"H": 2, "W": 3}  # the axes a chain can be tiled along, by name, and their dimension
 
 _ACTIVATION_MODULES = {
     nn.ReLU: lambda m: ("relu",), nn.ReLU6: lambda m: ("relu6",), nn.LeakyReLU: lambda m: ("leaky_relu", m.negative_slope),
@@ -50,6 +55,15 @@ _BINARY = {operator.add: "add", torch.add: "add", operator.iadd: "add", operator
 def tiles_for(rows: int, tiles: int) -> int:
     """The tile count used for `tiles` on a chain whose output has `rows` rows."""
     return max(1, min(tiles, rows // MIN_TILE_ROWS))
+
+
+def tiling(shape: tuple[int, ...], tiles: int, halo: Callable[[int, str], float]) -> tuple[int, str]:
+    """(tiles, axis name) for a request of `tiles` on a chain whose output has the 4-D
+    `shape`: the axis that allows the most tiles (the lowest peak), then the one whose
+    halo recompute `halo(tiles, axis)` is the least, then H. A 64x2048 map is cut
+    into 16 tiles of 128 columns rather than 8 of 8 rows."""
+    options = [(tiles_for(shape[dim], tiles), axis) for axis, dim in AXES.items()]
+    return min(options, key=lambda option: (-option[0], halo(*option), option[1] != "H"))
 
 
 @dataclass(frozen=True)
@@ -140,7 +154,7 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
            granularity: str = "block") -> list[Chain]:
     """Candidate chains, disjoint, in graph order, of at least two nodes with a
     convolution or pooling among them, at most `MAX_NODES` nodes and `MAX_NORMS`
-    BatchNorms, and an output of at least two tiles of `MIN_TILE_ROWS` rows. `shapes[name]` is each node's output shape
+    BatchNorms, and an output of at least two tiles of `MIN_TILE_ROWS` rows or columns. `shapes[name]` is each node's output shape
     (a 4-D tensor's or else anything). A node that changes its input in place joins
     only where nothing reads that input after it; two-tensor arithmetic needs equal
     shapes."""
@@ -191,7 +205,8 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
         run = nodes[i:closed + 1]
         members = set(run)
         kinds = {local[m][0] for m in run}
-        if len(run) >= 2 and kinds & {"conv", "max_pool", "avg_pool"} and tiles_for(shapes[run[-1].name][2], 2) == 2:
+        out = shapes[run[-1].name]
+        if len(run) >= 2 and kinds & {"conv", "max_pool", "avg_pool"} and max(tiles_for(out[d], 2) for d in AXES.values()) == 2:
             outside = list(dict.fromkeys(a for m in run for a in _tensor_args(m) if a not in members))
             found.append(Chain(tuple(m.name for m in run), tuple(a.name for a in outside)))
         i = closed + 1
@@ -216,15 +231,20 @@ def steps_of(gm: fx.GraphModule, chain: Chain) -> tuple[tuple, list[str]]:
     return tuple(steps), paths
 
 
-def apply(gm: fx.GraphModule, chosen: dict[str, int], all_chains: list[Chain]) -> fx.GraphModule:
-    """A new GraphModule where each chain named in `chosen` (output node -> tiles) runs
-    as `row_split_ops.tiled_chain`. `gm` is not modified; parameters are shared."""
+def apply(gm: fx.GraphModule, chosen: dict[str, tuple[int, str]], all_chains: list[Chain]) -> fx.GraphModule:
+    """A new GraphModule where each chain named in `chosen` (output node -> (tiles,
+    axis name "H" or "W")) runs as `row_split_ops.tiled_chain`. `gm` is not modified;
+    parameters are shared."""
     from passes.recompute import replace_runs
 
     by_output = {c.output: c for c in all_chains if c.output in chosen}
     unknown = [name for name in chosen if name not in by_output]
     if unknown:
         raise ValueError(f"row_split: {unknown} are not outputs of this graph's chains")
+    for name, choice in chosen.items():
+        if not (isinstance(choice, tuple) and len(choice) == 2 and isinstance(choice[0], int) and choice[0] >= 1
+                and choice[1] in AXES):
+            raise ValueError(f"row_split: chain {name!r} is given {choice!r}; give (tiles >= 1, axis), axis one of {tuple(AXES)}")
     taken = {n.name for n in gm.graph.nodes}
 
     def call(new: fx.GraphModule, graph: fx.Graph, chain: Chain, value) -> fx.Node:
@@ -234,9 +254,10 @@ def apply(gm: fx.GraphModule, chosen: dict[str, int], all_chains: list[Chain]) -
             modules.append(graph.create_node("get_attr", path, name=fresh_name(f"{chain.output}_module{k}", taken)))
             taken.add(modules[-1].name)
         inputs = tuple(value(n) for n in chain.inputs)
+        tiles, axis = chosen[chain.output]
         node = graph.create_node("call_function", row_split_ops.tiled_chain,
-                                 (steps, chosen[chain.output], inputs, tuple(modules)), name=chain.output)
-        node.meta["rewriter"] = {"strategy": "row_split", "tiles": chosen[chain.output], "nodes": chain.nodes}
+                                 (steps, tiles, inputs, tuple(modules), AXES[axis]), name=chain.output)
+        node.meta["rewriter"] = {"strategy": "row_split", "tiles": tiles, "axis": axis, "nodes": chain.nodes}
         return node
 
     return replace_runs(gm, list(by_output.values()), call)

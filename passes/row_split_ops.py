@@ -1,4 +1,4 @@
-"""Row-split's runtime: a chain of spatially local ops run tile by tile along H.
+"""Row-split's runtime: a chain of spatially local ops run tile by tile along H or W.
 
 A chain is described by `steps`, plain tuples so that it prints in exported code:
 `(op, inputs, module, config)`, where `inputs` index earlier steps (>= 0) or the
@@ -15,11 +15,13 @@ chain's external inputs (-1 - i), `module` indexes the modules handed to
   ("cat", (i, j, ...), None, ())           concatenation along channels
   ("upsample", (i,), None, (factor, mode)) integer factor, "nearest" or "bilinear" (align_corners off)
 
-The last step is the chain's output. Every op maps a range of output rows to the
-range of input rows it reads (its receptive field along H, stride and dilation
-included); a tile evaluates each step on exactly the rows it needs, padding (zeros,
-reflection, replication, -inf for max pooling) only at the true image border, so
-each tile's rows equal the whole tensor's.
+The last step is the chain's output. The chain is tiled along one spatial axis,
+`axis` (2: H, the default; 3: W); "rows" below are slices along that axis (columns
+when it is W). Every op maps a range of output rows to the range of input rows it
+reads (its receptive field along the axis, stride and dilation included); a tile
+evaluates each step on exactly the rows it needs, padding (zeros, reflection,
+replication, -inf for max pooling) only at the true image border along the axis and
+whole along the other, so each tile's rows equal the whole tensor's.
 
 BatchNorm in training mode needs statistics over the whole tensor: the forward sweeps
 the tiles once per BatchNorm to sum its input (float64), the running statistics are
@@ -42,7 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["tiled_chain", "TiledPlan", "output_rows", "rows_computed", "tile_bounds"]
+__all__ = ["tiled_chain", "TiledPlan", "AXES", "output_rows", "rows_computed", "tile_bounds"]
+
+AXES = (2, 3)  # the spatial axes of an N, C, H, W tensor a chain can be tiled along
 
 _ACTIVATIONS = {
     "relu": F.relu, "relu6": F.relu6, "leaky_relu": F.leaky_relu, "hardtanh": F.hardtanh, "elu": F.elu,
@@ -76,6 +80,13 @@ def _sweep_bounds(plan: "TiledPlan", target: int, tiles: int, tensors) -> list[t
     return kept
 
 
+def _narrow(tensor: torch.Tensor, axis: int, start: int, length: int) -> torch.Tensor:
+    """`tensor.narrow(axis, start, length)`, or `tensor` itself where that is all of it,
+    as indexing does: a slice in the autograd graph allocates a zero-filled tensor of
+    its input's size in backward, one tile of a step's output more at the peak."""
+    return tensor if start == 0 and length == tensor.shape[axis] else tensor.narrow(axis, start, length)
+
+
 def _pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
@@ -92,29 +103,36 @@ def _conv_geometry(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], t
     return kernel, dilation, (pad[1], pad[1], pad[0], pad[0])
 
 
-def _window(step: tuple, modules) -> tuple[int, int, int, int, int] | None:
-    """(kernel, stride, dilation, top pad, bottom pad) along H of a windowed op, else None."""
+def _check_axis(axis: int) -> None:
+    if axis not in AXES:
+        raise ValueError(f"axis={axis!r} is not a spatial axis of an N, C, H, W tensor; use 2 (H) or 3 (W)")
+
+
+def _window(step: tuple, modules, axis: int = 2) -> tuple[int, int, int, int, int] | None:
+    """(kernel, stride, dilation, pad before, pad after) along `axis` of a windowed op, else None."""
     op, _, module, config = step
+    i = axis - 2
     if op == "conv":
         conv = modules[module]
         kernel, dilation, pad = _conv_geometry(conv)
-        return kernel[0], _pair(conv.stride)[0], dilation[0], pad[2], pad[3]
+        return kernel[i], _pair(conv.stride)[i], dilation[i], pad[2 - 2 * i], pad[3 - 2 * i]
     if op == "max_pool":
         k, s, p, d = config
-        return k[0], s[0], d[0], p[0], p[0]
+        return k[i], s[i], d[i], p[i], p[i]
     if op == "avg_pool":
         k, s, p, _ = config
-        return k[0], s[0], 1, p[0], p[0]
+        return k[i], s[i], 1, p[i], p[i]
     return None
 
 
-def output_rows(steps, modules, heights: list[int]) -> list[int]:
-    """Each step's output height, from the external inputs' heights."""
+def output_rows(steps, modules, heights: list[int], axis: int = 2) -> list[int]:
+    """Each step's output size along `axis`, from the external inputs' sizes along it."""
+    _check_axis(axis)
     rows: list[int] = []
     for step in steps:
         first = step[1][0]
         h = heights[-1 - first] if first < 0 else rows[first]
-        window = _window(step, modules)
+        window = _window(step, modules, axis)
         if window is not None:
             k, s, d, top, bottom = window
             h = (h + top + bottom - d * (k - 1) - 1) // s + 1
@@ -125,12 +143,13 @@ def output_rows(steps, modules, heights: list[int]) -> list[int]:
 
 
 class TiledPlan:
-    """The chain's steps with its modules and heights: which rows each step needs for a
-    range of another step's rows, and the evaluation of a step on a range of rows."""
+    """The chain's steps with its modules and its inputs' sizes along the tiled `axis`:
+    which rows each step needs for a range of another step's rows, and the evaluation
+    of a step on a range of rows."""
 
-    def __init__(self, steps, modules, heights: list[int]):
-        self.steps, self.modules, self.heights = steps, modules, heights
-        self.rows = output_rows(steps, modules, heights)
+    def __init__(self, steps, modules, heights: list[int], axis: int = 2):
+        self.steps, self.modules, self.heights, self.axis = steps, modules, heights, axis
+        self.rows = output_rows(steps, modules, heights, axis)
         self.norms = [i for i, step in enumerate(steps) if step[0] == "bn"]
 
     def height(self, ref: int) -> int:
@@ -140,7 +159,7 @@ class TiledPlan:
         """(input ref, lo, hi): the rows of each input step `index` reads for its rows [a, b);
         lo and hi may pass the input's border (padding), by at most its padding."""
         op, inputs, module, config = self.steps[index]
-        window = _window(self.steps[index], self.modules)
+        window = _window(self.steps[index], self.modules, self.axis)
         if window is not None:
             k, s, d, top, bottom = window
             lo, hi = a * s - top, (b - 1) * s - top + d * (k - 1) + 1
@@ -195,37 +214,44 @@ class TiledPlan:
 
     def _rows(self, values, ref: int, lo: int, hi: int) -> torch.Tensor:
         tensor, start = values[ref]
-        return tensor[:, :, lo - start:hi - start]
+        return _narrow(tensor, self.axis, lo - start, hi - lo)
+
+    def _padding(self, border: tuple[int, int], across: tuple[int, int]) -> tuple[int, int, int, int]:
+        """F.pad's (left, right, top, bottom) from the padding along the tiled axis
+        (`border`, at the image's edges only) and across it (`across`, whole)."""
+        return (*across, *border) if self.axis == 2 else (*border, *across)
 
     def _step(self, index: int, a: int, b: int, values, stats, weights) -> torch.Tensor:
         op, inputs, module, config = self.steps[index]
         reads = self._reads(index, a, b)
-        window = _window(self.steps[index], self.modules)
+        window = _window(self.steps[index], self.modules, self.axis)
+        across = 3 - self.axis  # index of the other spatial axis in (H, W) pairs
         if window is not None:
             ref, lo, hi = reads[0]
             size = self.height(ref)
             x = self._rows(values, ref, max(lo, 0), min(hi, size))
-            top, bottom = max(0, -lo), max(0, hi - size)
+            border = (max(0, -lo), max(0, hi - size))
             if op == "conv":
                 conv = self.modules[module]
                 _, dilation, pad = _conv_geometry(conv)
-                x = F.pad(x, (pad[0], pad[1], top, bottom), mode=_PAD_MODES[conv.padding_mode])
+                other = (pad[0], pad[1]) if self.axis == 2 else (pad[2], pad[3])
+                x = F.pad(x, self._padding(border, other), mode=_PAD_MODES[conv.padding_mode])
                 out = F.conv2d(x, *weights[module], _pair(conv.stride), 0, dilation, conv.groups)
             elif op == "max_pool":
                 k, s, p, d = config
-                x = F.pad(x, (p[1], p[1], top, bottom), value=-math.inf)
+                x = F.pad(x, self._padding(border, (p[across], p[across])), value=-math.inf)
                 out = F.max_pool2d(x, k, s, 0, d)
             else:
                 k, s, p, divisor = config
-                out = F.avg_pool2d(F.pad(x, (p[1], p[1], top, bottom)), k, s, 0, False, True, divisor)
+                out = F.avg_pool2d(F.pad(x, self._padding(border, (p[across], p[across]))), k, s, 0, False, True, divisor)
             skip = (a * window[1] - window[3] - lo) // window[1]  # rows before a (reflection reads more)
-            return out[:, :, skip:skip + b - a]
+            return _narrow(out, self.axis, skip, b - a)
         if op == "upsample":
             ref, lo, hi = reads[0]
             factor, mode = config
             x = self._rows(values, ref, lo, hi)
             out = F.interpolate(x, scale_factor=factor, mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
-            return out[:, :, a - lo * factor:b - lo * factor]
+            return _narrow(out, self.axis, a - lo * factor, b - a)
         xs = [self._rows(values, ref, lo, hi) for ref, lo, hi in reads]
         if op == "bn":
             bn = self.modules[module]
@@ -255,9 +281,9 @@ class TiledPlan:
         return computed
 
 
-def rows_computed(steps, modules, heights: list[int], tiles: int) -> tuple[list[int], list[int]]:
-    """Per step: rows computed by one tiled forward of the whole chain, and its height."""
-    plan = TiledPlan(steps, modules, heights)
+def rows_computed(steps, modules, heights: list[int], tiles: int, axis: int = 2) -> tuple[list[int], list[int]]:
+    """Per step: rows (along `axis`) computed by one tiled forward of the whole chain, and its size along `axis`."""
+    plan = TiledPlan(steps, modules, heights, axis)
     return plan.flops_rows(len(steps) - 1, tile_bounds(plan.rows[-1], tiles)), plan.rows
 
 
@@ -292,7 +318,8 @@ class _Sweep:
     def pieces(plan: TiledPlan, target: int, a: int, b: int, inputs) -> list[tuple[torch.Tensor, int]]:
         """(the rows of each input that rows [a, b) of `target` read, the first of those rows)."""
         needed = plan.needs(target, a, b)
-        return [(x[:, :, slice(*needed.get(-1 - i, (0, 0)))], needed.get(-1 - i, (0, 0))[0]) for i, x in enumerate(inputs)]
+        spans = [needed.get(-1 - i, (0, 0)) for i in range(len(inputs))]
+        return [(x.narrow(plan.axis, lo, hi - lo), lo) for (lo, hi), x in zip(spans, inputs)]
 
     @staticmethod
     def backward_tiles(plan: TiledPlan, target: int, tiles: int, inputs, stats, weights, pairs, grad_of_tile,
@@ -328,7 +355,7 @@ class _Sweep:
             if piece.requires_grad:
                 g = next(found)
                 if g is not None:
-                    grads_in[i][:, :, lo:lo + piece.shape[2]] += g
+                    grads_in[i].narrow(plan.axis, lo, piece.shape[plan.axis]).add_(g)
         for total in totals:
             if total is not None:
                 g = next(found)
@@ -347,9 +374,9 @@ def _statistics(plan: TiledPlan, norm: int, tiles: int, inputs, stats, weights) 
         z = z.double()
         total = z.sum((0, 2, 3)) if total is None else total + z.sum((0, 2, 3))
         squares = (z * z).sum((0, 2, 3)) if squares is None else squares + (z * z).sum((0, 2, 3))
-        width = z.shape[3]
+        across = z.shape[5 - plan.axis]  # the other spatial axis, whole in every tile
         del z  # not alive while the next tile is computed (see `backward_tiles`)
-    count = inputs[0].shape[0] * plan.height(target) * width  # values per channel
+    count = inputs[0].shape[0] * plan.height(target) * across  # values per channel
     mean = total / count
     var = (squares / count - mean * mean).clamp_min(0)
     bn = plan.modules[plan.steps[norm][2]]
@@ -380,8 +407,10 @@ class _TiledChain(torch.autograd.Function):
         out = None
         for a, b, tile in _Sweep.forward_tiles(plan, target, tiles, inputs, stats, weights):
             if out is None:
-                out = tile.new_empty((tile.shape[0], tile.shape[1], plan.rows[target], tile.shape[3]))
-            out[:, :, a:b] = tile
+                shape = list(tile.shape)
+                shape[plan.axis] = plan.rows[target]
+                out = tile.new_empty(shape)
+            out.narrow(plan.axis, a, b - a).copy_(tile)
             del tile  # not alive while the next tile is computed (see `backward_tiles`)
         ctx.save_for_backward(*tensors, *[t for pair in stats for t in pair])
         ctx.plan, ctx.tiles, ctx.inputs_n, ctx.counts = plan, tiles, inputs_n, counts
@@ -404,7 +433,7 @@ class _TiledChain(torch.autograd.Function):
         grads_stats = [torch.zeros_like(t) if t.requires_grad else None for pair in stats for t in pair]
         grads_w = [torch.zeros_like(w) if w.requires_grad else None for w in weights]
         _Sweep.backward_tiles(plan, len(plan.steps) - 1, tiles, inputs, stats, weights, pairs,
-                              lambda out, a, b: grad[:, :, a:b], grads_in, grads_stats + grads_w)
+                              lambda out, a, b: grad.narrow(plan.axis, a, b - a), grads_in, grads_stats + grads_w)
         shape = (1, -1, 1, 1)
         for j in reversed(range(len(counts))):
             if counts[j] is None:
@@ -420,9 +449,11 @@ class _TiledChain(torch.autograd.Function):
         return (None, None, None, *grads_in, *grads_w)
 
 
-def tiled_chain(steps: tuple, tiles: int, inputs: tuple, modules: tuple) -> torch.Tensor:
-    """The chain's output, computed `tiles` row tiles at a time (see the module doc)."""
-    plan = TiledPlan(steps, modules, [x.shape[2] for x in inputs])
+def tiled_chain(steps: tuple, tiles: int, inputs: tuple, modules: tuple, axis: int = 2) -> torch.Tensor:
+    """The chain's output, computed `tiles` tiles at a time along `axis` (2: rows of H,
+    3: columns of W; see the module doc)."""
+    _check_axis(axis)
+    plan = TiledPlan(steps, modules, [x.shape[axis] for x in inputs], axis)
     _, weights = _weights(plan)
     return _TiledChain.apply(plan, tiles, len(inputs), *inputs, *weights)
 

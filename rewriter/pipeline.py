@@ -144,6 +144,7 @@ class _Planner:
         self.tiled: list[row_split.Chain] = []  # row-split chains
         self.tiled_profiles: dict[tuple[str, str], Costs] = {}  # (granularity, mode) -> every chain so tiled
         self._steps: dict[row_split.Chain, tuple[tuple, list[str]]] = {}
+        self._tilings: dict[tuple[row_split.Chain, str], tuple[int, str]] = {}
 
     def use_rows(self, granularity: str | None) -> bool:
         """Find row-split chains this way (None: none); False if that finds no chain or
@@ -199,7 +200,7 @@ class _Planner:
         for mode in row_modes if self.tiled else ():
             key = (self.row_granularity, mode)
             if key not in self.tiled_profiles:
-                chosen = {c.output: self.tiles_for(c, mode) for c in self.tiled}
+                chosen = {c.output: self.tiling(c, mode) for c in self.tiled}
                 self.tiled_profiles[key] = self._profile(row_split.apply(self.gm, chosen, self.tiled), {})
             self.alternatives[mode] = self.tiled_profiles[key]
         for mode, forms in self.forms.items() if self.groups else ():
@@ -272,7 +273,7 @@ class _Planner:
         for chain in self.tiled if modes else ():
             seconds, saved = [0.0], [0]
             for mode in modes:
-                seconds.append(self.row_seconds(chain, self.tiles_for(chain, mode), rerun_seconds))
+                seconds.append(self.row_seconds(chain, *self.tiling(chain, mode), rerun_seconds))
                 saved.append(sum(saved_by_owner.get(n, 0) for n in chain.nodes))
             choices.append(Choice(_ROWS + chain.output, tuple(seconds), tuple(saved), frozenset(chain.nodes)))
             options[_ROWS + chain.output] = tuple(modes)
@@ -286,9 +287,14 @@ class _Planner:
             options[group.key] = tuple(offered)
         return choices, options
 
-    def tiles_for(self, chain: row_split.Chain, mode: str) -> int:
-        """The tiles a row-split mode ("rows16") gives this chain (fewer on small maps)."""
-        return row_split.tiles_for(self.shapes[chain.output][2], _ROW_MODES[mode])
+    def tiling(self, chain: row_split.Chain, mode: str) -> tuple[int, str]:
+        """(tiles, axis) a row-split mode ("rows16") gives this chain: fewer tiles on
+        small maps, along the axis `row_split.tiling` picks."""
+        key = (chain, mode)
+        if key not in self._tilings:
+            self._tilings[key] = row_split.tiling(self.shapes[chain.output], _ROW_MODES[mode],
+                                                  lambda tiles, axis: self.halo_share(chain, tiles, axis))
+        return self._tilings[key]
 
     def steps(self, chain: row_split.Chain) -> tuple[tuple, list[str]]:
         """`row_split.steps_of` the chain, worked out once."""
@@ -296,24 +302,25 @@ class _Planner:
             self._steps[chain] = row_split.steps_of(self.gm, chain)
         return self._steps[chain]
 
-    def halo(self, chain: row_split.Chain, tiles: int) -> tuple[list[float], list[float]]:
+    def halo(self, chain: row_split.Chain, tiles: int, axis: str) -> tuple[list[float], list[float]]:
         """Per chain node: its forward FLOPs, and the rows a tiled forward computes over its rows."""
         steps, paths = self.steps(chain)
         modules = [self.gm.get_submodule(p) for p in paths]
-        computed, rows = rows_computed(steps, modules, [self.shapes[n][2] for n in chain.inputs], tiles)
+        dim = row_split.AXES[axis]
+        computed, rows = rows_computed(steps, modules, [self.shapes[n][dim] for n in chain.inputs], tiles, dim)
         flops = [float(self.base.by_name[n].fwd_flops.xreplace({BATCH: self.base.example_batch})) for n in chain.nodes]
         return flops, [c / r for c, r in zip(computed, rows)]
 
-    def halo_share(self, chain: row_split.Chain, tiles: int) -> float:
+    def halo_share(self, chain: row_split.Chain, tiles: int, axis: str) -> float:
         """FLOPs of a tiled forward's halo rows, as a fraction of the chain's forward FLOPs."""
-        flops, factor = self.halo(chain, tiles)
+        flops, factor = self.halo(chain, tiles, axis)
         return sum(f * (k - 1) for f, k in zip(flops, factor)) / max(sum(flops), 1.0)
 
-    def row_seconds(self, chain: row_split.Chain, tiles: int, rerun_seconds: Callable) -> float:
+    def row_seconds(self, chain: row_split.Chain, tiles: int, axis: str, rerun_seconds: Callable) -> float:
         """Seconds a tiled chain adds: its halo rows in forward; the whole chain again in
         backward; per BatchNorm one more sweep of the nodes before it for the batch
         statistics, and in backward their recompute and backward (about 3x)."""
-        flops, factor = self.halo(chain, tiles)
+        flops, factor = self.halo(chain, tiles, axis)
         steps, _ = self.steps(chain)
         norms = [i for i, step in enumerate(steps) if step[0] == "bn"]
         # eager: forward 1, backward 2 (x FLOPs); tiled: each x the halo factor, and 4 per later BatchNorm
@@ -348,7 +355,7 @@ class _Planner:
         segments = {k: v for k, v in assignment.items() if not k.startswith((_INVERT, _COMPRESS, _ROWS))}
         chains = [k[len(_INVERT):] for k in assignment if k.startswith(_INVERT)]
         by_output = {c.output: c for c in self.tiled}
-        tiled = {k[len(_ROWS):]: self.tiles_for(by_output[k[len(_ROWS):]], v) for k, v in assignment.items() if k.startswith(_ROWS)}
+        tiled = {k[len(_ROWS):]: self.tiling(by_output[k[len(_ROWS):]], v) for k, v in assignment.items() if k.startswith(_ROWS)}
         gm = recompute.apply(self.gm, segments, self.segments) if segments else self.gm
         if tiled:
             gm = row_split.apply(gm, tiled, self.tiled)
@@ -412,9 +419,9 @@ class _Planner:
             granularity=self.granularity,
             inverted=tuple((c.input, c.output) for c in chains.values()),
             compressed=tuple(forms.items()),
-            row_split=tuple((c.output, self.tiles_for(c, assignment[_ROWS + c.output]),
-                             round(self.halo_share(c, self.tiles_for(c, assignment[_ROWS + c.output])), 4))
-                            for c in self.tiled if _ROWS + c.output in assignment),
+            row_split=tuple((c.output, tiles, round(self.halo_share(c, tiles, axis), 4), axis)
+                            for c in self.tiled if _ROWS + c.output in assignment
+                            for tiles, axis in [self.tiling(c, assignment[_ROWS + c.output])]),
             row_granularity=self.row_granularity,
         )
         return gm, plan
@@ -684,7 +691,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
         shapes = {**dict(zip(placeholders, plan.input_shapes)), **{n.node: n.shape for n in plan.nodes}}
         tiled = row_split.chains(gm, shapes, captured.opaque, plan.row_granularity)
         try:
-            rewritten = row_split.apply(rewritten, {out: tiles for out, tiles, _ in plan.row_split}, tiled)
+            rewritten = row_split.apply(rewritten, {out: (tiles, axis) for out, tiles, _, axis in plan.row_split}, tiled)
         except ValueError as error:
             raise InputError(f"{error}; was the plan made for another model?") from None
     if plan.inverted:

@@ -71,7 +71,7 @@ class Plan:
     granularity: str = "coarse"  # how the graph was cut into segments (passes.recompute.segments)
     inverted: tuple[tuple[str, str], ...] = ()  # (chain input node, chain output node), for apply_plan
     compressed: tuple[tuple[str, str], ...] = ()  # (node, compressed form), for apply_plan
-    row_split: tuple[tuple[str, int, float], ...] = ()  # (chain output node, tiles, halo FLOPs added as a fraction)
+    row_split: tuple[tuple[str, int, float, str], ...] = ()  # (chain output node, tiles, halo FLOPs added as a fraction, axis "H" or "W")
     row_granularity: str = "block"  # how row-split chains were found (passes.row_split.chains)
     _index: dict = field(default=None, init=False, repr=False, compare=False)
 
@@ -115,7 +115,8 @@ class Plan:
         data["segments"] = tuple(tuple(s) for s in data.get("segments", ()))
         data["inverted"] = tuple(tuple(c) for c in data.get("inverted", ()))
         data["compressed"] = tuple(tuple(c) for c in data.get("compressed", ()))
-        data["row_split"] = tuple(tuple(c) for c in data.get("row_split", ()))
+        # plans written before W tiling have no axis: their chains were tiled along H
+        data["row_split"] = tuple((*c, "H")[:4] for c in data.get("row_split", ()))
         return cls(nodes=nodes, **data)
 
     # ---- the table ----------------------------------------------------------------------
@@ -135,9 +136,10 @@ class Plan:
             lines.append(f"  recomputed segments: {len(self.segments)}, inverted chains: {len(self.inverted)}, "
                          f"compressed nodes: {len(self.compressed)}, row-split chains: {len(self.row_split)}, "
                          f"est. seconds added per step {added:.4f}")
-        for output, tiles, halo in self.row_split:
+        for output, tiles, halo, axis in self.row_split:
             lines.append(f"  row-split chain ending at {self[output].label if output in self else output}: "
-                         f"{tiles} row tiles, halo recompute +{100 * halo:.1f}% of its forward FLOPs")
+                         f"{tiles} {'row' if axis == 'H' else 'column'} tiles, halo recompute +{100 * halo:.1f}% "
+                         f"of its forward FLOPs")
         rows = sorted((n for n in self.nodes if n.saved_bytes), key=lambda n: (-n.saved_bytes, n.node))
         header = ("node", "op", "shape", "saved", "share", "held by", "strategy", "+seconds", "error x / form")
         table = [header] + [

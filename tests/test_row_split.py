@@ -1,6 +1,7 @@
 """Row-split: chains of spatially local layers run tile by tile, exact to eager."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -102,14 +103,14 @@ def _step(model, inputs, loss=_weighted):
     return out.detach()
 
 
-def _assert_trains_alike(model, inputs, tiles, granularity="whole", rtol=1e-4, atol=1e-3):
+def _assert_trains_alike(model, inputs, tiles, granularity="whole", rtol=1e-4, atol=1e-3, axis="H"):
     """Outputs (to 1e-5), every gradient and buffer as eager's. Float32 gradients here
     reach about 200, summed in another order: 1e-3 absolute is 5e-6 of that scale, and
     a conv bias before BatchNorm has a zero gradient up to that rounding."""
     eager, ours = copy.deepcopy(model), copy.deepcopy(model)
     found = _chains(capture(ours).gm, inputs, granularity)
     assert found, "no chain found"
-    tiled = row_split.apply(capture(ours).gm, {c.output: tiles for c in found}, found)
+    tiled = row_split.apply(capture(ours).gm, {c.output: (tiles, axis) for c in found}, found)
     assert any(n.meta.get("rewriter", {}).get("strategy") == "row_split" for n in tiled.graph.nodes)
     expected, got = _step(eager, inputs), _step(tiled, inputs)
     torch.testing.assert_close(got, expected, rtol=rtol, atol=min(atol, 1e-5))
@@ -120,6 +121,7 @@ def _assert_trains_alike(model, inputs, tiles, granularity="whole", rtol=1e-4, a
     return found
 
 
+@pytest.mark.parametrize("axis", ["H", "W"])
 @pytest.mark.parametrize("tiles", [1, 3, 7])
 @pytest.mark.parametrize("build, shapes", [
     (Strided, [(2, 3, 37, 23)]),
@@ -127,11 +129,11 @@ def _assert_trains_alike(model, inputs, tiles, granularity="whole", rtol=1e-4, a
     (Joined, [(2, 4, 19, 10), (2, 3, 19, 10)]),
     (NormFirst, [(3, 3, 21, 8)]),
 ])
-def test_tiled_chain_trains_like_eager(build, shapes, tiles):
+def test_tiled_chain_trains_like_eager(build, shapes, tiles, axis):
     torch.manual_seed(0)
     model = build().train()
     inputs = [torch.randn(s, generator=torch.Generator().manual_seed(i + 1)) for i, s in enumerate(shapes)]
-    found = _assert_trains_alike(model, inputs, tiles)
+    found = _assert_trains_alike(model, inputs, tiles, axis=axis)
     assert len(found) == 1 and len(found[0].inputs) == len(inputs)
 
 
@@ -140,7 +142,7 @@ def test_batchnorm_running_statistics_updated_once_and_eval_uses_them():
     model = Strided().train()
     x = torch.randn(2, 3, 37, 23)
     found = _assert_trains_alike(model, [x], 5)  # buffers compared there, after one step
-    tiled = row_split.apply(capture(model).gm, {c.output: 5 for c in found}, found)
+    tiled = row_split.apply(capture(model).gm, {c.output: (5, "H") for c in found}, found)
     tiled(x)
     assert int(model.bn.num_batches_tracked) == 1
     model.eval()
@@ -162,6 +164,28 @@ def test_halo_of_a_strided_dilated_chain():
     plan = TiledPlan(steps, (first, second), [13])
     assert plan.rows == [13, 7]
     assert plan.needs(1, 4, 6) == {1: (4, 6), 0: (7, 12), -1: (5, 13)}
+
+
+def test_halo_along_w_follows_the_kernel_across():
+    """A 1x5 kernel with 'same' padding reads 2 columns on each side and no extra row;
+    a 5x1 kernel the other way round."""
+    wide, tall = nn.Conv2d(1, 1, (1, 5), padding="same"), nn.Conv2d(1, 1, (5, 1), padding="same")
+    steps = (("conv", (-1,), 0, ()),)
+    assert TiledPlan(steps, (wide,), [20], axis=3).needs(0, 8, 12) == {0: (8, 12), -1: (6, 14)}
+    assert TiledPlan(steps, (wide,), [20], axis=2).needs(0, 8, 12) == {0: (8, 12), -1: (8, 12)}
+    assert TiledPlan(steps, (tall,), [20], axis=3).needs(0, 8, 12) == {0: (8, 12), -1: (8, 12)}
+    with pytest.raises(ValueError, match="axis=1"):
+        TiledPlan(steps, (wide,), [20], axis=1)
+
+
+def test_tiling_takes_the_axis_with_more_tiles_then_less_halo():
+    halo = {"H": 0.5, "W": 0.25}.get
+    assert row_split.tiling((1, 8, 64, 2048), 16, lambda tiles, axis: halo(axis)) == (16, "W")  # H allows 8
+    assert row_split.tiling((1, 8, 2048, 64), 16, lambda tiles, axis: halo(axis)) == (16, "H")  # W allows 8
+    assert row_split.tiling((1, 8, 64, 2048), 4, lambda tiles, axis: halo(axis)) == (4, "W")  # 4 each: less halo
+    assert row_split.tiling((1, 8, 64, 64), 4, lambda tiles, axis: 0.1) == (4, "H")  # a tie: H
+    with pytest.raises(ValueError, match="axis"):
+        row_split.apply(capture(NormFirst()).gm, {"tanh": (4, "X")}, [row_split.Chain(("bn", "conv", "tanh"), ("x",))])
 
 
 def test_unet_chains_are_exact_in_float64():
@@ -191,9 +215,10 @@ class Bottleneck(nn.Module):
         return torch.relu(self.c(y) + x)
 
 
+@pytest.mark.parametrize("axis", ["H", "W"])
 @pytest.mark.parametrize("tiles", [2, 3, 7])
 @pytest.mark.parametrize("build, shape", [(Bottleneck, (2, 8, 32, 12)), (Strided, (2, 3, 37, 23))])
-def test_tiled_peak_is_predicted_to_the_byte(build, shape, tiles):
+def test_tiled_peak_is_predicted_to_the_byte(build, shape, tiles, axis):
     """The profile runs one tile per distinct row shape; every later tile must allocate
     and free as that one did (none may still hold the one before's gradients)."""
     from cost_models.simulate import simulate
@@ -205,7 +230,7 @@ def test_tiled_peak_is_predicted_to_the_byte(build, shape, tiles):
     x = torch.randn(shape)
     gm = capture(model).gm
     found = _chains(gm, [x])
-    tiled = row_split.apply(gm, {c.output: tiles for c in found}, found)
+    tiled = row_split.apply(gm, {c.output: (tiles, axis) for c in found}, found)
     predicted = simulate(profile_model_graph(model, tiled, (x,), default_loss, (), {})).peak_bytes
     assert measure_peak(tiled, x) == predicted
 
@@ -266,9 +291,12 @@ def test_row_split_plan_round_trips_applies_and_exports(highres, tmp_path):
     model, x, _, opt = highres
     plan = rewriter.Plan.from_json(opt.plan.to_json())
     assert plan == opt.plan
-    output, tiles, halo = plan.row_split[0]
-    assert tiles in row_split.TILES and 0 < halo < 1
+    output, tiles, halo, axis = plan.row_split[0]
+    assert tiles in row_split.TILES and 0 < halo < 1 and axis == "H"  # a square map: a tie, H
     assert f"{tiles} row tiles" in str(plan)
+    written = json.loads(opt.plan.to_json())  # as plans were written before W tiling: no axis
+    written["row_split"] = [entry[:3] for entry in written["row_split"]]
+    assert rewriter.Plan.from_json(json.dumps(written)) == opt.plan
     again = rewriter.apply_plan(model, plan)
     rewriter.save(opt, tmp_path)
     loaded = rewriter.load(tmp_path)
@@ -289,3 +317,27 @@ def test_row_split_alone_fits_and_names_its_minimum():
         rewriter.optimize(model, baseline // 100, x, strategies="row_split")
     assert baseline // 100 < caught.value.minimum_bytes < baseline // 3
     assert measure_peak(rewriter.optimize(model, caught.value.minimum_bytes, x, strategies="row_split"), x) <= caught.value.minimum_bytes
+
+
+def test_a_wide_short_map_is_tiled_along_w():
+    """A 32x1024 strip allows 4 row tiles of 8 rows (nearly half of them halo) but 16
+    column tiles: the planner tiles along W and fits a quarter of the baseline, below
+    the measured peak of the most row tiles the planner offers; float64, exact."""
+    zoo = ZOO["highres_fcn"]
+    model = zoo.test_model().double()
+    x = torch.randn(1, 3, 32, 1024, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    budget = measure_peak(model, x) // 4
+    opt = rewriter.optimize(model, budget, x, strategies="row_split")
+    [(output, tiles, _, axis)] = opt.plan.row_split
+    assert (tiles, axis) == (16, "W") and "16 column tiles" in str(opt.plan)
+    measured = measure_peak(opt, x)
+    assert measured <= budget and measured == opt.plan.predicted_peak_bytes
+    gm = capture(model).gm
+    rows = row_split.apply(gm, {output: (row_split.tiles_for(32, 16), "H")}, _chains(gm, [x]))
+    assert measure_peak(rows, x) > budget
+    eager = copy.deepcopy(model)
+    torch.testing.assert_close(_step(opt, [x]), _step(eager, [x]), rtol=1e-10, atol=1e-10)
+    for (name, p), q in zip(eager.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-9, msg=name)
+    for (name, b), c in zip(eager.named_buffers(), model.buffers()):
+        torch.testing.assert_close(c, b, msg=name)
