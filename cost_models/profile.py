@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from cost_models.cuda_allocator import allocated_bytes, workspace_bytes
+from cost_models.kernel_storage import storage_bytes
 from cost_models.node_costs import BATCH, Costs, NodeCost
 from cost_models.opaque_leaves import OpaqueLeaves, _GradientSource, _state_items
 from cost_models.storage_tracker import StorageTracker, storage_key, tensors_in
@@ -61,7 +62,7 @@ class _Profiler(OpaqueLeaves):
         self.mode = FakeTensorMode(shape_env=self.shape_env)
         self.device_type = "cuda" if any(t.is_cuda for t in tensors_in(inputs)) else "cpu"
         transient = (lambda func, args, kwargs: workspace_bytes(func, args, kwargs, self._concrete)) if self.device_type == "cuda" else None
-        self.tracker = StorageTracker(record_events=True, transient=transient)
+        self.tracker = StorageTracker(record_events=True, transient=transient, storage_bytes=storage_bytes)
         self.values: dict[str, Any] = {}
         self.elements: dict[str, list[torch.Tensor]] = {}
         self.owner: dict[int, tuple[str, int]] = {}  # storage key -> first value element on it
@@ -271,10 +272,14 @@ class _Profiler(OpaqueLeaves):
         events = self.tracker.events[start:]
         self._set_value("loss", loss)
         new_uids = {uid for kind, uid, _ in events if kind == "alloc"}
+        output = self._ref_of(loss, new_uids)
+        # what the loss made and its graph still holds (an MSE target made inside it, say)
+        # lives until the loss's backward, as any node's internals do
+        held = new_uids - {uid for kind, uid, _ in events if kind == "free"} - ({output[1]} if output[0] == "new" else set())
         self.costs.append(NodeCost(
             name="loss", op="loss", label="loss", shapes=((),), nbytes=(self._expr(loss.element_size()),),
             inputs=tuple((n, k) for n in names for k in range(len(self.elements[n]))),
-            outputs=(self._ref_of(loss, new_uids),), requires_grad=(True,), internal=(),
+            outputs=(output,), requires_grad=(True,), internal=tuple(sorted(held)),
             saved=(), fwd_events=tuple((kind, uid, self._expr(b)) for kind, uid, b in events),
             fwd_flops=sympy.Integer(0),
         ))

@@ -167,9 +167,11 @@ class _Replay:
                 uid = slots.get((node.name, ref[1])) if ref[0] == "grad_out" else self.resolve(ref)
                 self.hold(uid)
                 incoming.append((element, uid))
-            if node.name == "loss":  # backward() holds the initial gradient until it returns
-                for uid in allocated:
-                    self.hold(uid)
+            if node.name == "loss" and allocated:  # backward() holds the initial gradient (the first
+                first = allocated[0]  # allocation: ones like the loss) until it returns, nothing else
+                if first in freed:  # the profile's own grad call let it go as the loss's backward ended
+                    self.live += self.size[first]
+                self.hold(first)
             for k in range(len(node.outputs)):
                 self.release(slots.pop((node.name, k), None))
             for ref in node.saved:

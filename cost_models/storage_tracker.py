@@ -52,15 +52,19 @@ class StorageTracker(TorchDispatchMode):
     `record_events`, `events` lists ("alloc", key, nbytes) and ("free", key, nbytes)
     in order instead, for replay with symbolic sizes; ids are the tracker's own uids,
     never reused. `transient(func, args, kwargs)` (with `record_events` only) gives the
-    bytes an op holds beyond its outputs while it runs (None: not such an op).
+    bytes an op holds beyond its outputs while it runs (None: not such an op);
+    `storage_bytes(func, args, kwargs, output)` the bytes of the storage the real kernel
+    returns `output` on where that differs from a fake tensor's (None: it does not).
     """
 
-    def __init__(self, record_events: bool = False, transient: Callable[..., int] | None = None) -> None:
+    def __init__(self, record_events: bool = False, transient: Callable[..., int] | None = None,
+                 storage_bytes: Callable[..., Any] | None = None) -> None:
         super().__init__()
-        if transient is not None and not record_events:
-            raise ValueError("StorageTracker: transient bytes are recorded as events; pass record_events=True")
+        if (transient is not None or storage_bytes is not None) and not record_events:
+            raise ValueError("StorageTracker: transient and storage bytes are recorded as events; pass record_events=True")
         self.record_events = record_events
         self.transient = transient
+        self.storage_bytes = storage_bytes
         self.current = 0
         self.peak = 0
         self.live: dict[int, _Live] = {}
@@ -100,6 +104,9 @@ class StorageTracker(TorchDispatchMode):
             if key in inputs or key in self.live:
                 continue
             nbytes = storage.nbytes()
+            if self.storage_bytes is not None:
+                real = self.storage_bytes(func, args, kwargs, tensor)
+                nbytes = nbytes if real is None else real
             self.live[key] = self._watched[key] = _Live(StorageWeakRef(storage), nbytes, self._next_uid)
             if self.record_events:
                 self.events.append(("alloc", self._next_uid, nbytes))

@@ -30,6 +30,27 @@ def test_predicted_peak_matches_measured(name, factor):
     assert plan.budget_bytes is None and {n.strategy for n in plan.nodes} == {"keep"}  # explain rewrites nothing
 
 
+LOSSES = {
+    "weighted square": lambda out: (out * out).sum() / 2,  # its gradient is a new tensor, not ones expanded
+    "mse to a target made inside": lambda out: nn.functional.mse_loss(out, torch.ones_like(out)),
+    "smooth l1": lambda out: nn.functional.smooth_l1_loss(out, torch.zeros_like(out)),
+    "cross entropy of pooled maps": lambda out: nn.functional.cross_entropy(
+        out.flatten(2).mean(2), torch.zeros(out.shape[0], dtype=torch.long)),
+}
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+@pytest.mark.parametrize("name", ["unet", "highres_fcn"])
+def test_predicted_peak_is_measured_under_other_losses(name, loss):
+    """To the byte: the loss's gradient dies with its consumer, what the loss made for
+    its backward (a target) lives until then, and a reduced MSE or smooth L1 loss on
+    CPU sits on a storage as large as its input (kernel_storage probes the kernel)."""
+    zoo = ZOO[name]
+    model, x = zoo.test_model(), zoo.test_input()
+    predicted = simulate(cost_model(model, x, LOSSES[loss])).peak_bytes
+    assert predicted == rewriter.measure_peak(model, x, LOSSES[loss])
+
+
 @pytest.mark.parametrize("name", ["resnet18", "densenet_bc", "unet", "data_dependent"])
 def test_one_trace_predicts_other_batch_sizes(name):
     """Byte counts are expressions of the batch: one trace answers for every batch."""
