@@ -72,6 +72,13 @@ class StorageTracker(TorchDispatchMode):
         self.events: list[tuple[str, int, Any]] = []
         self._next_uid = 0
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        """torch.compile runs its compiled code under this mode, which it turns off only
+        while it compiles: a compiled module's step is counted as it runs. (A mode that
+        says False makes dynamo run the eager code instead, and skip that code for good.)"""
+        return True
+
     def pin(self, tensors: list[torch.Tensor]) -> None:
         """The caller holds these tensors for the rest of tracking: their storages cannot
         be freed, so `poll` stops checking them (it is called before every op)."""

@@ -84,7 +84,8 @@ def measure_peak(
 ) -> int:
     """Bytes of peak activation memory of one training step of `model` on `example_inputs`.
 
-    On CPU this counts tensor storages with a dispatch mode (deterministic, exact);
+    On CPU this counts tensor storages with a dispatch mode (deterministic, exact; a
+    torch.compile'd module runs and is counted as compiled, its compiling is not);
     on CUDA it reads the caching allocator's peak over a step after a warm-up step.
     The model's gradients, buffers and RNG state are as they were afterwards.
     """
