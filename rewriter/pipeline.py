@@ -438,7 +438,9 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
     found, lowest = [], []
     # each way of cutting segments is searched with the invert chains and compress
     # groups beside it; row-split chains (costly in time) join only where those find no
-    # plan: block-sized chains first, whole-network ones after
+    # plan: block-sized chains first, whole-network ones after, each beside the ways of
+    # cutting segments in turn until one finds a plan (a DenseNet's tiled layers need
+    # its fine segments beside them)
     for rows in (None, *row_split.GRANULARITIES) if "row_split" in strategies else (None,):
         if found:
             break
@@ -447,8 +449,8 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
         for granularity in recompute.GRANULARITIES if "recompute" in strategies else (None,):
             if granularity == "module" and found:  # whole-layer cuts only where the finer ones fail
                 break
-            if rows is not None and granularity not in (None, recompute.GRANULARITIES[0]):
-                break  # row-split is searched beside the coarse segments only: each search profiles its tiles
+            if rows is not None and found:  # each search beside row-split chains verifies tiled plans
+                break
             if granularity is not None and not planner.use(granularity):
                 continue
             if not planner.segments and not planner.chains and not planner.groups and not planner.tiled:
