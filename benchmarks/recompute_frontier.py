@@ -10,13 +10,16 @@ rewriter.measure_peak (the dispatch-mode protocol on CPU, the allocator on CUDA)
 Time: median of 9 training steps after a warm-up, every variant of a model taking
 turns (benchmarks/timing.py), as a ratio to eager; each compiled variant takes turns
 with eager right after it is compiled. Writes
-benchmarks/results/recompute_frontier_<device>.md and prints it.
+benchmarks/results/recompute_frontier_<device>.md and prints it; run for some models
+(`--models`), it replaces their rows and keeps the others' (the file lists which run
+each model's rows come from).
 
     python benchmarks/recompute_frontier.py            # CPU sizes below; --device cuda on a GPU
 """
 
 import argparse
 import copy
+import datetime
 import platform
 import sys
 from pathlib import Path
@@ -79,6 +82,22 @@ class Sequentially(nn.Module):
         return checkpoint_sequential(self.body, self.segments, x, use_reentrant=False)
 
 
+def _earlier_runs(path: Path, models: list[str]) -> tuple[dict[str, str], list[str]]:
+    """From an earlier results file: which run each model not run now comes from, and
+    those models' table rows."""
+    if not path.exists():
+        return {}, []
+    text = path.read_text().splitlines()
+    runs = {}
+    for line in text:
+        if line.startswith("- ") and ": " in line:
+            name, run = line[2:].split(": ", 1)
+            if name in CASES and name not in models:
+                runs[name] = run
+    rows = [line for line in text if line.startswith("| ") and line.split(" | ")[0][2:] in runs]
+    return runs, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -88,10 +107,17 @@ def main() -> None:
     fractions = tuple(args.fractions)
     device = torch.device(args.device)
     name_of_device = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    out = ROOT / "benchmarks" / "results" / f"recompute_frontier_{device.type}.md"
+    runs, kept = _earlier_runs(out, args.models)
+    command = f"`python benchmarks/recompute_frontier.py {' '.join(sys.argv[1:])}`".replace(" `", "`")
+    for name in args.models:
+        runs[name] = f"{datetime.date.today()}, torch {torch.__version__}, {command}"
     lines = [
         f"# Recompute frontier on {name_of_device}",
         "",
-        f"torch {torch.__version__}. Command: `python benchmarks/recompute_frontier.py {' '.join(sys.argv[1:])}`.",
+        "Each model's rows come from its latest run:",
+        *(f"- {name}: {run}" for name, run in runs.items()),
+        "",
         "Peak: rewriter.measure_peak (ARCHITECTURE.md's protocol). Time: median of 9 steps after a warm-up,",
         "all variants of a model taking turns, as a ratio to eager (each compiled variant takes turns with",
         "eager right after compiling). rewriter (recompute): `strategies=\"recompute\"`; rewriter (default):",
@@ -164,7 +190,7 @@ def main() -> None:
                 peak = rewriter.measure_peak(compiled, x)
                 row(model_name, shape, method, budget, f"{peak / 2**20:.1f} MiB | {peak / base_peak:.2f} | {ratio:.2f} | "
                                                        f"{'yes' if peak <= budget else '**no**'}")
-    out = ROOT / "benchmarks" / "results" / f"recompute_frontier_{device.type}.md"
+    lines += kept
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
 

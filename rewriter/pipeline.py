@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from cost_models.compose import Composer
 from cost_models.node_costs import BATCH, Costs
-from cost_models.runtime import ROOFLINES
+from cost_models.runtime import ROOFLINES, node_seconds
 from cost_models.saved import saved_tensors
 from cost_models.simulate import simulate
 from passes import compress, invert, recompute, row_split
@@ -138,6 +138,7 @@ class _Planner:
                 self.forms[mode] = {n: compress.form_of(k, width or bits.get(n))
                                     for g in self.groups for n, k in zip(g.nodes, g.kinds)}
         self.device = "cuda" if any(t.is_cuda for t in inputs if isinstance(t, torch.Tensor)) else "cpu"
+        self._node_seconds: dict[str, float] | None = None
         self.alternatives: dict[str, Costs] = {}
         self.shapes = _shapes(self.gm, self.base)
         self.row_granularity = "block"
@@ -235,17 +236,38 @@ class _Planner:
         modes = list(self.alternatives)
         return self._composer({k: modes.index(v) for k, v in self.compatible(assignment).items()})
 
+    def node_seconds(self) -> dict[str, float]:
+        """Each node's forward seconds, timed once on the example inputs ({} where that
+        run does not fit the device's memory: the roofline stands in)."""
+        if self._node_seconds is None:
+            try:
+                with preserved_model_state(self.model):
+                    self._node_seconds = node_seconds(self.gm, self.inputs)
+            except torch.OutOfMemoryError:
+                log.warning("timing the forward ran out of memory; plans are costed on the roofline alone")
+                self._node_seconds = {}
+        return self._node_seconds
+
     def choices(self) -> tuple[list[Choice], dict[str, tuple[str, ...]]]:
         batch = self.base.example_batch
         roofline = ROOFLINES[self.device]
+        measured = self.node_seconds()
+        device = next((t.device for t in self.inputs if isinstance(t, torch.Tensor)), torch.device(self.device))
         saved_by_owner: dict[str, int] = {}
         for tensor in self.saved:
             saved_by_owner[tensor.owner] = saved_by_owner.get(tensor.owner, 0) + tensor.nbytes
 
         def rerun_seconds(nodes, times: float = 1.0, move: float = 1.0) -> float:
-            flops = sum(float(self.base.by_name[n].fwd_flops.xreplace({BATCH: batch})) for n in nodes)
-            moved = sum(sum(float(b.xreplace({BATCH: batch})) for b in self.base.by_name[n].nbytes) for n in nodes)
-            return roofline.seconds(times * flops, move * moved)
+            """Seconds of running `nodes` forward once more, with `times` x their FLOPs
+            and `move` x their bytes: each node's measured time scaled by the roofline."""
+            total = 0.0
+            for n in nodes:
+                cost = self.base.by_name[n]
+                flops = float(cost.fwd_flops.xreplace({BATCH: batch}))
+                moved = sum(float(b.xreplace({BATCH: batch})) for b in cost.nbytes)
+                total += (roofline.scaled(measured[n], flops, moved, times, move) if n in measured
+                          else roofline.seconds(times * flops, move * moved))
+            return total
 
         choices, options = [], {}
         for segment in self.segments:
@@ -256,7 +278,7 @@ class _Planner:
             for mode in modes:
                 kept = segment.expensive if mode == "selective" else ()
                 rerun = [n for n in segment.nodes if n not in kept]  # rerun once more in backward
-                seconds.append(rerun_seconds(rerun))
+                seconds.append(rerun_seconds(rerun) + recompute.overhead_seconds(mode, device))
                 saved.append(sum(saved_by_owner.get(n, 0) for n in segment.nodes if n not in kept))
             choices.append(Choice(segment.output, tuple(seconds), tuple(saved), frozenset(segment.nodes)))
             options[segment.output] = modes
@@ -436,19 +458,18 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
         gm.plan = plan
         return gm
     found, lowest = [], []
-    # each way of cutting segments is searched with the invert chains and compress
-    # groups beside it; row-split chains (costly in time) join only where those find no
-    # plan: block-sized chains first, whole-network ones after, each beside the ways of
-    # cutting segments in turn until one finds a plan (a DenseNet's tiled layers need
-    # its fine segments beside them)
+    # every way of cutting segments is searched with the invert chains and compress
+    # groups beside it, and the plan that adds the least time wins (DenseNet-BC: whole
+    # layers recomputed beat half layers at the same peak); row-split chains (costly in
+    # time) join only where those find no plan: block-sized chains first, whole-network
+    # ones after, each beside the ways of cutting segments in turn until one finds a
+    # plan (a DenseNet's tiled layers need its fine segments beside them)
     for rows in (None, *row_split.GRANULARITIES) if "row_split" in strategies else (None,):
         if found:
             break
         if rows is not None and not planner.use_rows(rows):
             continue
         for granularity in recompute.GRANULARITIES if "recompute" in strategies else (None,):
-            if granularity == "module" and found:  # whole-layer cuts only where the finer ones fail
-                break
             if rows is not None and found:  # each search beside row-split chains verifies tiled plans
                 break
             if granularity is not None and not planner.use(granularity):
