@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from passes.recompute import RecomputeSegment, adopt_structure
+from passes.row_split_ops import tiled_chain
 from rewriter.errors import CaptureError, InputError
 
 __all__ = ["capture", "Captured"]
@@ -28,7 +29,9 @@ class _ModuleTracer(fx.Tracer):
     """A tracer that remembers which submodule was being traced when tracing failed."""
 
     def __init__(self, opaque: frozenset[str]):
-        super().__init__()
+        # a module rewritten before (row-split) calls tiled_chain, whose tiling branches
+        # on sizes: it stays one call, as the rewrite made it
+        super().__init__(autowrap_functions=(tiled_chain,))
         self.opaque = opaque
         self.path_stack: list[str] = []
         self.failed_in: list[str] | None = None

@@ -288,6 +288,14 @@ def test_unet_fits_a_quarter_of_its_baseline_with_exact_gradients():
         torch.testing.assert_close(c, b, msg=name)
 
 
+def test_a_module_with_tiled_chains_is_explained_as_it_runs(highres):
+    # captured again, each tiled chain stays one call (its tiling branches on sizes)
+    model, x, _, opt = highres
+    plan = rewriter.explain(opt, x, _weighted)
+    assert [n.op for n in plan.nodes].count("tiled_chain") == len(opt.plan.row_split)
+    assert plan.predicted_peak_bytes == measure_peak(opt, x, _weighted) == opt.plan.predicted_peak_bytes
+
+
 def test_row_split_plan_round_trips_applies_and_exports(highres, tmp_path):
     model, x, _, opt = highres
     plan = rewriter.Plan.from_json(opt.plan.to_json())
