@@ -27,6 +27,8 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from cost_models.runtime import synchronizer
+
 __all__ = ["RecomputeSegment", "Segment", "MODES", "GRANULARITIES", "segments", "apply", "adopt_structure", "replace_runs",
            "KEPT_OPS", "overhead_seconds"]
 
@@ -167,7 +169,7 @@ def overhead_seconds(mode: str, device: torch.device | str = "cpu", count: int =
     device = torch.device(device)
     key = (mode, device.type)
     if key not in _OVERHEAD:
-        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        synchronize = synchronizer(device.type)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             probes = [_Probe().to(device) for _ in range(count)]
             segments = [RecomputeSegment(p, mode) for p in probes]
