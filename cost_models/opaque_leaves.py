@@ -1,10 +1,10 @@
 """The parts of the per-node profile that run real code: opaque leaves (submodules
-that symbolic tracing cannot follow), which run for real once at the example batch on
+that symbolic tracing cannot follow), which run for real once at the traced batch on
 copies of their state, and the gradient source that hands a node of many ops its
 incoming gradients without the harness holding them.
 
 `OpaqueLeaves` is a mixin of the profiler (`cost_models/profile.py`): it reads the
-profiler's `gm`, `owner`, `example_batch`, `_opaque_real`, `_apart_bwd_flops`,
+profiler's `gm`, `owner`, `_opaque_real`, `_apart_bwd_flops`,
 `tracker` and `_concrete`.
 """
 
@@ -18,7 +18,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from cost_models.node_costs import BATCH, NodeCost
+from cost_models.node_costs import NodeCost
 from cost_models.storage_tracker import storage_key, tensors_in
 
 __all__ = ["OpaqueLeaves"]
@@ -49,7 +49,7 @@ class OpaqueLeaves:
         return module, state, real_args, real_kwargs
 
     def _run_opaque(self, node: fx.Node, prepared):
-        """Run an opaque leaf for real, at the example batch (fake tensors cannot branch on data)."""
+        """Run an opaque leaf for real, at the traced batch (fake tensors cannot branch on data)."""
         module, state, real_args, real_kwargs = prepared
         with unset_fake_temporarily():
             real_out = functional_call(module, state, real_args, real_kwargs)
@@ -57,20 +57,16 @@ class OpaqueLeaves:
         return real_out
 
     def _fake_stand_in(self, real_out):
-        """Fake tensors shaped like an opaque leaf's real outputs, batch made symbolic."""
-        batch = next((t.shape[0] for t in self.elements_of_inputs() if t.dim() > 0), None)
+        """Fake tensors shaped like an opaque leaf's real outputs."""
 
         def fake_like(t):
-            shape = list(t.shape)
-            if shape and shape[0] == self.example_batch and batch is not None:
-                shape[0] = batch
-            return torch.empty(shape, dtype=t.dtype, device=t.device).requires_grad_(t.requires_grad)
+            return torch.empty(t.shape, dtype=t.dtype, device=t.device).requires_grad_(t.requires_grad)
 
         return tree_map(lambda t: fake_like(t) if isinstance(t, torch.Tensor) else t, real_out)
 
     def _opaque_flops(self, node: fx.Node, prepared) -> tuple[sympy.Expr, sympy.Expr]:
         """Forward and backward FLOPs of an opaque leaf, from one more real step of it
-        on copies, untracked; taken as proportional to the batch."""
+        on copies, untracked."""
         module, state, real_args, real_kwargs = prepared
         with unset_fake_temporarily(), FlopCounterMode(display=False) as counter:
             copies = {k: t.detach().clone().requires_grad_(t.requires_grad) for k, t in state.items()}
@@ -80,9 +76,8 @@ class OpaqueLeaves:
             if out:
                 torch.autograd.backward(out, [torch.ones_like(t) for t in out])
             backward = counter.get_total_flops() - forward
-        scale = BATCH / self.example_batch
-        self._apart_bwd_flops[node.name] = sympy.Integer(backward) * scale
-        return sympy.Integer(forward) * scale, self._apart_bwd_flops[node.name]
+        self._apart_bwd_flops[node.name] = sympy.Integer(backward)
+        return sympy.Integer(forward), self._apart_bwd_flops[node.name]
 
     def _opaque_source(self, cost: NodeCost):
         """A scalar whose backward hands the opaque leaf fresh gradients for its outputs,

@@ -3,11 +3,12 @@ autograd saves for it, what its backward allocates, and its FLOPs.
 
 Each node runs in isolation (its inputs are detached leaves that require grad as the
 originals do) under a StorageTracker and saved-tensor hooks, forward in graph order,
-then backward in reverse order with the gradients its consumers produced. The batch
-dimension (dim 0 of every input) is symbolic, so every byte count is a sympy
-expression of `batch`. Nothing real is allocated, except for opaque leaves whose
-code branches on data: those run for real, once, at the example batch, on copies
-of their parameters.
+then backward in reverse order with the gradients its consumers produced. Shapes are
+static (a symbolic batch made the replay several times slower): one trace gives the
+costs at the example batch, and two traces (batches b and b + 1) give every count as
+an affine expression of `batch` (`over_batch=True`, what `largest_batch` asks for).
+Nothing real is allocated, except for opaque leaves whose code branches on data:
+those run for real, once, at the example batch, on copies of their parameters.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.func import functional_call
 from torch.nn.utils.stateless import _reparametrize_module
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -52,14 +52,14 @@ def _as_expr(value: Any) -> sympy.Expr:
 
 class _Profiler(OpaqueLeaves):
     def __init__(self, gm: fx.GraphModule, inputs: tuple, loss_fn: Callable, opaque: tuple[str, ...], batch: int | None = None):
-        """`batch=None`: a symbolic batch; an int: static shapes at that batch."""
+        """Static shapes at `batch` (default: the example inputs' own batch)."""
         self.gm = gm
         self.inputs = inputs
         self.loss_fn = loss_fn
         self.opaque = set(opaque)
-        self.static_batch = batch
-        self.shape_env = ShapeEnv() if batch is None else None
-        self.mode = FakeTensorMode(shape_env=self.shape_env)
+        self.example_batch = _example_batch(inputs)
+        self.static_batch = self.example_batch if batch is None else batch
+        self.mode = FakeTensorMode()
         self.device_type = "cuda" if any(t.is_cuda for t in tensors_in(inputs)) else "cpu"
         transient = (lambda func, args, kwargs: workspace_bytes(func, args, kwargs, self._concrete)) if self.device_type == "cuda" else None
         self.tracker = StorageTracker(record_events=True, transient=transient, storage_bytes=storage_bytes)
@@ -67,10 +67,8 @@ class _Profiler(OpaqueLeaves):
         self.elements: dict[str, list[torch.Tensor]] = {}
         self.owner: dict[int, tuple[str, int]] = {}  # storage key -> first value element on it
         self.grads: dict[tuple[str, int], torch.Tensor] = {}
-        self.batch_symbols: set[sympy.Symbol] = set()
         self.fake_of: dict[int, torch.Tensor] = {}
         self.costs: list[NodeCost] = []
-        self.example_batch = _example_batch(inputs)
 
     # ---- fake copies of parameters, buffers and inputs -------------------------------
     def _fake_state(self) -> None:
@@ -80,25 +78,10 @@ class _Profiler(OpaqueLeaves):
                 self.fake_of[id(tensor)] = fake
 
     def _fake_input(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.dim() == 0:
-            return self.mode.from_tensor(tensor, static_shapes=True)
-        if self.static_batch is not None:
-            fake = self.mode.from_tensor(tensor, static_shapes=True)
-            return fake.new_empty((self.static_batch, *tensor.shape[1:])).requires_grad_(tensor.requires_grad)
-        # A batch of 1 would be specialised to the constant 1: trace at 2, evaluate at 1.
-        if tensor.shape[0] < 2:
-            with unset_fake_temporarily():
-                tensor = tensor.expand(2, *tensor.shape[1:]).contiguous()
-        context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (tensor.dim() - 1))
-        fake = self.mode.from_tensor(tensor, symbolic_context=context)
-        self.batch_symbols.add(fake.shape[0].node.expr)
-        return fake
-
-    def _expr(self, value: Any) -> sympy.Expr:
-        if self.shape_env is None:
-            return _as_expr(value)
-        expr = self.shape_env.replace(_as_expr(value))
-        return expr.xreplace({s: BATCH for s in self.batch_symbols})
+        fake = self.mode.from_tensor(tensor, static_shapes=True)
+        if tensor.dim() == 0 or tensor.shape[0] == self.static_batch:
+            return fake
+        return fake.new_empty((self.static_batch, *tensor.shape[1:])).requires_grad_(tensor.requires_grad)
 
     # ---- one node, forward --------------------------------------------------------------
     def _set_value(self, name: str, value: Any) -> None:
@@ -168,7 +151,7 @@ class _Profiler(OpaqueLeaves):
         freed = {uid for kind, uid, _ in events if kind == "free"}
         outputs, shapes, nbytes = [], [], []
         for k, t in enumerate(tensors_in(out)):
-            nbytes.append(allocated_bytes(self._expr(t.numel() * t.element_size()) * (BATCH / self.example_batch if opaque and t.dim() and t.shape[0] == self.example_batch else 1), self.device_type))
+            nbytes.append(allocated_bytes(_as_expr(t.numel() * t.element_size()), self.device_type))
             outputs.append(self._ref_of(t, new_uids))
             if outputs[-1][0] == "new":
                 self.owner.setdefault(storage_key(t), (node.name, k))
@@ -178,8 +161,6 @@ class _Profiler(OpaqueLeaves):
             for k, t in enumerate(tensors_in(out)):
                 if outputs[k][0] == "new":
                     self.owner[storage_key(t)] = (node.name, k)
-            # real bytes at the example batch, taken as proportional to the batch
-            events = [(kind, uid, sympy.Integer(b) * BATCH / self.example_batch) for kind, uid, b in events]
         self._set_value(node.name, out)
         out_uids = {r[1] for r in outputs if r[0] == "new"}
         internal = tuple(sorted(new_uids - freed - out_uids))
@@ -207,13 +188,13 @@ class _Profiler(OpaqueLeaves):
             requires_grad=tuple(t.requires_grad for t in self.elements[node.name]),
             internal=internal,
             saved=tuple(saved_refs),
-            fwd_events=tuple((kind, uid, self._expr(b)) for kind, uid, b in events),
+            fwd_events=tuple((kind, uid, _as_expr(b)) for kind, uid, b in events),
             # a checkpointed segment's FLOPs are its members' (the pipeline counts the
             # rerun): FlopCounterMode's module hooks would keep the rerun's tensors alive
             fwd_flops=(
                 self._opaque_flops(node, prepared)[0] if opaque
                 else sympy.Integer(0) if apart
-                else self._expr(flops.get_total_flops())
+                else _as_expr(flops.get_total_flops())
             ),
             opaque=opaque,
         ))
@@ -242,18 +223,8 @@ class _Profiler(OpaqueLeaves):
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         raise AssertionError(node.op)  # pragma: no cover
 
-    def elements_of_inputs(self) -> list[torch.Tensor]:
-        return [t for n in self.gm.graph.nodes if n.op == "placeholder" for t in self.elements[n.name]]
-
     def _concrete(self, size) -> int:
-        return int(self._expr(size).xreplace({BATCH: self.example_batch}))
-
-    def batch_was_specialised(self) -> bool:
-        """True if some op forced the symbolic batch to a constant (e.g. by asking for
-        its sizes as ints), so that expressions made after it are not functions of it."""
-        if self.shape_env is None:
-            return False
-        return any(not self.shape_env.replace(s).free_symbols for s in self.batch_symbols)
+        return int(size)
 
     # ---- the loss ------------------------------------------------------------------------
     def loss_node(self, output_node: fx.Node) -> None:
@@ -277,10 +248,10 @@ class _Profiler(OpaqueLeaves):
         # lives until the loss's backward, as any node's internals do
         held = new_uids - {uid for kind, uid, _ in events if kind == "free"} - ({output[1]} if output[0] == "new" else set())
         self.costs.append(NodeCost(
-            name="loss", op="loss", label="loss", shapes=((),), nbytes=(self._expr(loss.element_size()),),
+            name="loss", op="loss", label="loss", shapes=((),), nbytes=(_as_expr(loss.element_size()),),
             inputs=tuple((n, k) for n in names for k in range(len(self.elements[n]))),
             outputs=(output,), requires_grad=(True,), internal=tuple(sorted(held)),
-            saved=(), fwd_events=tuple((kind, uid, self._expr(b)) for kind, uid, b in events),
+            saved=(), fwd_events=tuple((kind, uid, _as_expr(b)) for kind, uid, b in events),
             fwd_flops=sympy.Integer(0),
         ))
         self._leaves["loss"] = leaves
@@ -354,12 +325,6 @@ class _Profiler(OpaqueLeaves):
                 for kind, uid, b in events
                 if not (kind == "alloc" and uid in stand_ins)
             ]
-        if cost.opaque:  # parameter gradients keep their size; activations scale with the batch
-            fixed = {self.tracker.uid_of(g) for g in param_results if g is not None}
-            events = [
-                (kind, uid, b if uid in fixed or kind == "release_grad" else sympy.Integer(b) * BATCH / self.example_batch)
-                for kind, uid, b in events
-            ]
         new_uids = {uid for kind, uid, _ in events if kind == "alloc"}
         grad_keys = {storage_key(g): i for i, g in zip(indices, grad_outs) if g is not None}
         grad_inputs, attr_grads = [], []
@@ -386,13 +351,13 @@ class _Profiler(OpaqueLeaves):
             if g is not None and self.tracker.uid_of(g) in new_uids
         )
         cost.has_backward = True
-        cost.bwd_events = tuple((kind, uid, self._expr(b)) for kind, uid, b in events)
+        cost.bwd_events = tuple((kind, uid, _as_expr(b)) for kind, uid, b in events)
         cost.grad_inputs = tuple(grad_inputs)
         cost.param_grads = param_uids
         cost.bwd_flops = (
             self._apart_bwd_flops.pop(cost.name) if cost.opaque
             else sympy.Integer(0) if segment
-            else self._expr(flops.get_total_flops())
+            else _as_expr(flops.get_total_flops())
         )
 
     @contextlib.contextmanager
@@ -531,24 +496,21 @@ def profile_graph(
     loss_fn: Callable,
     opaque: tuple[str, ...] = (),
     held_until: dict[str, str] | None = None,
+    over_batch: bool = False,
 ) -> Costs:
     """Per-node costs of one training step of `gm` on inputs shaped like `example_inputs`.
 
-    Byte counts and FLOPs are sympy expressions of `batch`: traced with a symbolic
-    batch where every op allows it; where an op forces the batch to a constant, from
-    two static traces (batch b and b + 1), each count taken as affine in the batch.
+    From one static trace, the costs hold at the example batch only (`batch_symbolic`
+    False). With `over_batch`, byte counts and FLOPs are sympy expressions of `batch`,
+    each taken as affine in the batch through two static traces (batch b and b + 1).
     """
     with _fixed_momentum(gm):
-        profiler = _Profiler(gm, example_inputs, loss_fn, opaque)
-        costs = profiler.run()
-        if profiler.batch_was_specialised():
-            log.info("an op fixed the batch size while tracing symbolically; fitting costs from two static traces")
-            batch = profiler.example_batch
-            costs = _affine_fit(
-                _Profiler(gm, example_inputs, loss_fn, opaque, batch=batch).run(),
-                _Profiler(gm, example_inputs, loss_fn, opaque, batch=batch + 1).run(),
-                batch,
-            )
+        costs = _Profiler(gm, example_inputs, loss_fn, opaque).run()
+        if over_batch:
+            costs = _affine_fit(costs, _Profiler(gm, example_inputs, loss_fn, opaque, batch=costs.example_batch + 1).run(),
+                                costs.example_batch)
+        else:
+            costs.batch_symbolic = False
     costs.held_until = dict(held_until or {})
     return costs
 

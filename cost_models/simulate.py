@@ -212,8 +212,9 @@ def simulate(costs: Costs, batch: int | None = None) -> Simulation:
     batch = costs.example_batch if batch is None else batch
     if batch != costs.example_batch and not costs.batch_symbolic:
         raise ValueError(
-            f"batch={batch}: this model's allocations change with the batch size in a way its "
-            f"costs cannot express; they hold at batch {costs.example_batch} only: trace at batch {batch}"
+            f"batch={batch}: these costs hold at batch {costs.example_batch} only (one static trace, or "
+            f"allocations that change with the batch in a way two traces cannot fit): profile with "
+            f"over_batch=True, or at batch {batch}"
         )
     replay = _Replay(costs, batch)
     replay.forward()

@@ -22,6 +22,7 @@ from passes.compressed_ops import BITS
 from rewriter.errors import BudgetError, InputError
 from rewriter.report import keep_all_plan, profile_model_graph
 from rewriter.measure import as_input_tuple, check_trainable, default_loss, preserved_model_state
+from rewriter.phases import PhaseClock
 from rewriter.plan import Plan, format_bytes
 from rewriter.solve import Choice, relaxed, solve
 from rewriter.trace import capture
@@ -104,7 +105,9 @@ class _Planner:
         self.model = model
         self.inputs = inputs
         self.loss_fn = loss_fn
-        captured = capture(model)
+        self.clock = PhaseClock()
+        with self.clock("capture"):
+            captured = capture(model)
         self.gm = captured.gm
         self.opaque = captured.opaque
         self.eager = self._profile(self.gm, captured.held_until)  # the model as Python runs it
@@ -171,7 +174,8 @@ class _Planner:
         return any(n in owned for n in chain.nodes if n != chain.output)
 
     def _profile(self, gm: fx.GraphModule, held_until: dict) -> Costs:
-        return profile_model_graph(self.model, gm, self.inputs, self.loss_fn, self.opaque, held_until)
+        with self.clock("profile"):
+            return profile_model_graph(self.model, gm, self.inputs, self.loss_fn, self.opaque, held_until)
 
     def use(self, granularity: str) -> bool:
         """Cut the graph into segments this way; False if an earlier `use` gave the same
@@ -240,13 +244,17 @@ class _Planner:
         """Each node's forward seconds, timed once on the example inputs ({} where that
         run does not fit the device's memory: the roofline stands in)."""
         if self._node_seconds is None:
-            try:
-                with preserved_model_state(self.model):
-                    self._node_seconds = node_seconds(self.gm, self.inputs)
-            except torch.OutOfMemoryError:
-                log.warning("timing the forward ran out of memory; plans are costed on the roofline alone")
-                self._node_seconds = {}
+            with self.clock("time nodes"):
+                self._node_seconds = self._timed_nodes()
         return self._node_seconds
+
+    def _timed_nodes(self) -> dict[str, float]:
+        try:
+            with preserved_model_state(self.model):
+                return node_seconds(self.gm, self.inputs)
+        except torch.OutOfMemoryError:
+            log.warning("timing the forward ran out of memory; plans are costed on the roofline alone")
+            return {}
 
     def choices(self) -> tuple[list[Choice], dict[str, tuple[str, ...]]]:
         batch = self.base.example_batch
@@ -392,6 +400,12 @@ class _Planner:
         return gm
 
     def plan(self, assignment: dict[str, str], budget: int | None, seconds: dict[str, float]) -> tuple[fx.GraphModule, Plan]:
+        """The rewritten graph for `assignment` and its plan, profiled (verified) unless
+        a profile of that very rewrite is at hand."""
+        with self.clock("verify"):
+            return self._plan(assignment, budget, seconds)
+
+    def _plan(self, assignment: dict[str, str], budget: int | None, seconds: dict[str, float]) -> tuple[fx.GraphModule, Plan]:
         assignment = self.compatible(assignment)
         gm = self.apply(assignment)
         known = [costs for mode, costs in self.alternatives.items() if mode in recompute.MODES and assignment == self.extreme(mode)]
@@ -452,6 +466,15 @@ class _Planner:
 def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callable, strategies: tuple[str, ...],
                   lossy: Lossy = Lossy()) -> fx.GraphModule:
     planner = _Planner(model, inputs, loss_fn, strategies, lossy)
+    try:
+        return _plan_search(planner, budget, strategies, lossy)
+    finally:
+        log.info("planning took %.1f s: %s", sum(planner.clock.seconds.values()), planner.clock.summary(),
+                 extra={"phases": dict(planner.clock.seconds)})
+
+
+def _plan_search(planner: _Planner, budget: int, strategies: tuple[str, ...], lossy: Lossy) -> fx.GraphModule:
+    """The verified plan that adds the least time over every search, or BudgetError."""
     baseline = planner.eager_peak
     if budget >= baseline:
         gm, plan = planner.plan({}, budget, {})
@@ -477,7 +500,8 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
             if not planner.segments and not planner.chains and not planner.groups and not planner.tiled:
                 continue
             if rows is None:
-                outcomes = [_search(planner, budget)]
+                best = min((_seconds_added(plan) for _, plan in found), default=None)
+                outcomes = [_search(planner, budget, cheaper_than=best)]
             else:  # the most tiles first (the lowest peaks); fewer too (less halo time) once that fits
                 beat = min(p.predicted_peak_bytes for p in lowest) if lowest else None
                 outcomes = [_search(planner, budget, beat, tuple(_ROW_MODES)[-1:])]
@@ -487,7 +511,7 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
                 if outcome is not None:
                     (found if isinstance(outcome, tuple) else lowest).append(outcome)
     if found:  # the verified plan that adds the least time
-        gm, plan = min(found, key=lambda pair: sum(n.seconds_added for n in pair[1].nodes))
+        gm, plan = min(found, key=lambda pair: _seconds_added(pair[1]))
         return _chosen(gm, plan, budget)
     witness = min(lowest, key=lambda plan: plan.predicted_peak_bytes) if lowest else None
     reachable = witness.predicted_peak_bytes if witness else simulate(planner.base).peak_bytes
@@ -497,15 +521,30 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
     raise _budget_error(budget, minimum, strategies, lossy, dataclasses.replace(witness, budget_bytes=minimum))
 
 
+def _seconds_added(plan: Plan) -> float:
+    return sum(n.seconds_added for n in plan.nodes)
+
+
 def _search(planner: _Planner, budget: int, beat: int | None = None,
-            row_modes: tuple[str, ...] = tuple(_ROW_MODES)) -> tuple[fx.GraphModule, Plan] | Plan | None:
+            row_modes: tuple[str, ...] = tuple(_ROW_MODES), cheaper_than: float | None = None,
+            ) -> tuple[fx.GraphModule, Plan] | Plan | None:
     """A verified plan for the planner's segments under `budget` (with its module), or
     else the verified plan of the lowest predicted peak it could find; row-split chains
     are offered at the tile counts of `row_modes`. With `beat` (a row-split search after
     others failed), only the extreme plan of lowest composed peak is verified, and only
-    if that peak is under `beat` (else None: nothing new)."""
-    planner.profile_modes(row_modes)
-    choices, options = planner.choices()
+    if that peak is under `beat` (else None: nothing new). With `cheaper_than` (the
+    estimated seconds of a verified plan found before), a solution estimated at no
+    fewer seconds is not verified: None, since it could not be chosen."""
+    with planner.clock("solve"):  # less the profiles, pricing and verifications inside it
+        planner.profile_modes(row_modes)
+        with planner.clock("price"):
+            choices, options = planner.choices()
+        return _solved(planner, budget, beat, choices, options, cheaper_than)
+
+
+def _solved(planner: _Planner, budget: int, beat: int | None, choices: list[Choice],
+            options: dict[str, tuple[str, ...]], cheaper_than: float | None) -> tuple[fx.GraphModule, Plan] | Plan | None:
+    """`_search`'s solve over priced choices, and its verifications."""
 
     def modes_of(assignment: dict[str, int]) -> dict[str, str]:
         return {k: options[k][v - 1] for k, v in assignment.items()}
@@ -523,7 +562,10 @@ def _search(planner: _Planner, budget: int, beat: int | None = None,
         if not solution.fits:
             break
         assignment = planner.widened(solution.assignment, options, lambda a: peak(a) <= limit)
-        gm, plan = planner.plan(modes_of(assignment), budget, seconds_of(assignment))
+        seconds = seconds_of(assignment)
+        if cheaper_than is not None and sum(seconds[k] for k in planner.compatible(modes_of(assignment))) >= cheaper_than:
+            return None
+        gm, plan = planner.plan(modes_of(assignment), budget, seconds)
         if plan.predicted_peak_bytes <= room:
             return gm, plan
         limit -= plan.predicted_peak_bytes - solution.peak_bytes + _margin(budget) // 2  # composed ran low: tighten

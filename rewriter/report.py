@@ -23,23 +23,27 @@ log = logging.getLogger(__name__)
 
 
 def cost_model(
-    model: nn.Module, example_inputs: Any, loss_fn: Callable[[Any], torch.Tensor] | None = None
+    model: nn.Module, example_inputs: Any, loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    over_batch: bool = False,
 ) -> Costs:
     """Capture `model` and profile every node on fake tensors: the per-node costs of one
-    training step, with byte counts as sympy expressions of the batch size."""
+    training step at the example batch, or (`over_batch`, two traces) with byte counts
+    as sympy expressions of the batch size."""
     check_trainable(model)
     captured = capture(model)
     return profile_model_graph(
-        model, captured.gm, as_input_tuple(example_inputs), loss_fn or default_loss, captured.opaque, captured.held_until
+        model, captured.gm, as_input_tuple(example_inputs), loss_fn or default_loss, captured.opaque, captured.held_until,
+        over_batch,
     )
 
 
-def profile_model_graph(model: nn.Module, gm, inputs: tuple, loss_fn: Callable, opaque: tuple[str, ...], held_until: dict) -> Costs:
+def profile_model_graph(model: nn.Module, gm, inputs: tuple, loss_fn: Callable, opaque: tuple[str, ...], held_until: dict,
+                        over_batch: bool = False) -> Costs:
     """Profile `gm` (a graph of `model`), leaving `model` as it was (opaque leaves run for
     real and draw random inputs); inputs that do not fit are an InputError."""
     try:
         with preserved_model_state(model):
-            return profile_graph(gm, inputs, loss_fn, opaque, held_until)
+            return profile_graph(gm, inputs, loss_fn, opaque, held_until, over_batch)
     except ProfileError as error:
         raise InputError(str(error)) from error
 
@@ -93,12 +97,12 @@ def largest_batch(
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     limit: int = 2**20,
 ) -> int:
-    """The largest batch whose predicted training-step peak fits `budget_bytes`, from one
-    trace at the example batch (byte counts are expressions of the batch). 0 if even
-    a batch of 1 does not fit."""
+    """The largest batch whose predicted training-step peak fits `budget_bytes`, from two
+    traces (at the example batch and one more: byte counts as expressions of the
+    batch). 0 if even a batch of 1 does not fit."""
     if not isinstance(budget_bytes, int) or budget_bytes <= 0:
         raise InputError(f"budget_bytes={budget_bytes!r} must be a positive number of bytes")
-    costs = cost_model(model, example_inputs, loss_fn)
+    costs = cost_model(model, example_inputs, loss_fn, over_batch=True)
 
     def fits(batch: int) -> bool:
         return simulate(costs, batch).peak_bytes <= budget_bytes

@@ -231,3 +231,14 @@ def test_cumulative_average_batchnorm_is_planned_and_trains_alike():
     reference = build()
     for _ in range(2):  # the second step averages over two
         assert_trains_like(reference, model, optimized, x)
+
+
+def test_planning_logs_each_phase_with_its_seconds(caplog):
+    zoo = ZOO["vgg"]
+    model, x = zoo.test_model(), zoo.test_input()
+    with caplog.at_level("INFO", logger="rewriter.pipeline"):
+        rewriter.optimize(model, int(0.6 * rewriter.measure_peak(model, x)), x, strategies="recompute")
+    (record,) = [r for r in caplog.records if hasattr(r, "phases")]
+    assert {"capture", "profile", "time nodes", "price", "solve", "verify"} <= set(record.phases)
+    assert all(seconds >= 0 for seconds in record.phases.values())
+    assert record.getMessage().startswith("planning took ")

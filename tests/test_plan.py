@@ -46,3 +46,16 @@ def test_saved_bytes_are_the_sum_of_nodes(plan):
 def test_unknown_strategy_is_an_error():
     with pytest.raises(ValueError, match="strategy='swap'"):
         NodePlan("n", "n", "Conv2d", (1,), 0, (), 0, strategy="swap")
+
+
+def test_phase_clock_counts_each_phase_net_of_the_phases_inside_it(monkeypatch):
+    from rewriter import phases
+
+    ticks = iter([0.0, 1.0, 3.0, 10.0])  # solve opens at 0, verify runs from 1 to 3, solve closes at 10
+    monkeypatch.setattr(phases.time, "perf_counter", lambda: next(ticks))
+    clock = phases.PhaseClock()
+    with clock("solve"):
+        with clock("verify"):
+            pass
+    assert clock.seconds == {"verify": 2.0, "solve": 8.0}
+    assert clock.summary() == "verify 2.0 s, solve 8.0 s"
