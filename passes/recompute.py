@@ -30,7 +30,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from cost_models.runtime import synchronizer
 
 __all__ = ["RecomputeSegment", "Segment", "MODES", "GRANULARITIES", "segments", "apply", "adopt_structure", "replace_runs",
-           "KEPT_OPS", "overhead_seconds"]
+           "KEPT_OPS", "overhead_seconds", "norm_bytes"]
 
 MODES = ("selective", "full")
 
@@ -296,6 +296,14 @@ def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = (), granularity: str 
                 ))
             start, expensive = i + 1, False
     return found
+
+
+def norm_bytes(gm: fx.GraphModule, segment: Segment) -> int:
+    """Bytes of the BatchNorm buffers a segment's nodes call: the copies its rerun takes."""
+    names = set(segment.nodes)
+    modules = {node.target: gm.get_submodule(node.target) for node in gm.graph.nodes
+               if node.name in names and node.op == "call_module"}
+    return sum(b.numel() * b.element_size() for m in modules.values() if isinstance(m, _BatchNorm) for b in m.buffers())
 
 
 def apply(gm: fx.GraphModule, chosen: dict[str, str], all_segments: list[Segment]) -> fx.GraphModule:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
+from cost_models.checkpoint import checkpoint_record, fresh_uids
 from cost_models.compose import Composer
 from cost_models.node_costs import BATCH, Costs
 from cost_models.runtime import ROOFLINES, node_seconds
@@ -118,7 +119,7 @@ class _Planner:
         self.granularity = "coarse"
         self.segments = recompute.segments(self.gm, self.opaque) if "recompute" in strategies else []
         self._tried: list[list] = []  # the segment lists `use` has handed out
-        self.segment_profiles: dict[tuple[str, str], Costs] = {}  # (granularity, mode) -> every segment so rewritten
+        self.segment_profiles: dict[tuple[str, str], Costs] = {}  # (granularity, mode) -> every segment so run, composed
         self.chains: list[invert.Chain] = []
         self.inverted: Costs | None = None  # the profile with every chain inverted
         if "invert" in strategies:
@@ -196,7 +197,7 @@ class _Planner:
             for mode in recompute.MODES:
                 key = (self.granularity, mode)
                 if key not in self.segment_profiles:
-                    self.segment_profiles[key] = self._profile(recompute.apply(self.gm, self.extreme(mode), self.segments), {})
+                    self.segment_profiles[key] = self._checkpointed(self.extreme(mode))
                 self.alternatives[mode] = self.segment_profiles[key]
         if self.chains:
             if self.inverted is None:
@@ -217,6 +218,20 @@ class _Planner:
         units.update({g.key: (g.outs, g.nodes) for g in self.groups})
         units.update({_ROWS + c.output: (c.output, c.nodes) for c in self.tiled})
         self._composer = Composer(self.base, list(self.alternatives.values()), units)
+
+    def _checkpointed(self, modes: dict[str, str]) -> Costs:
+        """Records of the segments run in `modes` (output -> mode), composed from the one
+        profile (cost_models.checkpoint), as a profile of alternatives for the Composer."""
+        uids = fresh_uids(self.base)
+        records, sizes = [], dict(self.base.sizes)
+        for segment in self.segments:
+            kept = frozenset(segment.expensive) if modes[segment.output] == "selective" else frozenset()
+            record, added = checkpoint_record(self.base, segment.nodes, kept, uids, recompute.norm_bytes(self.gm, segment))
+            records.append(record)
+            sizes.update(added)
+        base = self.base
+        return Costs(nodes=records, outputs=(), sizes=sizes, example_batch=base.example_batch,
+                     input_shapes=base.input_shapes, batch_symbolic=False)
 
     def extreme(self, mode: str) -> dict[str, str]:
         return {s.output: mode if mode in s.modes() else s.modes()[-1] for s in self.segments}
@@ -408,7 +423,7 @@ class _Planner:
     def _plan(self, assignment: dict[str, str], budget: int | None, seconds: dict[str, float]) -> tuple[fx.GraphModule, Plan]:
         assignment = self.compatible(assignment)
         gm = self.apply(assignment)
-        known = [costs for mode, costs in self.alternatives.items() if mode in recompute.MODES and assignment == self.extreme(mode)]
+        known = []  # profiles of this very rewrite (recompute's records are composed, not profiled)
         if self.chains and assignment == {_INVERT + c.output: "invert" for c in self.chains}:
             known.append(self.inverted)
         for mode, costs in self.compressed.items():

@@ -1,0 +1,243 @@
+"""The record of a checkpointed segment, composed from its nodes' records without
+profiling it.
+
+A segment that runs under non-reentrant `torch.utils.checkpoint` saves nothing but its
+inputs (and, in selective mode, the outputs of the ops it keeps). Its forward is its
+nodes' forward with every saved tensor let go; its backward reruns its nodes up to the
+last one whose output or own memory some node saves (the checkpoint stops early
+there), then runs their backwards in reverse order. `checkpoint_record` writes both as
+the event lists of one `NodeCost`, replaying the nodes' own records by the simulator's
+rules (reference-counted storages, gradients summed out of place where they meet), so
+that the simulator prices a plan of any segments from the one profile of the graph.
+
+What it leaves out: the checkpoint's own small tensors (4 bytes a segment on CPU).
+Plans are verified on a profile of the rewritten graph before they are returned.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import sympy
+
+from cost_models.node_costs import Costs, NodeCost
+
+__all__ = ["checkpoint_record", "fresh_uids"]
+
+
+def fresh_uids(costs: Costs) -> Iterator[int]:
+    """Storage uids that no record of `costs` uses."""
+    return itertools.count(max(costs.sizes, default=0) + 1)
+
+
+class _Storages:
+    """Reference counts of storages and the events that free them (each storage once)."""
+
+    def __init__(self, events: list, size: dict[int, int], incoming: int | None = None):
+        self.events = events
+        self.size = size
+        self.refs: dict[int, int] = {}
+        self.dead: set[int] = set()
+        self.incoming = incoming  # the gradient the segment receives: freed as ("release_grad", 0)
+
+    def hold(self, uid: int | None) -> None:
+        if uid is not None:
+            self.refs[uid] = self.refs.get(uid, 0) + 1
+
+    def release(self, uid: int | None) -> None:
+        if uid is None or uid not in self.refs:
+            return
+        self.refs[uid] -= 1
+        if self.refs[uid] == 0:
+            del self.refs[uid]
+            self.free(uid)
+
+    def free(self, uid: int) -> None:
+        if uid in self.dead:
+            return
+        self.dead.add(uid)
+        if uid == self.incoming:
+            self.events.append(("release_grad", 0, 0))
+        else:
+            self.events.append(("free", uid, sympy.Integer(self.size[uid])))
+
+
+def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[str] = frozenset(),
+                      uids: Iterator[int] | None = None, scratch: int = 0) -> tuple[NodeCost, dict[int, sympy.Expr]]:
+    """The record of `members` (graph order, one output: the last member's) run as one
+    checkpointed segment, and the sizes of the storages it adds (its rerun's). `kept`
+    are the members whose outputs the checkpoint keeps (selective mode) and does not
+    rerun; `scratch` bytes live through the rerun (the copies of BatchNorm buffers that
+    `passes.recompute` restores after it). Raises ValueError where the output is
+    memory from outside the segment."""
+    uids = fresh_uids(costs) if uids is None else uids
+    nodes = [costs.by_name[m] for m in members]
+    inside = set(members)
+    size = dict(costs.sizes_at(costs.example_batch))
+    added: dict[int, sympy.Expr] = {}
+    storage: dict[tuple[str, int], int | None] = {}  # element made inside -> its storage (None: outside memory)
+    for node in nodes:
+        for k, ref in enumerate(node.outputs):
+            storage[(node.name, k)] = ref[1] if ref[0] == "new" else storage.get(ref[1:]) if ref[0] == "value" else None
+    output = (members[-1], 0)
+    if storage[output] is None:
+        raise ValueError(f"segment ending in {members[-1]!r}: its output is memory from outside the segment")
+    last_use: dict[tuple[str, int], int] = {}
+    for index, node in enumerate(nodes):
+        for element in node.inputs:
+            if element[0] in inside:
+                last_use[element] = index
+    outside = list(dict.fromkeys(e for node in nodes for e in node.inputs if e[0] not in inside))
+    kept_storages = [storage[(m, 0)] for m in members if m in kept and storage.get((m, 0)) is not None]
+
+    def released_after(index: int) -> list[tuple[str, int]]:
+        """Elements made inside that die after member `index` (their last use, or at once)."""
+        node = nodes[index]
+        dying = [e for e, last in last_use.items() if last == index]
+        return dying + [(node.name, k) for k in range(len(node.outputs)) if (node.name, k) not in last_use]
+
+    # forward: every saved tensor let go, the kept outputs and the output stay
+    forward: list = []
+    live = _Storages(forward, size)
+    for uid in kept_storages:
+        live.hold(uid)
+    live.hold(storage[output])
+    for index, node in enumerate(nodes):
+        forward.extend(node.fwd_events)
+        for k in range(len(node.outputs)):
+            live.hold(storage[(node.name, k)])
+        for uid in node.internal:
+            live.free(uid)
+        for element in released_after(index):
+            live.release(storage[element])
+
+    # backward: the rerun (fresh storages), then each member's backward in reverse order
+    backward: list = []
+    remap: dict[int, int] = {}
+
+    def fresh(uid: int) -> int:
+        remap[uid] = new = next(uids)
+        size[new] = size[uid]
+        added[new] = sympy.Integer(size[uid])
+        return new
+
+    incoming = next(uids)
+    size[incoming] = size[storage[output]]
+    live = _Storages(backward, size, incoming)
+    saved_uids = {ref[1] if ref[0] == "new" else storage.get(ref[1:]) for n in nodes for ref in n.saved
+                  if ref[0] == "new" or ref[1] in inside} - {None}
+    made = [{storage[(n.name, k)] for k in range(len(n.outputs))} | set(n.internal) for n in nodes]
+    stop = max((i for i, uids_made in enumerate(made) if uids_made & saved_uids), default=-1)
+    rerun: dict[tuple[str, int], int | None] = {}  # element -> its storage in the rerun
+    last = nodes[-1]
+    for uid in kept_storages:
+        live.hold(uid)
+    copies = next(uids)
+    size[copies] = scratch
+    added[copies] = sympy.Integer(scratch)
+    backward.append(("alloc", copies, added[copies]))
+    if last.name in kept:  # the output the checkpoint keeps: the caller's to let go
+        live.hold(storage[output])
+    for index, node in enumerate(nodes[: stop + 1]):
+        if node.name in kept:
+            for k in range(len(node.outputs)):
+                rerun[(node.name, k)] = storage[(node.name, k)]
+                live.hold(rerun[(node.name, k)])
+        else:
+            for kind, uid, _ in node.fwd_events:
+                backward.append((kind, fresh(uid) if kind == "alloc" else remap.get(uid, uid), sympy.Integer(size[uid])))
+            for k, ref in enumerate(node.outputs):
+                rerun[(node.name, k)] = remap.get(ref[1]) if ref[0] == "new" else rerun.get(ref[1:]) if ref[0] == "value" else None
+                live.hold(rerun[(node.name, k)])
+            for uid in node.internal:
+                if ("new", uid) in node.saved:
+                    live.hold(remap[uid])
+                else:
+                    live.free(remap[uid])
+        for ref in node.saved:
+            if ref[0] == "value" and ref[1] in inside:
+                live.hold(rerun.get(ref[1:]))
+        for element in released_after(index):
+            live.release(rerun.get(element))
+    for node in nodes[stop + 1:]:  # not rerun, but their backward reads what the rerun made
+        for ref in node.saved:
+            if ref[0] == "value" and ref[1] in inside:
+                live.hold(rerun.get(ref[1:]))
+    for element, at in last_use.items():  # the rerun ends: what later members would have read dies
+        if at > stop and element in rerun:
+            live.release(rerun[element])
+    for uid in kept_storages:  # the checkpoint hands its kept outputs to the rerun
+        live.release(uid)
+    live.free(copies)
+
+    slots: dict[tuple[str, int], int] = {output: incoming}
+    live.hold(incoming)
+    handed: dict[tuple[str, int], int] = {}  # gradients for the segment's inputs
+    flops = sum((n.bwd_flops for n in nodes), sympy.Integer(0))
+    for node in reversed(nodes):
+        if not node.has_backward:
+            continue
+        flops += node.fwd_flops if node.name not in kept and members.index(node.name) <= stop else 0
+        allocated, freed = [], set()
+        for kind, uid, _ in node.bwd_events:
+            if kind == "release_grad":
+                slot = slots.get((node.name, uid))
+                if slot is not None and live.refs.get(slot) == 1:
+                    live.free(slot)
+            elif kind == "alloc":
+                allocated.append(fresh(uid))
+                backward.append(("alloc", allocated[-1], sympy.Integer(size[uid])))
+            else:
+                freed.add(remap.get(uid, uid))
+                live.free(remap.get(uid, uid))
+        for uid in allocated:
+            if uid not in freed:
+                live.hold(uid)
+        arriving = []
+        for element, ref in node.grad_inputs:
+            uid = slots.get((node.name, ref[1])) if ref[0] == "grad_out" else remap.get(ref[1]) if ref[0] == "new" else None
+            live.hold(uid)
+            arriving.append((element, uid))
+        for k in range(len(node.outputs)):
+            live.release(slots.pop((node.name, k), None))
+        for ref in node.saved:
+            live.release(remap.get(ref[1]) if ref[0] == "new" else rerun.get(ref[1:]) if ref[1] in inside else None)
+        for uid in node.internal:
+            live.release(remap.get(uid))
+        for element, uid in arriving:
+            _accumulate(slots if element[0] in inside else handed, element, uid, live, costs, uids, added)
+        for uid in allocated:
+            if uid not in freed:
+                live.release(uid)
+    record = NodeCost(
+        name=last.name, op="RecomputeSegment", label=last.label, shapes=last.shapes[:1], nbytes=last.nbytes[:1],
+        inputs=tuple(outside), outputs=(("new", storage[output]),), requires_grad=last.requires_grad[:1],
+        internal=tuple(u for u in kept_storages if u != storage[output]),
+        saved=tuple(("value", *e) for e in outside) + ((("value", *output),) if last.name in kept else ()),
+        fwd_events=tuple(forward), fwd_flops=sum((n.fwd_flops for n in nodes), sympy.Integer(0)),
+        has_backward=any(n.has_backward for n in nodes), bwd_events=tuple(backward),
+        grad_inputs=tuple((e, ("grad_out", 0) if uid == incoming else ("new", uid)) for e, uid in handed.items()),
+        bwd_flops=flops,
+    )
+    return record, added
+
+
+def _accumulate(slots: dict, element: tuple[str, int], uid: int | None, live: _Storages, costs: Costs,
+                uids: Iterator[int], added: dict) -> None:
+    """Sum gradients that meet at a value as the simulator does: out of place."""
+    if uid is None:
+        return
+    old = slots.get(element)
+    if old is None:
+        slots[element] = uid
+        return
+    total = next(uids)
+    nbytes = int(costs.by_name[element[0]].nbytes[element[1]].xreplace({}))
+    live.size[total] = nbytes
+    added[total] = sympy.Integer(nbytes)
+    live.events.append(("alloc", total, sympy.Integer(nbytes)))
+    live.hold(total)
+    slots[element] = total
+    live.release(old)
+    live.release(uid)
