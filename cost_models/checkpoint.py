@@ -241,3 +241,29 @@ def _accumulate(slots: dict, element: tuple[str, int], uid: int | None, live: _S
     slots[element] = total
     live.release(old)
     live.release(uid)
+
+
+def nest(costs: Costs, spans: list[tuple[str, ...]], uids: Iterator[int] | None = None,
+         scratch: dict[tuple[str, ...], int] | None = None) -> Costs:
+    """`costs` with each span (the node names it covers, in graph order; spans nested
+    or disjoint) run as one checkpointed segment around what it covers, innermost
+    first: its members are the records of `costs` left under its names (a segment
+    already composed there counts as one member, by its output's name). `scratch`
+    gives a span's BatchNorm buffer bytes (see `checkpoint_record`)."""
+    uids = fresh_uids(costs) if uids is None else uids
+    nodes, sizes = list(costs.nodes), dict(costs.sizes)
+    numeric = dict(costs.sizes_at(costs.example_batch))
+    for covered in sorted(spans, key=len):
+        names = set(covered)
+        current = Costs(nodes=nodes, outputs=costs.outputs, sizes=sizes, example_batch=costs.example_batch,
+                        input_shapes=costs.input_shapes, batch_symbolic=False)
+        current.prime_sizes(costs.example_batch, numeric)
+        members = tuple(n.name for n in nodes if n.name in names)
+        record, added = checkpoint_record(current, members, uids=uids, scratch=(scratch or {}).get(covered, 0))
+        sizes.update(added)
+        numeric.update({uid: int(b) for uid, b in added.items()})
+        nodes = [record if n.name == record.name else n for n in nodes if n.name not in names or n.name == record.name]
+    nested = Costs(nodes=nodes, outputs=costs.outputs, sizes=sizes, example_batch=costs.example_batch,
+                   input_shapes=costs.input_shapes, opaque=costs.opaque, batch_symbolic=costs.batch_symbolic)
+    nested.prime_sizes(costs.example_batch, numeric)
+    return nested

@@ -204,10 +204,10 @@ class _Profiler(OpaqueLeaves):
         if node.op == "call_module":
             module = self.gm.get_submodule(node.target)
             code = getattr(module, "checkpointed_code", None)
-            if code is not None:  # a checkpointed segment: its code runs on the fake state
-                state = {k: self.fake_of[id(t)] for k, t in _state_items(code)}
+            if code is not None:  # a checkpointed segment: its code (nested ones too) runs on the fake state
                 buffers = [self.fake_of[id(b)] for b in module.stat_buffers()]
-                return module.run(lambda *a: functional_call(code, state, a), *args, stat_buffers=buffers)
+                with self._fake_model():
+                    return module.run(code, *args, stat_buffers=buffers)
             if hasattr(module, "code_parameters"):  # an invert chain: its units run gm's modules
                 with self._fake_model():
                     return module(*args, **kwargs)
@@ -300,7 +300,7 @@ class _Profiler(OpaqueLeaves):
 
                 handles = [leaf.register_hook(capture(e)) for e, leaf in targets]
                 module = self.gm.get_submodule(self._node[cost.name].target)
-                with contextlib.nullcontext() if hasattr(module, "checkpointed_code") else self._fake_model():
+                with self._fake_model():  # a checkpoint's rerun runs on the fake state too
                     torch.autograd.backward(source, inputs=[leaf for _, leaf in targets] + params)
                 for handle in handles:
                     handle.remove()

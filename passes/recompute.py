@@ -30,7 +30,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from cost_models.runtime import synchronizer
 
 __all__ = ["RecomputeSegment", "Segment", "MODES", "GRANULARITIES", "segments", "apply", "adopt_structure", "replace_runs",
-           "KEPT_OPS", "overhead_seconds", "norm_bytes"]
+           "KEPT_OPS", "overhead_seconds", "norm_bytes", "span"]
 
 MODES = ("selective", "full")
 
@@ -105,15 +105,28 @@ class RecomputeSegment(nn.Module):
     def forward(self, *inputs):
         return self.run(self.checkpointed_code, *inputs)
 
+    def inner(self) -> list["RecomputeSegment"]:
+        """The segments this one's code calls: checkpoints nested in this one."""
+        code = self.checkpointed_code
+        return [m for m in code.modules() if isinstance(m, RecomputeSegment)] if isinstance(code, nn.Module) else []
+
     def code_parameters(self) -> list[nn.Parameter]:
-        """The parameters the segment's code uses (not registered on this module)."""
-        return list(self.checkpointed_code.parameters())
+        """The parameters the segment's code uses, nested segments' included (not
+        registered on this module)."""
+        found = {id(p): p for p in self.checkpointed_code.parameters()}
+        for inner in self.inner():
+            found.update((id(p), p) for p in inner.code_parameters())
+        return list(found.values())
 
     def norms(self) -> list[nn.Module]:
-        """The BatchNorm modules the segment calls."""
+        """The BatchNorm modules the segment calls, nested segments' included: the
+        rerun of an outer segment runs its inner ones forward too."""
         if self._norms is not None:
             return list(self._norms)
-        return [m for m in self.checkpointed_code.modules() if isinstance(m, _BatchNorm)]
+        found = {id(m): m for m in self.checkpointed_code.modules() if isinstance(m, _BatchNorm)}
+        for inner in self.inner():
+            found.update((id(m), m) for m in inner.norms())
+        return list(found.values())
 
     def stat_buffers(self) -> list[torch.Tensor]:
         """The BatchNorm buffers (running statistics, counts) of the segment."""
@@ -256,13 +269,7 @@ def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = (), granularity: str 
     calls an opaque leaf (module paths in `opaque`: its code is not known to rerun alike)."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
-    nodes = [n for n in gm.graph.nodes if n.op in _COMPUTE]
-    position = {n: i for i, n in enumerate(nodes)}
-    last_use = {n: max([position.get(u, len(nodes)) for u in n.users] or [position[n]]) for n in nodes}
-    mutated_at = {}  # node -> positions of nodes that change it in place
-    for i, n in enumerate(nodes):
-        if _mutates_an_input(gm, n) and n.all_input_nodes:
-            mutated_at.setdefault(n.all_input_nodes[0], []).append(i)
+    nodes, position, last_use, mutated_at = _order(gm)
     found: list[Segment] = []
     start, live, expensive = 0, set(), False
     for i, node in enumerate(nodes):
@@ -298,6 +305,43 @@ def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = (), granularity: str 
     return found
 
 
+def _order(gm: fx.GraphModule):
+    """The compute nodes in order, each one's position, the position of its last use
+    (past the end: used by the output), and the positions that change it in place."""
+    nodes = [n for n in gm.graph.nodes if n.op in _COMPUTE]
+    position = {n: i for i, n in enumerate(nodes)}
+    last_use = {n: max([position.get(u, len(nodes)) for u in n.users] or [position[n]]) for n in nodes}
+    mutated_at: dict[fx.Node, list[int]] = {}
+    for i, n in enumerate(nodes):
+        if _mutates_an_input(gm, n) and n.all_input_nodes:
+            mutated_at.setdefault(n.all_input_nodes[0], []).append(i)
+    return nodes, position, last_use, mutated_at
+
+
+def span(gm: fx.GraphModule, segments: list[Segment], first: str, last: str, opaque: tuple[str, ...] = ()) -> Segment | None:
+    """The segments from the one ending at `first` to the one ending at `last`, with the
+    nodes between them, as one segment to checkpoint around their own checkpoints (a
+    nested checkpoint: Chen et al. 2016), in full mode; None where a value made inside
+    is used after it other than the last one's output, where a later node changes an
+    input of it in place, or where it calls an opaque leaf."""
+    outputs = [s.output for s in segments]
+    if first not in outputs or last not in outputs or outputs.index(first) > outputs.index(last):
+        raise ValueError(f"span {first!r}..{last!r}: both must end segments, in graph order")
+    nodes, position, last_use, mutated_at = _order(gm)
+    named = {n.name: n for n in nodes}
+    start, end = position[named[segments[outputs.index(first)].nodes[0]]], position[named[last]]
+    run = nodes[start:end + 1]
+    members = set(run)
+    if {m for m in run if last_use[m] > end} != {named[last]}:
+        return None
+    outside = list(dict.fromkeys(a for m in run for a in m.all_input_nodes if a not in members and a.op != "get_attr"))
+    if any(m in mutated_at and any(start <= j for j in mutated_at[m]) for m in outside):
+        return None
+    if any(m.op == "call_module" and m.target in opaque for m in run):
+        return None
+    return Segment(tuple(m.name for m in run), tuple(a.name for a in outside), last, selective_ok=False)
+
+
 def norm_bytes(gm: fx.GraphModule, segment: Segment) -> int:
     """Bytes of the BatchNorm buffers a segment's nodes call: the copies its rerun takes."""
     names = set(segment.nodes)
@@ -306,21 +350,35 @@ def norm_bytes(gm: fx.GraphModule, segment: Segment) -> int:
     return sum(b.numel() * b.element_size() for m in modules.values() if isinstance(m, _BatchNorm) for b in m.buffers())
 
 
-def apply(gm: fx.GraphModule, chosen: dict[str, str], all_segments: list[Segment]) -> fx.GraphModule:
+def apply(gm: fx.GraphModule, chosen: dict[str, str], all_segments: list[Segment],
+          spans: list[Segment] = ()) -> fx.GraphModule:
     """A new GraphModule where each segment named in `chosen` (output name -> mode) runs
-    as a RecomputeSegment. `gm` is not modified; parameters are shared."""
+    as a RecomputeSegment, and each of `spans` (from `span`: nested or disjoint) as one
+    more around what it covers, innermost first. `gm` is not modified; parameters are
+    shared."""
     by_output = {s.output: s for s in all_segments if s.output in chosen}
     targets = {out: f"rewriter_recompute_{i}" for i, out in enumerate(by_output)}
+    new = _checkpointed(gm, gm, list(by_output.values()), chosen, targets)
+    for index, outer in enumerate(sorted(spans, key=lambda s: len(s.nodes))):
+        names = {n.name for n in new.graph.nodes}
+        present = Segment(tuple(n for n in outer.nodes if n in names), outer.inputs, outer.output, selective_ok=False)
+        new = _checkpointed(new, gm, [present], {outer.output: "full"}, {outer.output: f"rewriter_span_{index}"})
+    return new
+
+
+def _checkpointed(gm: fx.GraphModule, original: fx.GraphModule, runs: list[Segment], modes: dict[str, str],
+                  targets: dict[str, str]) -> fx.GraphModule:
+    """`gm` with each of `runs` as a RecomputeSegment call to the submodule `targets[output]`."""
 
     def call(new: fx.GraphModule, graph: fx.Graph, segment: Segment, value) -> fx.Node:
         code, outside = _segment_code(gm, segment)
         keeps_output = segment.output in segment.expensive
-        new.add_submodule(targets[segment.output], RecomputeSegment(code, chosen[segment.output], keeps_output=keeps_output))
+        new.add_submodule(targets[segment.output], RecomputeSegment(code, modes[segment.output], keeps_output=keeps_output))
         node = graph.create_node("call_module", targets[segment.output], tuple(value(n.name) for n in outside), name=segment.output)
-        node.meta["rewriter"] = {"strategy": "recompute", "mode": chosen[segment.output], "nodes": segment.nodes}
+        node.meta["rewriter"] = {"strategy": "recompute", "mode": modes[segment.output], "nodes": segment.nodes}
         return node
 
-    return replace_runs(gm, list(by_output.values()), call)
+    return adopt_structure(replace_runs(gm, runs, call), original)
 
 
 def replace_runs(gm: fx.GraphModule, runs: list, call) -> fx.GraphModule:
