@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from cost_models.checkpoint import checkpoint_record, fresh_uids
+from cost_models.checkpoint import checkpoint_record, fresh_uids, nest
 from cost_models.compose import Composer
 from cost_models.node_costs import BATCH, Costs
 from cost_models.runtime import ROOFLINES, node_seconds
@@ -119,6 +119,8 @@ class _Planner:
         self.granularity = "coarse"
         self.segments = recompute.segments(self.gm, self.opaque) if "recompute" in strategies else []
         self._tried: list[list] = []  # the segment lists `use` has handed out
+        self._spans: dict[tuple[str, int, int], recompute.Segment | None] = {}
+        self._norm_bytes: dict[tuple[str, ...], int] = {}  # span nodes -> its BatchNorm buffers' bytes
         self.segment_profiles: dict[tuple[str, str], Costs] = {}  # (granularity, mode) -> every segment so run, composed
         self.chains: list[invert.Chain] = []
         self.inverted: Costs | None = None  # the profile with every chain inverted
@@ -232,6 +234,51 @@ class _Planner:
         base = self.base
         return Costs(nodes=records, outputs=(), sizes=sizes, example_batch=base.example_batch,
                      input_shapes=base.input_shapes, batch_symbolic=False)
+
+    def span(self, first: int, last: int) -> recompute.Segment | None:
+        """`recompute.span` over the segments first..last (indexes), worked out once."""
+        key = (self.granularity, first, last)
+        if key not in self._spans:
+            self._spans[key] = recompute.span(self.gm, self.segments, self.segments[first].output,
+                                              self.segments[last].output, self.opaque)
+        return self._spans[key]
+
+    def nested_peak(self, flat: Costs, spans: list[recompute.Segment]) -> int:
+        """The peak of `flat` (a composed plan) with `spans` checkpointed around its segments."""
+        if not spans:
+            return simulate(flat).peak_bytes
+        for span in spans:
+            if span.nodes not in self._norm_bytes:
+                self._norm_bytes[span.nodes] = recompute.norm_bytes(self.gm, span)
+        return simulate(nest(flat, [s.nodes for s in spans], scratch=self._norm_bytes)).peak_bytes
+
+    def nest_greedily(self, modes: dict[str, str], limit: int) -> tuple[list[recompute.Segment], int]:
+        """Spans chosen bottom-up around the segments recomputed in `modes`: each round
+        merges two neighbouring top-level units (segments or spans) into a span, nested
+        around both or as one span over what both hold, whichever lowers the composed
+        peak most; until the peak is under `limit` or no merge lowers it."""
+        units: list[tuple[int, int, tuple]] = [(i, i, ()) for i in range(len(self.segments))]  # first, last, spans
+        flat = self.composed(modes)
+        peak = self.nested_peak(flat, [])
+        while peak > limit and len(units) > 1:
+            best = None
+            for index in range(len(units) - 1):
+                (first, _, left), (_, last, right) = units[index], units[index + 1]
+                span = self.span(first, last)
+                if span is None:
+                    continue
+                outer = [s for unit in units for s in unit[2]]
+                inner = [s for s in left + right if s.nodes not in {t.nodes for t in (left[-1:] + right[-1:])}]
+                for held in dict.fromkeys((left + right, tuple(inner))):  # nested around both, or over what both hold
+                    spans = [s for s in outer if s not in left + right] + list(held) + [span]
+                    trial = self.nested_peak(flat, spans)
+                    if best is None or trial < best[0]:
+                        best = (trial, index, tuple(held) + (span,))
+            if best is None or best[0] >= peak:
+                break
+            peak, index, spans = best
+            units[index: index + 2] = [(units[index][0], units[index + 1][1], spans)]
+        return [s for unit in units for s in unit[2]], peak
 
     def extreme(self, mode: str) -> dict[str, str]:
         return {s.output: mode if mode in s.modes() else s.modes()[-1] for s in self.segments}
@@ -394,14 +441,15 @@ class _Planner:
                 assignment = trial
         return assignment
 
-    def apply(self, assignment: dict[str, str]) -> fx.GraphModule:
-        """The rewritten graph: segments recomputed, chains tiled or inverted, groups compressed."""
+    def apply(self, assignment: dict[str, str], spans: list[recompute.Segment] = ()) -> fx.GraphModule:
+        """The rewritten graph: segments recomputed (`spans` checkpointed around them),
+        chains tiled or inverted, groups compressed."""
         assignment = self.compatible(assignment)
         segments = {k: v for k, v in assignment.items() if not k.startswith((_INVERT, _COMPRESS, _ROWS))}
         chains = [k[len(_INVERT):] for k in assignment if k.startswith(_INVERT)]
         by_output = {c.output: c for c in self.tiled}
         tiled = {k[len(_ROWS):]: self.tiling(by_output[k[len(_ROWS):]], v) for k, v in assignment.items() if k.startswith(_ROWS)}
-        gm = recompute.apply(self.gm, segments, self.segments) if segments else self.gm
+        gm = recompute.apply(self.gm, segments, self.segments, spans) if segments or spans else self.gm
         if tiled:
             gm = row_split.apply(gm, tiled, self.tiled)
         if chains:
@@ -414,15 +462,33 @@ class _Planner:
         recompute.adopt_structure(gm, self.model)
         return gm
 
-    def plan(self, assignment: dict[str, str], budget: int | None, seconds: dict[str, float]) -> tuple[fx.GraphModule, Plan]:
-        """The rewritten graph for `assignment` and its plan, profiled (verified) unless
-        a profile of that very rewrite is at hand."""
+    def plan(self, assignment: dict[str, str], budget: int | None, seconds: dict[str, float],
+             spans: list[recompute.Segment] = ()) -> tuple[fx.GraphModule, Plan]:
+        """The rewritten graph for `assignment` (with `spans` checkpointed around its
+        segments) and its plan, profiled (verified) unless a profile of that very rewrite
+        is at hand."""
         with self.clock("verify"):
-            return self._plan(assignment, budget, seconds)
+            return self._plan(assignment, budget, seconds, list(spans))
 
-    def _plan(self, assignment: dict[str, str], budget: int | None, seconds: dict[str, float]) -> tuple[fx.GraphModule, Plan]:
+    def span_seconds(self, span: recompute.Segment) -> float:
+        """Seconds a span adds: its nodes run forward once more (inner checkpoints without
+        saving), and the checkpoint's own cost."""
+        device = next((t.device for t in self.inputs if isinstance(t, torch.Tensor)), torch.device(self.device))
+        measured = self.node_seconds()
+        roofline = ROOFLINES[self.device]
+        batch = self.base.example_batch
+        total = 0.0
+        for name in span.nodes:
+            cost = self.base.by_name.get(name)
+            if cost is not None:
+                flops = float(cost.fwd_flops.xreplace({BATCH: batch}))
+                total += measured[name] if name in measured else roofline.seconds(flops, sum(float(b) for b in cost.nbytes))
+        return total + recompute.overhead_seconds("full", device)
+
+    def _plan(self, assignment: dict[str, str], budget: int | None, seconds: dict[str, float],
+              spans: list[recompute.Segment]) -> tuple[fx.GraphModule, Plan]:
         assignment = self.compatible(assignment)
-        gm = self.apply(assignment)
+        gm = self.apply(assignment, spans)
         known = []  # profiles of this very rewrite (recompute's records are composed, not profiled)
         if self.chains and assignment == {_INVERT + c.output: "invert" for c in self.chains}:
             known.append(self.inverted)
@@ -432,7 +498,7 @@ class _Planner:
         for mode in _ROW_MODES:
             if self.tiled and assignment == {_ROWS + c.output: mode for c in self.tiled}:
                 known.append(self.tiled_profiles[(self.row_granularity, mode)])
-        rewritten = known[0] if known else self._profile(gm, {}) if assignment else self.base
+        rewritten = known[0] if known and not spans else self._profile(gm, {}) if assignment or spans else self.base
         simulation = simulate(rewritten)
         by_output = {s.output: s for s in self.segments if s.output in assignment}
         chains = {c.output: c for c in self.chains if _INVERT + c.output in assignment}
@@ -448,6 +514,10 @@ class _Planner:
                 for n in unit.nodes:
                     strategy[n] = ("invert", seconds.get(_INVERT + out, 0.0) if n == out else 0.0, growth)
         forms = self._compressed_forms(assignment)
+        for span in spans:  # its nodes rerun once more; its seconds at its output
+            for n in span.nodes:
+                name, added, growth, *form = strategy.get(n, ("recompute", 0.0, 1.0))
+                strategy[n] = ("recompute", added + (self.span_seconds(span) if n == span.output else 0.0), growth, *form)
         for chain in self.tiled:
             if _ROWS + chain.output in assignment:
                 for n in chain.nodes:
@@ -468,6 +538,7 @@ class _Planner:
             baseline_peak_bytes=self.eager_peak, budget_bytes=budget, peak_at=simulation.peak_at,
             segments=tuple(sorted((k, v) for k, v in assignment.items() if not k.startswith((_INVERT, _COMPRESS, _ROWS)))),
             granularity=self.granularity,
+            spans=tuple((next(s.output for s in self.segments if s.nodes[0] == span.nodes[0]), span.output) for span in spans),
             inverted=tuple((c.input, c.output) for c in chains.values()),
             compressed=tuple(forms.items()),
             row_split=tuple((c.output, tiles, round(self.halo_share(c, tiles, axis), 4), axis)
@@ -614,7 +685,31 @@ def _solved(planner: _Planner, budget: int, beat: int | None, choices: list[Choi
         gm2, plan2 = planner.plan(modes_of(cheaper), budget, seconds_of(cheaper))
         if plan2.predicted_peak_bytes <= plan.predicted_peak_bytes:
             gm, plan = gm2, plan2
+    if plan.predicted_peak_bytes > room and beat is None and planner.segments:
+        found = _nested(planner, budget, {c.key: c.seconds[-1] for c in choices})
+        if isinstance(found, tuple) or found.predicted_peak_bytes < plan.predicted_peak_bytes:
+            return found
     return (gm, plan) if plan.predicted_peak_bytes <= room else plan
+
+
+def _nested(planner: _Planner, budget: int, full_seconds: dict[str, float]) -> tuple[fx.GraphModule, Plan] | Plan:
+    """Where no flat plan fits: every segment recomputed in full, with nested
+    checkpoints around them (`_Planner.nest_greedily`); a verified plan under `budget`,
+    else the verified plan of the lowest peak the spans reach."""
+    modes = {s.output: "full" for s in planner.segments}
+    seconds = {out: full_seconds.get(out, 0.0) for out in modes}
+    room, limit = budget - _margin(budget) // 2, budget - _margin(budget)
+    plan = None
+    for _ in range(3):
+        spans, composed = planner.nest_greedily(modes, limit)
+        gm, verified = planner.plan(modes, budget, seconds, spans)
+        if verified.predicted_peak_bytes <= room:
+            return gm, verified
+        plan = verified if plan is None or verified.predicted_peak_bytes < plan.predicted_peak_bytes else plan
+        if composed > limit:  # the lowest the spans reach
+            break
+        limit -= verified.predicted_peak_bytes - composed + _margin(budget) // 2
+    return plan
 
 
 def _width(mode: str) -> int:
@@ -762,10 +857,17 @@ def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
     gm = captured.gm
     segments = recompute.segments(gm, captured.opaque, plan.granularity)
     known = {s.output for s in segments}
-    unknown = [out for out, _ in plan.segments if out not in known]
+    unknown = [out for out, _ in plan.segments if out not in known] + [o for span in plan.spans for o in span if o not in known]
     if unknown:
         raise InputError(f"plan segments {unknown} are not segments of this model's graph; was the plan made for another model?")
-    rewritten = recompute.apply(gm, dict(plan.segments), segments) if plan.segments else gm
+    try:
+        spans = [recompute.span(gm, segments, first, last, captured.opaque) for first, last in plan.spans]
+    except ValueError as error:
+        raise InputError(f"plan spans {plan.spans}: {error}") from None
+    if None in spans:
+        raise InputError(f"plan spans {plan.spans} do not all enclose what they checkpoint in this model's graph; "
+                         "was the plan made for another model?")
+    rewritten = recompute.apply(gm, dict(plan.segments), segments, spans) if plan.segments or spans else gm
     if plan.row_split:
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         shapes = {**dict(zip(placeholders, plan.input_shapes)), **{n.node: n.shape for n in plan.nodes}}

@@ -69,6 +69,7 @@ class Plan:
     opaque: tuple[str, ...] = ()
     segments: tuple[tuple[str, str], ...] = ()  # (segment output node, recompute mode), for apply_plan
     granularity: str = "coarse"  # how the graph was cut into segments (passes.recompute.segments)
+    spans: tuple[tuple[str, str], ...] = ()  # (first, last segment output) of each nested checkpoint (passes.recompute.span)
     inverted: tuple[tuple[str, str], ...] = ()  # (chain input node, chain output node), for apply_plan
     compressed: tuple[tuple[str, str], ...] = ()  # (node, compressed form), for apply_plan
     row_split: tuple[tuple[str, int, float, str], ...] = ()  # (chain output node, tiles, halo FLOPs added as a fraction, axis "H" or "W")
@@ -113,6 +114,7 @@ class Plan:
         data["input_shapes"] = tuple(tuple(s) for s in data["input_shapes"])
         data["opaque"] = tuple(data["opaque"])
         data["segments"] = tuple(tuple(s) for s in data.get("segments", ()))
+        data["spans"] = tuple(tuple(s) for s in data.get("spans", ()))  # none in plans written before spans
         data["inverted"] = tuple(tuple(c) for c in data.get("inverted", ()))
         data["compressed"] = tuple(tuple(c) for c in data.get("compressed", ()))
         # plans written before W tiling have no axis: their chains were tiled along H
@@ -131,9 +133,10 @@ class Plan:
         ]
         if self.opaque:
             lines.append(f"  opaque leaves (not rewritten inside): {', '.join(self.opaque)}")
-        if self.segments or self.inverted or self.compressed or self.row_split:
+        if self.segments or self.spans or self.inverted or self.compressed or self.row_split:
             added = sum(n.seconds_added for n in self.nodes)
-            lines.append(f"  recomputed segments: {len(self.segments)}, inverted chains: {len(self.inverted)}, "
+            lines.append(f"  recomputed segments: {len(self.segments)}, nested checkpoints around them: {len(self.spans)}, "
+                         f"inverted chains: {len(self.inverted)}, "
                          f"compressed nodes: {len(self.compressed)}, row-split chains: {len(self.row_split)}, "
                          f"est. seconds added per step {added:.4f}")
         for output, tiles, halo, axis in self.row_split:

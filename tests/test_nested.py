@@ -1,0 +1,86 @@
+"""Nested checkpoints: spans of segments checkpointed around the segments' own
+checkpoints, chosen where flat segments cannot reach the budget."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import rewriter
+from examples.zoo import ZOO
+from passes.recompute import segments
+from rewriter.trace import capture
+from tests.test_optimize import assert_trains_like
+
+# budgets recompute alone must reach, as a fraction of eager's measured peak (the FCN's
+# flat segments stop at 0.707: one checkpoint a layer keeps a map a layer)
+REACHED = {"highres_fcn": 0.6, "vgg": 0.7, "unet": 0.55}
+
+
+@pytest.mark.parametrize("name", sorted(REACHED))
+def test_recompute_alone_reaches_low_budgets(name):
+    zoo = ZOO[name]
+    model, x = zoo.test_model(), zoo.test_input()
+    budget = int(REACHED[name] * rewriter.measure_peak(model, x))
+    optimized = rewriter.optimize(model, budget, x, strategies="recompute")
+    assert bool(optimized.plan.spans) == (name == "highres_fcn")
+    measured = rewriter.measure_peak(optimized, x)
+    assert measured <= budget
+    assert 0 <= optimized.plan.predicted_peak_bytes - measured <= 4  # the checkpoint's own scalar
+    assert_trains_like(zoo.test_model(), model, optimized, x)
+
+
+def fcn_with_one_span():
+    """The zoo FCN with every segment recomputed and one span around the second and third."""
+    zoo = ZOO["highres_fcn"]
+    model, x = zoo.test_model(), zoo.test_input()
+    outputs = [s.output for s in segments(capture(model).gm)]
+    plan = dataclasses.replace(rewriter.optimize(model, 10**12, x).plan, segments=tuple((o, "full") for o in outputs),
+                               spans=((outputs[1], outputs[2]),))
+    return zoo, model, x, plan, outputs
+
+
+def test_a_nested_plan_reruns_each_layer_as_deep_as_it_is_nested():
+    zoo, model, x, plan, outputs = fcn_with_one_span()
+    optimized = rewriter.apply_plan(model, plan)
+    norms = [m for m in model.body if isinstance(m, nn.BatchNorm2d)]
+    calls = {id(m): 0 for m in norms}
+    for m in norms:
+        m.register_forward_pre_hook(lambda module, args: calls.__setitem__(id(module), calls[id(module)] + 1))
+    reference = zoo.test_model()
+    assert_trains_like(reference, model, optimized, x)
+    # body.1 is in the span's first segment: forward, the span's rerun (up to the last
+    # segment whose output it saves: the first), its segment's rerun; every other
+    # BatchNorm: forward and its segment's rerun
+    assert [calls[id(m)] for m in norms] == [3, 2, 2, 2]
+    assert all(int(m.num_batches_tracked) == 1 for m in norms)  # running statistics updated once
+
+
+def test_a_nested_plan_round_trips_and_saves(tmp_path):
+    zoo, model, x, plan, outputs = fcn_with_one_span()
+    assert rewriter.Plan.from_json(plan.to_json()) == plan
+    optimized = rewriter.apply_plan(model, rewriter.Plan.from_json(plan.to_json()))
+    rewriter.save(optimized, tmp_path / "fcn")
+    loaded = rewriter.load(tmp_path / "fcn")
+    assert loaded.plan == plan
+    assert rewriter.measure_peak(loaded, x) == rewriter.measure_peak(optimized, x)
+    assert_trains_like(zoo.test_model(), loaded, loaded, x)
+
+
+def test_a_span_that_does_not_enclose_its_segments_is_refused():
+    zoo, model, x, plan, outputs = fcn_with_one_span()
+    with pytest.raises(rewriter.InputError, match="spans"):
+        rewriter.apply_plan(model, dataclasses.replace(plan, spans=((outputs[2], outputs[1]),)))
+
+
+# below what one checkpoint per segment reaches (vgg 0.5, unet 0.45): spans needed
+@pytest.mark.parametrize("name, fraction", [("vgg", 0.5), ("unet", 0.45), ("revnet", 0.35)])
+def test_nested_checkpoints_fit_below_flat_segments_and_train_alike(name, fraction):
+    zoo = ZOO[name]
+    model, x = zoo.test_model(), zoo.test_input()
+    budget = int(fraction * rewriter.measure_peak(model, x))
+    optimized = rewriter.optimize(model, budget, x, strategies="recompute")
+    assert optimized.plan.spans
+    assert rewriter.measure_peak(optimized, x) <= budget
+    assert_trains_like(zoo.test_model(), model, optimized, x)
