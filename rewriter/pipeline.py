@@ -111,7 +111,8 @@ class _Planner:
             captured = capture(model)
         self.gm = captured.gm
         self.opaque = captured.opaque
-        self.eager = self._profile(self.gm, captured.held_until)  # the model as Python runs it
+        with self.clock("profile"):
+            self.eager = self._profile(self.gm, captured.held_until)  # the model as Python runs it
         self.base = dataclasses.replace(self.eager, held_until={})  # as a GraphModule runs it
         self.saved = saved_tensors(self.base)  # every storage the backward keeps, and who keeps it
         self.eager_peak = simulate(self.eager).peak_bytes
@@ -177,8 +178,7 @@ class _Planner:
         return any(n in owned for n in chain.nodes if n != chain.output)
 
     def _profile(self, gm: fx.GraphModule, held_until: dict) -> Costs:
-        with self.clock("profile"):
-            return profile_model_graph(self.model, gm, self.inputs, self.loss_fn, self.opaque, held_until)
+        return profile_model_graph(self.model, gm, self.inputs, self.loss_fn, self.opaque, held_until)
 
     def use(self, granularity: str) -> bool:
         """Cut the graph into segments this way; False if an earlier `use` gave the same
@@ -191,10 +191,14 @@ class _Planner:
         return True
 
     def profile_modes(self, row_modes: tuple[str, ...] = tuple(_ROW_MODES)) -> None:
-        """Profile the graph with every segment in each recompute mode (or, where a
-        segment lacks that mode, its last one), with every chain inverted, and with every
-        row-split chain at each tile count of `row_modes`: the records plans are composed
-        from, and at the same time the predictions of the extreme plans."""
+        """The records plans are composed from: every segment in each recompute mode (or,
+        where a segment lacks that mode, its last one), composed from the one profile;
+        and profiles of the graph with every chain inverted, every group compressed, and
+        every row-split chain at each tile count of `row_modes`."""
+        with self.clock("profile"):
+            self._profile_modes(row_modes)
+
+    def _profile_modes(self, row_modes: tuple[str, ...]) -> None:
         if self.segments:
             for mode in recompute.MODES:
                 key = (self.granularity, mode)
@@ -670,21 +674,16 @@ def _solved(planner: _Planner, budget: int, beat: int | None, choices: list[Choi
         tiled = frozenset().union(*(c.members for c in choices if c.key.startswith(_ROWS)))
         extremes += [most, {**{c.key: len(c.seconds) - 1 for c in choices if not tiled & c.members}, **most}]
     extremes = [e for i, e in enumerate(extremes) if e not in extremes[:i]]
-    if beat is not None:  # each verification profiles the tiles: only the promising one
-        best = min(extremes, key=peak)
-        if peak(best) >= beat:
-            return None
-        extremes = [best]
-    verified = [(planner.plan(modes_of(e), budget, seconds_of(e)), e) for e in extremes]
-    (gm, plan), extreme = min(verified, key=lambda item: item[0][1].predicted_peak_bytes)
-    # then each choice moved to a cheaper option where the composed peak stays within
-    # the extreme's (a segment whose backward comes after the peak can be kept)
+    # the extreme of lowest composed peak (composition is exact up to the checkpoint's
+    # own bytes), each choice moved to a cheaper option where the composed peak stays
+    # within the extreme's (a segment whose backward comes after the peak can be kept),
+    # then verified: one profile
+    extreme = min(extremes, key=peak)
     ceiling = peak(extreme)
+    if beat is not None and ceiling >= beat:  # a search beside row-split chains: nothing new
+        return None
     cheaper = relaxed(choices, extreme, lambda a: peak(a) <= ceiling)
-    if cheaper != extreme:
-        gm2, plan2 = planner.plan(modes_of(cheaper), budget, seconds_of(cheaper))
-        if plan2.predicted_peak_bytes <= plan.predicted_peak_bytes:
-            gm, plan = gm2, plan2
+    gm, plan = planner.plan(modes_of(cheaper), budget, seconds_of(cheaper))
     if plan.predicted_peak_bytes > room and beat is None and planner.segments:
         found = _nested(planner, budget, {c.key: c.seconds[-1] for c in choices})
         if isinstance(found, tuple) or found.predicted_peak_bytes < plan.predicted_peak_bytes:
