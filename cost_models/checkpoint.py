@@ -233,7 +233,7 @@ def _accumulate(slots: dict, element: tuple[str, int], uid: int | None, live: _S
         slots[element] = uid
         return
     total = next(uids)
-    nbytes = int(costs.by_name[element[0]].nbytes[element[1]].xreplace({}))
+    nbytes = int(costs.by_name[element[0]].nbytes[element[1]])
     live.size[total] = nbytes
     added[total] = sympy.Integer(nbytes)
     live.events.append(("alloc", total, sympy.Integer(nbytes)))

@@ -322,26 +322,28 @@ class _Planner:
             log.warning("timing the forward ran out of memory; plans are costed on the roofline alone")
             return {}
 
-    def choices(self) -> tuple[list[Choice], dict[str, tuple[str, ...]]]:
+    def rerun_seconds(self, nodes, times: float = 1.0, move: float = 1.0) -> float:
+        """Seconds of running `nodes` (names in the captured graph) forward once more,
+        with `times` x their FLOPs and `move` x their bytes: each node's measured time
+        scaled by the roofline."""
         batch = self.base.example_batch
         roofline = ROOFLINES[self.device]
         measured = self.node_seconds()
+        total = 0.0
+        for n in nodes:
+            cost = self.base.by_name[n]
+            flops = float(cost.fwd_flops.xreplace({BATCH: batch}))
+            moved = sum(float(b.xreplace({BATCH: batch})) for b in cost.nbytes)
+            total += (roofline.scaled(measured[n], flops, moved, times, move) if n in measured
+                      else roofline.seconds(times * flops, move * moved))
+        return total
+
+    def choices(self) -> tuple[list[Choice], dict[str, tuple[str, ...]]]:
         device = next((t.device for t in self.inputs if isinstance(t, torch.Tensor)), torch.device(self.device))
+        rerun_seconds = self.rerun_seconds
         saved_by_owner: dict[str, int] = {}
         for tensor in self.saved:
             saved_by_owner[tensor.owner] = saved_by_owner.get(tensor.owner, 0) + tensor.nbytes
-
-        def rerun_seconds(nodes, times: float = 1.0, move: float = 1.0) -> float:
-            """Seconds of running `nodes` forward once more, with `times` x their FLOPs
-            and `move` x their bytes: each node's measured time scaled by the roofline."""
-            total = 0.0
-            for n in nodes:
-                cost = self.base.by_name[n]
-                flops = float(cost.fwd_flops.xreplace({BATCH: batch}))
-                moved = sum(float(b.xreplace({BATCH: batch})) for b in cost.nbytes)
-                total += (roofline.scaled(measured[n], flops, moved, times, move) if n in measured
-                          else roofline.seconds(times * flops, move * moved))
-            return total
 
         choices, options = [], {}
         for segment in self.segments:
@@ -478,16 +480,7 @@ class _Planner:
         """Seconds a span adds: its nodes run forward once more (inner checkpoints without
         saving), and the checkpoint's own cost."""
         device = next((t.device for t in self.inputs if isinstance(t, torch.Tensor)), torch.device(self.device))
-        measured = self.node_seconds()
-        roofline = ROOFLINES[self.device]
-        batch = self.base.example_batch
-        total = 0.0
-        for name in span.nodes:
-            cost = self.base.by_name.get(name)
-            if cost is not None:
-                flops = float(cost.fwd_flops.xreplace({BATCH: batch}))
-                total += measured[name] if name in measured else roofline.seconds(flops, sum(float(b) for b in cost.nbytes))
-        return total + recompute.overhead_seconds("full", device)
+        return self.rerun_seconds(span.nodes) + recompute.overhead_seconds("full", device)
 
     def _plan(self, assignment: dict[str, str], budget: int | None, seconds: dict[str, float],
               spans: list[recompute.Segment]) -> tuple[fx.GraphModule, Plan]:
@@ -674,16 +667,20 @@ def _solved(planner: _Planner, budget: int, beat: int | None, choices: list[Choi
         tiled = frozenset().union(*(c.members for c in choices if c.key.startswith(_ROWS)))
         extremes += [most, {**{c.key: len(c.seconds) - 1 for c in choices if not tiled & c.members}, **most}]
     extremes = [e for i, e in enumerate(extremes) if e not in extremes[:i]]
-    # the extreme of lowest composed peak (composition is exact up to the checkpoint's
-    # own bytes), each choice moved to a cheaper option where the composed peak stays
-    # within the extreme's (a segment whose backward comes after the peak can be kept),
-    # then verified: one profile
+    # the extreme of lowest composed peak, verified; then each choice moved to a cheaper
+    # option where the composed peak stays within the extreme's (a segment whose backward
+    # comes after the peak can be kept), verified, and kept if its peak is no higher
+    # (tiled chains beside segments compose approximately)
     extreme = min(extremes, key=peak)
     ceiling = peak(extreme)
     if beat is not None and ceiling >= beat:  # a search beside row-split chains: nothing new
         return None
+    gm, plan = planner.plan(modes_of(extreme), budget, seconds_of(extreme))
     cheaper = relaxed(choices, extreme, lambda a: peak(a) <= ceiling)
-    gm, plan = planner.plan(modes_of(cheaper), budget, seconds_of(cheaper))
+    if cheaper != extreme:
+        gm2, plan2 = planner.plan(modes_of(cheaper), budget, seconds_of(cheaper))
+        if plan2.predicted_peak_bytes <= plan.predicted_peak_bytes:
+            gm, plan = gm2, plan2
     if plan.predicted_peak_bytes > room and beat is None and planner.segments:
         found = _nested(planner, budget, {c.key: c.seconds[-1] for c in choices})
         if isinstance(found, tuple) or found.predicted_peak_bytes < plan.predicted_peak_bytes:
