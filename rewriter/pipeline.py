@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -238,6 +239,23 @@ class _Planner:
         base = self.base
         return Costs(nodes=records, outputs=(), sizes=sizes, example_batch=base.example_batch,
                      input_shapes=base.input_shapes, batch_symbolic=False)
+
+    _STATE = ("granularity", "segments", "alternatives", "_composer", "row_granularity", "tiled")
+
+    def snapshot(self) -> dict[str, Any]:
+        """What `use` and `use_rows` change: to verify a plan found under them later."""
+        return {name: getattr(self, name, None) for name in self._STATE}
+
+    @contextlib.contextmanager
+    def restored(self, state: dict[str, Any]):
+        now = self.snapshot()
+        for name, value in state.items():
+            setattr(self, name, value)
+        try:
+            yield
+        finally:
+            for name, value in now.items():
+                setattr(self, name, value)
 
     def span(self, first: int, last: int) -> recompute.Segment | None:
         """`recompute.span` over the segments first..last (indexes), worked out once."""
@@ -586,7 +604,7 @@ def _plan_search(planner: _Planner, budget: int, strategies: tuple[str, ...], lo
                 best = min((_seconds_added(plan) for _, plan in found), default=None)
                 outcomes = [_search(planner, budget, cheaper_than=best)]
             else:  # the most tiles first (the lowest peaks); fewer too (less halo time) once that fits
-                beat = min(p.predicted_peak_bytes for p in lowest) if lowest else None
+                beat = min(candidate.peak for candidate in lowest) if lowest else None
                 outcomes = [_search(planner, budget, beat, tuple(_ROW_MODES)[-1:])]
                 if isinstance(outcomes[0], tuple):
                     outcomes.append(_search(planner, budget, beat))
@@ -596,7 +614,14 @@ def _plan_search(planner: _Planner, budget: int, strategies: tuple[str, ...], lo
     if found:  # the verified plan that adds the least time
         gm, plan = min(found, key=lambda pair: _seconds_added(pair[1]))
         return _chosen(gm, plan, budget)
-    witness = min(lowest, key=lambda plan: plan.predicted_peak_bytes) if lowest else None
+    verified: list[tuple[fx.GraphModule, Plan]] = []  # least composed peak first, until none can be lower
+    for candidate in sorted(lowest, key=lambda c: c.peak):
+        if verified and min(p.predicted_peak_bytes for _, p in verified) <= candidate.peak:
+            break
+        verified.append(candidate.verify())
+    if verified and min(p.predicted_peak_bytes for _, p in verified) <= budget - _margin(budget) // 2:
+        return _chosen(*min(verified, key=lambda pair: pair[1].predicted_peak_bytes), budget)  # composed ran high
+    witness = min((p for _, p in verified), key=lambda plan: plan.predicted_peak_bytes) if verified else None
     reachable = witness.predicted_peak_bytes if witness else simulate(planner.base).peak_bytes
     minimum = min(_smallest_budget(reachable), baseline)
     if witness is None or minimum == baseline:  # at the baseline, the graph unchanged
@@ -610,12 +635,12 @@ def _seconds_added(plan: Plan) -> float:
 
 def _search(planner: _Planner, budget: int, beat: int | None = None,
             row_modes: tuple[str, ...] = tuple(_ROW_MODES), cheaper_than: float | None = None,
-            ) -> tuple[fx.GraphModule, Plan] | Plan | None:
+            ) -> tuple[fx.GraphModule, Plan] | _Lowest | None:
     """A verified plan for the planner's segments under `budget` (with its module), or
-    else the verified plan of the lowest predicted peak it could find; row-split chains
-    are offered at the tile counts of `row_modes`. With `beat` (a row-split search after
-    others failed), only the extreme plan of lowest composed peak is verified, and only
-    if that peak is under `beat` (else None: nothing new). With `cheaper_than` (the
+    else the lowest plan it could find (`_Lowest`: verified only if no search finds a
+    plan); row-split chains are offered at the tile counts of `row_modes`. With `beat`
+    (a row-split search after others failed), only the extreme plan of lowest composed
+    peak is considered, and only if that peak is under `beat` (else None: nothing new). With `cheaper_than` (the
     estimated seconds of a verified plan found before), a solution estimated at no
     fewer seconds is not verified: None, since it could not be chosen."""
     with planner.clock("solve"):  # less the profiles, pricing and verifications inside it
@@ -626,7 +651,7 @@ def _search(planner: _Planner, budget: int, beat: int | None = None,
 
 
 def _solved(planner: _Planner, budget: int, beat: int | None, choices: list[Choice],
-            options: dict[str, tuple[str, ...]], cheaper_than: float | None) -> tuple[fx.GraphModule, Plan] | Plan | None:
+            options: dict[str, tuple[str, ...]], cheaper_than: float | None) -> tuple[fx.GraphModule, Plan] | _Lowest | None:
     """`_search`'s solve over priced choices, and its verifications."""
 
     def modes_of(assignment: dict[str, int]) -> dict[str, str]:
@@ -675,37 +700,68 @@ def _solved(planner: _Planner, budget: int, beat: int | None, choices: list[Choi
     ceiling = peak(extreme)
     if beat is not None and ceiling >= beat:  # a search beside row-split chains: nothing new
         return None
-    gm, plan = planner.plan(modes_of(extreme), budget, seconds_of(extreme))
     cheaper = relaxed(choices, extreme, lambda a: peak(a) <= ceiling)
-    if cheaper != extreme:
-        gm2, plan2 = planner.plan(modes_of(cheaper), budget, seconds_of(cheaper))
-        if plan2.predicted_peak_bytes <= plan.predicted_peak_bytes:
-            gm, plan = gm2, plan2
-    if plan.predicted_peak_bytes > room and beat is None and planner.segments:
-        found = _nested(planner, budget, {c.key: c.seconds[-1] for c in choices})
-        if isinstance(found, tuple) or found.predicted_peak_bytes < plan.predicted_peak_bytes:
-            return found
-    return (gm, plan) if plan.predicted_peak_bytes <= room else plan
+    state = planner.snapshot()
+
+    def flat() -> tuple[fx.GraphModule, Plan]:
+        with planner.restored(state):
+            gm, plan = planner.plan(modes_of(extreme), budget, seconds_of(extreme))
+            if cheaper != extreme:
+                gm2, plan2 = planner.plan(modes_of(cheaper), budget, seconds_of(cheaper))
+                if plan2.predicted_peak_bytes <= plan.predicted_peak_bytes:
+                    gm, plan = gm2, plan2
+        return gm, plan
+
+    lowest = _Lowest(ceiling, flat)
+    if ceiling <= room:  # it may fit: verify it now
+        gm, plan = flat()
+        if plan.predicted_peak_bytes <= room:
+            return gm, plan
+        lowest = _Lowest(plan.predicted_peak_bytes, lambda: (gm, plan))
+    if beat is None and planner.segments:
+        nested = _nested(planner, budget, {c.key: c.seconds[-1] for c in choices}, limit)
+        if isinstance(nested, tuple):
+            return nested
+        if nested.peak < lowest.peak:
+            return nested
+    return lowest
 
 
-def _nested(planner: _Planner, budget: int, full_seconds: dict[str, float]) -> tuple[fx.GraphModule, Plan] | Plan:
+@dataclasses.dataclass(frozen=True)
+class _Lowest:
+    """The lowest plan a search reached where none fit: its peak (composed, until it is
+    verified: verifying costs a profile, needed only if no search finds a plan) and how
+    to verify it."""
+
+    peak: int
+    verify: Callable[[], tuple[fx.GraphModule, Plan]]
+
+
+def _nested(planner: _Planner, budget: int, full_seconds: dict[str, float], limit: int) -> tuple[fx.GraphModule, Plan] | _Lowest:
     """Where no flat plan fits: every segment recomputed in full, with nested
     checkpoints around them (`_Planner.nest_greedily`); a verified plan under `budget`,
-    else the verified plan of the lowest peak the spans reach."""
+    else the lowest plan the spans reach."""
     modes = {s.output: "full" for s in planner.segments}
     seconds = {out: full_seconds.get(out, 0.0) for out in modes}
-    room, limit = budget - _margin(budget) // 2, budget - _margin(budget)
-    plan = None
+    room = budget - _margin(budget) // 2
+    state = planner.snapshot()
+    lowest = None
     for _ in range(3):
         spans, composed = planner.nest_greedily(modes, limit)
+        if composed > limit:  # the lowest the spans reach: verified only if needed
+
+            def verify(spans=spans) -> tuple[fx.GraphModule, Plan]:
+                with planner.restored(state):
+                    return planner.plan(modes, budget, seconds, spans)
+
+            return lowest if lowest is not None and lowest.peak <= composed else _Lowest(composed, verify)
         gm, verified = planner.plan(modes, budget, seconds, spans)
         if verified.predicted_peak_bytes <= room:
             return gm, verified
-        plan = verified if plan is None or verified.predicted_peak_bytes < plan.predicted_peak_bytes else plan
-        if composed > limit:  # the lowest the spans reach
-            break
+        if lowest is None or verified.predicted_peak_bytes < lowest.peak:
+            lowest = _Lowest(verified.predicted_peak_bytes, lambda pair=(gm, verified): pair)
         limit -= verified.predicted_peak_bytes - composed + _margin(budget) // 2
-    return plan
+    return lowest
 
 
 def _width(mode: str) -> int:
