@@ -299,7 +299,6 @@ class _Profiler(OpaqueLeaves):
                     return hook
 
                 handles = [leaf.register_hook(capture(e)) for e, leaf in targets]
-                module = self.gm.get_submodule(self._node[cost.name].target)
                 with self._fake_model():  # a checkpoint's rerun runs on the fake state too
                     torch.autograd.backward(source, inputs=[leaf for _, leaf in targets] + params)
                 for handle in handles:

@@ -4,7 +4,6 @@ checkpoints, chosen where flat segments cannot reach the budget."""
 import dataclasses
 
 import pytest
-import torch
 from torch import nn
 
 import rewriter
