@@ -288,11 +288,8 @@ def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = (), granularity: str 
         if granularity == "module":
             closes = closes and _ends_scope(node, nodes[i + 1] if i + 1 < len(nodes) else None)
         if closes and expensive or i == len(nodes) - 1:
-            members = set(run)
-            outside = list(dict.fromkeys(a for m in run for a in m.all_input_nodes if a not in members and a.op != "get_attr"))
-            changes_input = any(m in mutated_at and any(start <= j for j in mutated_at[m]) for m in outside)
-            calls_opaque = any(m.op == "call_module" and m.target in opaque for m in run)
-            if closes and not changes_input and not calls_opaque:
+            outside = _rerun_inputs(run, start, mutated_at, opaque)
+            if closes and outside is not None:
                 expensive_nodes = {m for m in run if _is_expensive(gm, m)}
                 selective_ok = not any(
                     _mutates_an_input(gm, m) and m.all_input_nodes and m.all_input_nodes[0] in expensive_nodes for m in run
@@ -303,6 +300,20 @@ def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = (), granularity: str 
                 ))
             start, expensive = i + 1, False
     return found
+
+
+def _rerun_inputs(run: list[fx.Node], start: int, mutated_at: dict[fx.Node, list[int]],
+                  opaque: tuple[str, ...]) -> list[fx.Node] | None:
+    """The outside nodes a run (starting at position `start`) reads, or None where it
+    cannot be rerun alike: a node from `start` on changes one of them in place, or the
+    run calls an opaque leaf."""
+    members = set(run)
+    outside = list(dict.fromkeys(a for m in run for a in m.all_input_nodes if a not in members and a.op != "get_attr"))
+    if any(m in mutated_at and any(start <= j for j in mutated_at[m]) for m in outside):
+        return None
+    if any(m.op == "call_module" and m.target in opaque for m in run):
+        return None
+    return outside
 
 
 def _order(gm: fx.GraphModule):
@@ -331,13 +342,10 @@ def span(gm: fx.GraphModule, segments: list[Segment], first: str, last: str, opa
     named = {n.name: n for n in nodes}
     start, end = position[named[segments[outputs.index(first)].nodes[0]]], position[named[last]]
     run = nodes[start:end + 1]
-    members = set(run)
     if {m for m in run if last_use[m] > end} != {named[last]}:
         return None
-    outside = list(dict.fromkeys(a for m in run for a in m.all_input_nodes if a not in members and a.op != "get_attr"))
-    if any(m in mutated_at and any(start <= j for j in mutated_at[m]) for m in outside):
-        return None
-    if any(m.op == "call_module" and m.target in opaque for m in run):
+    outside = _rerun_inputs(run, start, mutated_at, opaque)
+    if outside is None:
         return None
     return Segment(tuple(m.name for m in run), tuple(a.name for a in outside), last, selective_ok=False)
 

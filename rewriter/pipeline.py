@@ -122,7 +122,7 @@ class _Planner:
         self.segments = recompute.segments(self.gm, self.opaque) if "recompute" in strategies else []
         self._tried: list[list] = []  # the segment lists `use` has handed out
         self._spans: dict[tuple[str, int, int], recompute.Segment | None] = {}
-        self._norm_bytes: dict[tuple[str, ...], int] = {}  # span nodes -> its BatchNorm buffers' bytes
+        self._norm_bytes: dict[tuple[str, ...], int] = {}  # segment or span nodes -> its BatchNorm buffers' bytes
         self.segment_profiles: dict[tuple[str, str], Costs] = {}  # (granularity, mode) -> every segment so run, composed
         self.chains: list[invert.Chain] = []
         self.inverted: Costs | None = None  # the profile with every chain inverted
@@ -146,6 +146,7 @@ class _Planner:
                 self.forms[mode] = {n: compress.form_of(k, width or bits.get(n))
                                     for g in self.groups for n, k in zip(g.nodes, g.kinds)}
         self.device = "cuda" if any(t.is_cuda for t in inputs if isinstance(t, torch.Tensor)) else "cpu"
+        self.input_device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device(self.device))
         self._node_seconds: dict[str, float] | None = None
         self.alternatives: dict[str, Costs] = {}
         self.shapes = _shapes(self.gm, self.base)
@@ -233,7 +234,7 @@ class _Planner:
         records, sizes = [], dict(self.base.sizes)
         for segment in self.segments:
             kept = frozenset(segment.expensive) if modes[segment.output] == "selective" else frozenset()
-            record, added = checkpoint_record(self.base, segment.nodes, kept, uids, recompute.norm_bytes(self.gm, segment))
+            record, added = checkpoint_record(self.base, segment.nodes, kept, uids, self.norm_bytes(segment))
             records.append(record)
             sizes.update(added)
         base = self.base
@@ -265,21 +266,26 @@ class _Planner:
                                               self.segments[last].output, self.opaque)
         return self._spans[key]
 
+    def norm_bytes(self, segment: recompute.Segment) -> int:
+        """`recompute.norm_bytes` of a segment or span, worked out once."""
+        if segment.nodes not in self._norm_bytes:
+            self._norm_bytes[segment.nodes] = recompute.norm_bytes(self.gm, segment)
+        return self._norm_bytes[segment.nodes]
+
     def nested_peak(self, flat: Costs, spans: list[recompute.Segment]) -> int:
         """The peak of `flat` (a composed plan) with `spans` checkpointed around its segments."""
         if not spans:
             return simulate(flat).peak_bytes
-        for span in spans:
-            if span.nodes not in self._norm_bytes:
-                self._norm_bytes[span.nodes] = recompute.norm_bytes(self.gm, span)
-        return simulate(nest(flat, [s.nodes for s in spans], scratch=self._norm_bytes)).peak_bytes
+        scratch = {s.nodes: self.norm_bytes(s) for s in spans}
+        return simulate(nest(flat, [s.nodes for s in spans], scratch=scratch)).peak_bytes
 
     def nest_greedily(self, modes: dict[str, str], limit: int) -> tuple[list[recompute.Segment], int]:
         """Spans chosen bottom-up around the segments recomputed in `modes`: each round
         merges two neighbouring top-level units (segments or spans) into a span, nested
         around both or as one span over what both hold, whichever lowers the composed
         peak most; until the peak is under `limit` or no merge lowers it."""
-        units: list[tuple[int, int, tuple]] = [(i, i, ()) for i in range(len(self.segments))]  # first, last, spans
+        # each unit: first and last segment index, and its spans, its outermost last
+        units: list[tuple[int, int, tuple]] = [(i, i, ()) for i in range(len(self.segments))]
         flat = self.composed(modes)
         peak = self.nested_peak(flat, [])
         while peak > limit and len(units) > 1:
@@ -289,11 +295,9 @@ class _Planner:
                 span = self.span(first, last)
                 if span is None:
                     continue
-                outer = [s for unit in units for s in unit[2]]
-                inner = [s for s in left + right if s.nodes not in {t.nodes for t in (left[-1:] + right[-1:])}]
-                for held in dict.fromkeys((left + right, tuple(inner))):  # nested around both, or over what both hold
-                    spans = [s for s in outer if s not in left + right] + list(held) + [span]
-                    trial = self.nested_peak(flat, spans)
+                others = [s for unit in units[:index] + units[index + 2:] for s in unit[2]]
+                for held in dict.fromkeys((left + right, left[:-1] + right[:-1])):  # nested around both, or over what both hold
+                    trial = self.nested_peak(flat, others + list(held) + [span])
                     if best is None or trial < best[0]:
                         best = (trial, index, tuple(held) + (span,))
             if best is None or best[0] >= peak:
@@ -357,7 +361,7 @@ class _Planner:
         return total
 
     def choices(self) -> tuple[list[Choice], dict[str, tuple[str, ...]]]:
-        device = next((t.device for t in self.inputs if isinstance(t, torch.Tensor)), torch.device(self.device))
+        device = self.input_device
         rerun_seconds = self.rerun_seconds
         saved_by_owner: dict[str, int] = {}
         for tensor in self.saved:
@@ -497,8 +501,7 @@ class _Planner:
     def span_seconds(self, span: recompute.Segment) -> float:
         """Seconds a span adds: its nodes run forward once more (inner checkpoints without
         saving), and the checkpoint's own cost."""
-        device = next((t.device for t in self.inputs if isinstance(t, torch.Tensor)), torch.device(self.device))
-        return self.rerun_seconds(span.nodes) + recompute.overhead_seconds("full", device)
+        return self.rerun_seconds(span.nodes) + recompute.overhead_seconds("full", self.input_device)
 
     def _plan(self, assignment: dict[str, str], budget: int | None, seconds: dict[str, float],
               spans: list[recompute.Segment]) -> tuple[fx.GraphModule, Plan]:
@@ -640,9 +643,10 @@ def _search(planner: _Planner, budget: int, beat: int | None = None,
     else the lowest plan it could find (`_Lowest`: verified only if no search finds a
     plan); row-split chains are offered at the tile counts of `row_modes`. With `beat`
     (a row-split search after others failed), only the extreme plan of lowest composed
-    peak is considered, and only if that peak is under `beat` (else None: nothing new). With `cheaper_than` (the
-    estimated seconds of a verified plan found before), a solution estimated at no
-    fewer seconds is not verified: None, since it could not be chosen."""
+    peak is considered, and only if that peak is under `beat` (else None: nothing new).
+    With `cheaper_than` (the estimated seconds of a verified plan found before), a
+    solution estimated at no fewer seconds is not verified: None, since it could not be
+    chosen."""
     with planner.clock("solve"):  # less the profiles, pricing and verifications inside it
         planner.profile_modes(row_modes)
         with planner.clock("price"):
