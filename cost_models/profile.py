@@ -206,7 +206,7 @@ class _Profiler(OpaqueLeaves):
             code = getattr(module, "checkpointed_code", None)
             if code is not None:  # a checkpointed segment: its code (nested ones too) runs on the fake state
                 buffers = [self.fake_of[id(b)] for b in module.stat_buffers()]
-                with self._fake_model():
+                with self._fake_model(*module.codes()):
                     return module.run(code, *args, stat_buffers=buffers)
             if hasattr(module, "code_parameters"):  # an invert chain: its units run gm's modules
                 with self._fake_model():
@@ -299,7 +299,9 @@ class _Profiler(OpaqueLeaves):
                     return hook
 
                 handles = [leaf.register_hook(capture(e)) for e, leaf in targets]
-                with self._fake_model():  # a checkpoint's rerun runs on the fake state too
+                module = self.gm.get_submodule(self._node[cost.name].target)
+                codes = module.codes() if hasattr(module, "checkpointed_code") else ()
+                with self._fake_model(*codes):  # a checkpoint's rerun runs on the fake state too
                     torch.autograd.backward(source, inputs=[leaf for _, leaf in targets] + params)
                 for handle in handles:
                     handle.remove()
@@ -363,9 +365,12 @@ class _Profiler(OpaqueLeaves):
     def _fake_model(self, *modules: torch.nn.Module):
         """The parameters and buffers of `modules` (default: all of gm) swapped for their
         fakes (for code that calls gm's submodules itself, forward and backward)."""
+        modules = {id(m): m for m in modules or (self.gm,)}.values()  # a shared module once
+        # every state looked up before any is swapped: modules that share submodules
+        # (a segment's code and the codes nested in it) would see the fakes otherwise
+        states = [(m, {k: self.fake_of[id(t)] for k, t in _state_items(m)}) for m in modules]
         with contextlib.ExitStack() as stack:
-            for module in {id(m): m for m in modules or (self.gm,)}.values():  # a shared module once
-                state = {k: self.fake_of[id(t)] for k, t in _state_items(module)}
+            for module, state in states:
                 stack.enter_context(_reparametrize_module(module, state))
             yield
 

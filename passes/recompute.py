@@ -110,6 +110,10 @@ class RecomputeSegment(nn.Module):
         code = self.checkpointed_code
         return [m for m in code.modules() if isinstance(m, RecomputeSegment)] if isinstance(code, nn.Module) else []
 
+    def codes(self) -> list[nn.Module]:
+        """Its code and its nested segments' codes: every module its checkpoint runs."""
+        return [self.checkpointed_code] + [c for inner in self.inner() for c in inner.codes()]
+
     def code_parameters(self) -> list[nn.Parameter]:
         """The parameters the segment's code uses, nested segments' included (not
         registered on this module)."""
