@@ -3,9 +3,10 @@
 The CPU half of the measurement protocol in ARCHITECTURE.md: a `TorchDispatchMode`
 sees every op, forward and backward (the CPU autograd engine runs in the calling
 thread and keeps the mode). A storage that an op returns and that is not one of the
-op's own inputs' storages is new: its bytes are added. Weak references to the
-storage implementation tell when it is freed: before each op, and when asked, dead
-storages are subtracted. Storages that existed before tracking began (parameters,
+op's own inputs' storages is new: its bytes are added. A weak reference to the
+storage's Python object (which PyTorch keeps as long as the storage itself) calls back
+when it is freed; before each op, and when asked, the storages freed since are
+subtracted, so each check costs the storages that died, not all that live. Storages that existed before tracking began (parameters,
 inputs, gradients) are never counted, since an op that returns them returns a view
 of an input.
 
@@ -17,6 +18,7 @@ right after the op's outputs.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -43,6 +45,7 @@ class _Live:
     ref: StorageWeakRef
     nbytes: Any  # int, or SymInt under a symbolic shape environment
     uid: int
+    death: Any = None  # the weakref whose callback reports the storage freed
 
 
 class StorageTracker(TorchDispatchMode):
@@ -68,7 +71,8 @@ class StorageTracker(TorchDispatchMode):
         self.current = 0
         self.peak = 0
         self.live: dict[int, _Live] = {}
-        self._watched: dict[int, _Live] = {}  # the live storages nobody has pinned: what `poll` checks
+        self._died: list[tuple[int, int]] = []  # (key, uid) of storages freed since the last poll
+        self._watched: dict[int, _Live] = {}  # live storages that cannot call back: `poll` checks each
         self.events: list[tuple[str, int, Any]] = []
         self._next_uid = 0
 
@@ -81,7 +85,8 @@ class StorageTracker(TorchDispatchMode):
 
     def pin(self, tensors: list[torch.Tensor]) -> None:
         """The caller holds these tensors for the rest of tracking: their storages cannot
-        be freed, so `poll` stops checking them (it is called before every op)."""
+        be freed, so `poll` stops checking them (it is called before every op; only
+        storages that cannot call back are checked)."""
         for tensor in tensors:
             self._watched.pop(storage_key(tensor), None)
 
@@ -92,13 +97,27 @@ class StorageTracker(TorchDispatchMode):
 
     def poll(self) -> None:
         """Subtract the storages that have been freed since the last poll."""
+        died = self._died[:]  # in place: the callbacks hold this list
+        del self._died[: len(died)]
         for key in [key for key, entry in self._watched.items() if entry.ref.expired()]:
-            del self._watched[key]
-            entry = self.live.pop(key)
+            died.append((key, self._watched.pop(key).uid))
+        for key, uid in died:
+            entry = self.live.get(key)
+            if entry is None or entry.uid != uid:
+                continue
+            del self.live[key]
             if self.record_events:
                 self.events.append(("free", entry.uid, entry.nbytes))
             else:
                 self.current -= entry.nbytes
+
+    def _watch(self, key: int, storage, entry: _Live) -> None:
+        """Have `storage` report its death (or, where it cannot, be checked at each poll)."""
+        died, uid = self._died, entry.uid
+        try:
+            entry.death = weakref.ref(storage, lambda _: died.append((key, uid)))
+        except TypeError:
+            self._watched[key] = entry
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.poll()
@@ -114,7 +133,8 @@ class StorageTracker(TorchDispatchMode):
             if self.storage_bytes is not None:
                 real = self.storage_bytes(func, args, kwargs, tensor)
                 nbytes = nbytes if real is None else real
-            self.live[key] = self._watched[key] = _Live(StorageWeakRef(storage), nbytes, self._next_uid)
+            self.live[key] = entry = _Live(StorageWeakRef(storage), nbytes, self._next_uid)
+            self._watch(key, storage, entry)
             if self.record_events:
                 self.events.append(("alloc", self._next_uid, nbytes))
             else:
