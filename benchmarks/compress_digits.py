@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from examples.zoo.resnet import resnet18_style  # noqa: E402
-from passes import compress  # noqa: E402
+from rewriter.passes import compress  # noqa: E402
 from rewriter.measure import default_loss  # noqa: E402
 from rewriter.report import profile_model_graph  # noqa: E402
 from rewriter.trace import capture  # noqa: E402

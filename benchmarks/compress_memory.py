@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import rewriter  # noqa: E402
-from cost_models.saved import saved_tensors  # noqa: E402
+from rewriter.cost_models.saved import saved_tensors  # noqa: E402
 from examples.zoo import ZOO  # noqa: E402
-from passes import compress  # noqa: E402
+from rewriter.passes import compress  # noqa: E402
 from rewriter.measure import default_loss  # noqa: E402
 from rewriter.plan import format_bytes  # noqa: E402
 from rewriter.report import profile_model_graph  # noqa: E402

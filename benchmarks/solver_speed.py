@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cost_models.simulate import simulate  # noqa: E402
+from rewriter.cost_models.simulate import simulate  # noqa: E402
 from examples.zoo.plain import BNLeakyChain  # noqa: E402
 from rewriter.measure import default_loss  # noqa: E402
 from rewriter.pipeline import _Planner  # noqa: E402

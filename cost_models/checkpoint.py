@@ -21,7 +21,7 @@ from typing import Iterator
 
 import sympy
 
-from cost_models.node_costs import Costs, NodeCost
+from rewriter.cost_models.node_costs import Costs, NodeCost
 
 __all__ = ["checkpoint_record", "fresh_uids"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from cost_models.node_costs import Costs, NodeCost
+from rewriter.cost_models.node_costs import Costs, NodeCost
 
 __all__ = ["Composer", "compose"]
 

@@ -18,8 +18,8 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from cost_models.node_costs import NodeCost
-from cost_models.storage_tracker import storage_key, tensors_in
+from rewriter.cost_models.node_costs import NodeCost
+from rewriter.cost_models.storage_tracker import storage_key, tensors_in
 
 __all__ = ["OpaqueLeaves"]
 

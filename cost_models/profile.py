@@ -27,11 +27,11 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from cost_models.cuda_allocator import allocated_bytes, workspace_bytes
-from cost_models.kernel_storage import storage_bytes
-from cost_models.node_costs import BATCH, Costs, NodeCost
-from cost_models.opaque_leaves import OpaqueLeaves, _GradientSource, _state_items
-from cost_models.storage_tracker import StorageTracker, storage_key, tensors_in
+from rewriter.cost_models.cuda_allocator import allocated_bytes, workspace_bytes
+from rewriter.cost_models.kernel_storage import storage_bytes
+from rewriter.cost_models.node_costs import BATCH, Costs, NodeCost
+from rewriter.cost_models.opaque_leaves import OpaqueLeaves, _GradientSource, _state_items
+from rewriter.cost_models.storage_tracker import StorageTracker, storage_key, tensors_in
 
 __all__ = ["profile_graph", "ProfileError"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cost_models.node_costs import Costs
+from rewriter.cost_models.node_costs import Costs
 
 __all__ = ["SavedTensor", "saved_tensors", "value_storages"]
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from cost_models.node_costs import BATCH, Costs
-from cost_models.saved import value_storages
+from rewriter.cost_models.node_costs import BATCH, Costs
+from rewriter.cost_models.saved import value_storages
 
 __all__ = ["Simulation", "simulate", "window_peak"]
 

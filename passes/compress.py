@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from cost_models.node_costs import Costs
-from cost_models.saved import saved_tensors
-from passes import compressed_ops
-from passes.compressed_ops import BITS
-from passes.names import fresh_name
+from rewriter.cost_models.node_costs import Costs
+from rewriter.cost_models.saved import saved_tensors
+from rewriter.passes import compressed_ops
+from rewriter.passes.compressed_ops import BITS
+from rewriter.passes.names import fresh_name
 
 __all__ = ["LOSSLESS", "LOSSY", "Group", "kind", "groups", "fusable", "calibrate_bits", "bits_for", "lossy_nodes", "sensitivity", "apply", "form_of"]
 
@@ -335,7 +335,7 @@ def _bits(form: str) -> int | None:
 def apply(gm: fx.GraphModule, chosen: dict[str, str]) -> fx.GraphModule:
     """A new GraphModule where each node named in `chosen` (node -> form, see `form_of`)
     runs as its compressed op. `gm` is not modified; parameters are shared."""
-    from passes.recompute import adopt_structure
+    from rewriter.passes.recompute import adopt_structure
 
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}

@@ -27,8 +27,8 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from passes.invert_chains import MAX_AMPLIFICATION, Chain, Unit, calibrate, chain_between, chains
-from passes.recompute import _RestoreBatchNormStats, _mutates_an_input
+from rewriter.passes.invert_chains import MAX_AMPLIFICATION, Chain, Unit, calibrate, chain_between, chains
+from rewriter.passes.recompute import _RestoreBatchNormStats, _mutates_an_input
 
 __all__ = ["Unit", "Chain", "InvertChain", "chains", "chain_between", "calibrate", "apply", "MAX_AMPLIFICATION"]
 
@@ -386,7 +386,7 @@ def apply(gm: fx.GraphModule, chosen: list[str], all_chains: list[Chain]) -> fx.
     """A new GraphModule where each chain whose output is in `chosen` runs as an
     InvertChain. `gm` is not modified; parameters are shared. Chains whose nodes are
     no longer in `gm` (inside a recomputed segment) are skipped."""
-    from passes.recompute import replace_runs
+    from rewriter.passes.recompute import replace_runs
 
     present = {n.name for n in gm.graph.nodes}
     by_output = {c.output: c for c in all_chains if c.output in chosen and all(n in present for n in c.nodes)}

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from passes.recompute import _mutates_an_input
+from rewriter.passes.recompute import _mutates_an_input
 
 __all__ = ["Unit", "Chain", "chains", "chain_between", "calibrate", "MAX_AMPLIFICATION"]
 

@@ -27,7 +27,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from cost_models.runtime import synchronizer
+from rewriter.cost_models.runtime import synchronizer
 
 __all__ = ["RecomputeSegment", "Segment", "MODES", "GRANULARITIES", "segments", "apply", "adopt_structure", "replace_runs",
            "KEPT_OPS", "overhead_seconds", "norm_bytes", "span"]

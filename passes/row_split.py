@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from passes import row_split_ops
-from passes.names import fresh_name
-from passes.recompute import _ends_scope, _mutates_an_input
+from rewriter.passes import row_split_ops
+from rewriter.passes.names import fresh_name
+from rewriter.passes.recompute import _ends_scope, _mutates_an_input
 
 __all__ = ["Chain", "AXES", "GRANULARITIES", "TILES", "MIN_TILE_ROWS", "chains", "apply", "steps_of", "tiles_for",
            "tiling"]
@@ -235,7 +235,7 @@ def apply(gm: fx.GraphModule, chosen: dict[str, tuple[int, str]], all_chains: li
     """A new GraphModule where each chain named in `chosen` (output node -> (tiles,
     axis name "H" or "W")) runs as `row_split_ops.tiled_chain`. `gm` is not modified;
     parameters are shared."""
-    from passes.recompute import replace_runs
+    from rewriter.passes.recompute import replace_runs
 
     by_output = {c.output: c for c in all_chains if c.output in chosen}
     unknown = [name for name in chosen if name not in by_output]

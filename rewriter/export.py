@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from passes import compressed_ops, row_split_ops
-from passes.invert import InvertChain, Unit, _Step
-from passes.recompute import RecomputeSegment
+from rewriter.passes import compressed_ops, row_split_ops
+from rewriter.passes.invert import InvertChain, Unit, _Step
+from rewriter.passes.recompute import RecomputeSegment
 from rewriter.errors import InputError
 from rewriter.plan import Plan
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rewriter.errors import InputError
-from cost_models.storage_tracker import StorageTracker, tensors_in
+from rewriter.cost_models.storage_tracker import StorageTracker, tensors_in
 
 __all__ = ["measure_peak", "default_loss", "as_input_tuple", "preserved_model_state", "check_trainable"]
 

@@ -12,15 +12,15 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from cost_models.checkpoint import checkpoint_record, fresh_uids, nest
-from cost_models.compose import Composer
-from cost_models.node_costs import BATCH, Costs
-from cost_models.runtime import ROOFLINES, node_seconds
-from cost_models.saved import saved_tensors
-from cost_models.simulate import simulate
-from passes import compress, invert, recompute, row_split
-from passes.row_split_ops import rows_computed
-from passes.compressed_ops import BITS
+from rewriter.cost_models.checkpoint import checkpoint_record, fresh_uids, nest
+from rewriter.cost_models.compose import Composer
+from rewriter.cost_models.node_costs import BATCH, Costs
+from rewriter.cost_models.runtime import ROOFLINES, node_seconds
+from rewriter.cost_models.saved import saved_tensors
+from rewriter.cost_models.simulate import simulate
+from rewriter.passes import compress, invert, recompute, row_split
+from rewriter.passes.row_split_ops import rows_computed
+from rewriter.passes.compressed_ops import BITS
 from rewriter.errors import BudgetError, InputError
 from rewriter.report import keep_all_plan, profile_model_graph
 from rewriter.measure import as_input_tuple, check_trainable, default_loss, preserved_model_state

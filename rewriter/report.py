@@ -8,10 +8,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from cost_models.node_costs import BATCH, Costs
-from cost_models.profile import ProfileError, profile_graph
-from cost_models.saved import saved_tensors
-from cost_models.simulate import Simulation, simulate
+from rewriter.cost_models.node_costs import BATCH, Costs
+from rewriter.cost_models.profile import ProfileError, profile_graph
+from rewriter.cost_models.saved import saved_tensors
+from rewriter.cost_models.simulate import Simulation, simulate
 from rewriter.errors import InputError
 from rewriter.measure import as_input_tuple, check_trainable, default_loss, preserved_model_state
 from rewriter.plan import NodePlan, Plan

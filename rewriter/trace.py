@@ -16,8 +16,8 @@ import logging
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from passes.recompute import RecomputeSegment, adopt_structure
-from passes.row_split_ops import tiled_chain
+from rewriter.passes.recompute import RecomputeSegment, adopt_structure
+from rewriter.passes.row_split_ops import tiled_chain
 from rewriter.errors import CaptureError, InputError
 
 __all__ = ["capture", "Captured"]

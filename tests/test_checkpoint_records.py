@@ -4,13 +4,13 @@ composes give the peak a profile of the rewritten graph gives."""
 import pytest
 import torch
 
-from cost_models.checkpoint import checkpoint_record, fresh_uids
-from cost_models.compose import Composer
-from cost_models.node_costs import Costs
-from cost_models.profile import profile_graph
-from cost_models.simulate import simulate
+from rewriter.cost_models.checkpoint import checkpoint_record, fresh_uids
+from rewriter.cost_models.compose import Composer
+from rewriter.cost_models.node_costs import Costs
+from rewriter.cost_models.profile import profile_graph
+from rewriter.cost_models.simulate import simulate
 from examples.zoo import ZOO
-from passes import recompute
+from rewriter.passes import recompute
 from rewriter.measure import default_loss
 from rewriter.trace import capture
 

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import rewriter
-from cost_models.simulate import simulate
-from cost_models.saved import saved_tensors
-from cost_models.storage_tracker import StorageTracker
+from rewriter.cost_models.simulate import simulate
+from rewriter.cost_models.saved import saved_tensors
+from rewriter.cost_models.storage_tracker import StorageTracker
 from examples.zoo import ZOO
-from passes import compress, compressed_ops
+from rewriter.passes import compress, compressed_ops
 from rewriter.measure import default_loss, measure_peak, preserved_model_state
 from rewriter.report import profile_model_graph
 from rewriter.trace import capture

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import rewriter
-from cost_models.saved import saved_tensors
-from cost_models.simulate import simulate
+from rewriter.cost_models.saved import saved_tensors
+from rewriter.cost_models.simulate import simulate
 from examples.zoo import ZOO
 from rewriter.report import cost_model
 from tests.conftest import MiB

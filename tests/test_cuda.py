@@ -42,7 +42,7 @@ def test_plans_fit_the_allocators_peak_and_train_alike(name, fraction):
 
 
 def test_workspace_of_a_convolution_is_counted():
-    from cost_models.cuda_allocator import workspace_bytes
+    from rewriter.cost_models.cuda_allocator import workspace_bytes
 
     conv = torch.ops.aten.convolution.default
     x, w = torch.randn(8, 64, 128, 128, device="cuda"), torch.randn(64, 64, 3, 3, device="cuda")

@@ -11,7 +11,7 @@ import rewriter
 from examples.zoo import ZOO
 from examples.zoo.plain import BNLeakyChain
 from examples.zoo.revnet import RevNetStyle
-from passes import invert
+from rewriter.passes import invert
 from rewriter.measure import preserved_model_state
 from rewriter.trace import capture
 
@@ -147,7 +147,7 @@ def test_weights_that_move_past_the_bound_fall_back_to_keeping_the_input(caplog)
     with torch.no_grad():
         for m in (model, reference):
             m.body[3].weight[2] = 1e-7
-    with caplog.at_level(logging.WARNING, logger="passes.invert"):
+    with caplog.at_level(logging.WARNING, logger="rewriter.passes.invert"):
         assert_same_training(reference, model, gm, x)
     assert "is kept instead" in caplog.text
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import rewriter
 from examples.zoo import ZOO
-from passes.recompute import segments
+from rewriter.passes.recompute import segments
 from rewriter.trace import capture
 from tests.test_optimize import assert_trains_like
 

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import rewriter
 from examples.zoo import ZOO
-from passes.recompute import RecomputeSegment, segments
+from rewriter.passes.recompute import RecomputeSegment, segments
 from rewriter.trace import capture
 from rewriter.pipeline import parse_budget
 from tests.conftest import MiB
@@ -197,8 +197,8 @@ def test_budget_error_names_the_minimum():
 def test_whole_layer_segments_are_predicted_to_the_byte():
     """Whole DenseNet layers recomputed: each segment reads every earlier feature, and
     the gradients it hands back are slices of one concat gradient (once 3% low)."""
-    from cost_models.simulate import simulate
-    from passes.recompute import apply, adopt_structure
+    from rewriter.cost_models.simulate import simulate
+    from rewriter.passes.recompute import apply, adopt_structure
     from rewriter.measure import default_loss
     from rewriter.report import profile_model_graph
 

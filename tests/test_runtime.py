@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import fx, nn
 
-from cost_models.node_costs import BATCH
-from cost_models.runtime import ROOFLINES, Roofline, node_seconds
-from passes import recompute
+from rewriter.cost_models.node_costs import BATCH
+from rewriter.cost_models.runtime import ROOFLINES, Roofline, node_seconds
+from rewriter.passes import recompute
 from rewriter.measure import default_loss
 from rewriter.pipeline import _Planner
 from rewriter.trace import capture
