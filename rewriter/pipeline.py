@@ -792,14 +792,17 @@ def _solve_families(choices: list[Choice], peak: Callable, limit: int):
     a cheap group can block a chain that would have done better, and the memory a group
     frees can lead it to segments that cost more than recompute alone needs (measured:
     ResNet-50 at 0.5 of its peak, 0.163 s added with two groups against 0.081 s with
-    none). The fitting solution that adds the least time."""
-    solutions = [solve(choices, peak, limit)]
+    none). The fitting solution that adds the least time. The greedy search's descent
+    (its last resort, a pass of evaluations per choice) runs only where no family fits
+    without it, and over all choices only (a 333-node BatchNorm/LeakyReLU chain at 0.5:
+    1,336 evaluations of the peak before, most of them in descents that found nothing)."""
     present = [prefix for prefix in (_INVERT, _COMPRESS) if any(c.key.startswith(prefix) for c in choices)]
     dropped = [(prefix,) for prefix in present] + ([tuple(present)] if len(present) > 1 else [])
-    for prefixes in dropped:
-        rest = [c for c in choices if not c.key.startswith(prefixes)]
-        if rest:
-            solutions.append(solve(rest, peak, limit))
+    families = [choices] + [rest for prefixes in dropped
+                            if (rest := [c for c in choices if not c.key.startswith(prefixes)])]
+    solutions = [solve(family, peak, limit, descend=False) for family in families]
+    if not any(s.fits for s in solutions):
+        solutions.append(solve(choices, peak, limit))
     fitting = [s for s in solutions if s.fits]
     return min(fitting, key=lambda s: s.seconds) if fitting else min(solutions, key=lambda s: s.peak_bytes)
 

@@ -52,8 +52,10 @@ class Solution:
     fits: bool
 
 
-def solve(choices: list[Choice], peak: Callable[[dict[str, int]], int], limit: int) -> Solution:
-    """The assignment of least added seconds whose `peak` is at most `limit`."""
+def solve(choices: list[Choice], peak: Callable[[dict[str, int]], int], limit: int, descend: bool = True) -> Solution:
+    """The assignment of least added seconds whose `peak` is at most `limit`. Without
+    `descend`, the greedy search gives up where neither a ranked prefix nor an extreme
+    fits, instead of descending (a pass of evaluations per choice and option)."""
     calls = 0
     lowest: tuple[int, dict[str, int]] | None = None
 
@@ -86,13 +88,13 @@ def solve(choices: list[Choice], peak: Callable[[dict[str, int]], int], limit: i
             if predicted <= limit:
                 return Solution(assignment, seconds, predicted, calls, True)
     else:
-        found = _greedy(choices, evaluate, limit)
+        found = _greedy(choices, evaluate, limit, descend)
         if found is not None:
             return Solution(found, seconds_of(found), evaluate(found), calls, True)
     return Solution(lowest[1], seconds_of(lowest[1]), lowest[0], calls, False)
 
 
-def _greedy(choices, evaluate, limit) -> dict[str, int] | None:
+def _greedy(choices, evaluate, limit, descend: bool = True) -> dict[str, int] | None:
     """Choices ranked by bytes saved per second of their best option; the shortest
     ranked prefix that fits (by bisection), or else the cheaper extreme (every choice at
     its first or its last option) that fits, or else coordinate descent on the peak;
@@ -141,6 +143,8 @@ def _greedy(choices, evaluate, limit) -> dict[str, int] | None:
         assignment = prefix(low)
     elif feasible_extremes:
         assignment = min(feasible_extremes, key=seconds)
+    elif not descend:
+        return None
     else:  # costs that do not add up: coordinate descent on the peak, two passes at most
         assignment, current = {}, evaluate({})
         for _ in range(2):
