@@ -18,6 +18,7 @@ buffers. Dropout draws the same masks: the RNG state is preserved for the rerun.
 from __future__ import annotations
 
 import contextlib
+import operator
 import statistics
 import time
 from dataclasses import dataclass
@@ -260,7 +261,8 @@ def _ends_scope(node: fx.Node, following: fx.Node | None) -> bool:
 
 def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = (), granularity: str = "coarse") -> list[Segment]:
     """Candidate segments, disjoint, in graph order. A run of compute nodes closes after
-    an expensive op (conv, linear, matmul) where
+    an expensive op (conv, linear, matmul), or after a run of two or more cheap ops whose
+    output several nodes read, where
 
     - "coarse": a single tensor crosses the cut after it (a ResNet block, a VGG layer);
     - "fine": a single value made inside the run is used after it, whatever the run
@@ -291,7 +293,11 @@ def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = (), granularity: str 
         closes = escaping == {node} and not mutated_next
         if granularity == "module":
             closes = closes and _ends_scope(node, nodes[i + 1] if i + 1 < len(nodes) else None)
-        if closes and expensive or i == len(nodes) - 1:
+        # a run of cheap ops closes too where its single output fans out (a ResNet stem's
+        # pooling, read by both branches of the first block): else the block joins it
+        branches = (closes and len(run) > 1 and len(node.users) > 1
+                    and not any(u.target is operator.getitem for u in node.users))  # one tensor, not a tuple's parts
+        if closes and (expensive or branches) or i == len(nodes) - 1:
             outside = _rerun_inputs(run, start, mutated_at, opaque)
             if closes and outside is not None:
                 expensive_nodes = {m for m in run if _is_expensive(gm, m)}
