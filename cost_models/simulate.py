@@ -73,6 +73,18 @@ class _Replay:
         if candidate > self.peak:
             self.peak, self.peak_at = candidate, where
 
+    def window(self, events, where: str, slot=None) -> None:
+        """`check` the highest point of one node's events; `slot(k)` is the storage of
+        the gradient of its output k (released by a "release_grad" event where nothing
+        else holds it)."""
+        released = (lambda k: 0) if slot is None else (lambda k: self.releasable(slot(k)))
+        highest, _ = window_peak(events, self.size, released)
+        self.check(self.live + highest, where)
+
+    def releasable(self, uid: int | None) -> int:
+        """The bytes dropping one hold of `uid` frees: its size if that is the last hold."""
+        return self.size[uid] if uid is not None and self.refs.get(uid) == 1 else 0
+
     def hold(self, uid: int | None, owner: str | None = None) -> None:
         if uid is not None:
             if uid not in self.refs and owner is not None:
@@ -118,8 +130,7 @@ class _Replay:
         for element, index in last_use.items():
             release_at.setdefault(index, []).append(element)
         for index, node in enumerate(nodes):
-            highest, _ = window_peak(node.fwd_events, self.size)
-            self.check(self.live + highest, f"forward {node.label}")
+            self.window(node.fwd_events, f"forward {node.label}")
             for k, ref in enumerate(node.outputs):
                 uid = self.storage[(node.name, k)]
                 if ref[0] == "new":
@@ -147,12 +158,7 @@ class _Replay:
         for node in reversed(self.costs.nodes):
             if not node.has_backward:
                 continue
-            def released(k, node=node):
-                uid = slots.get((node.name, k))
-                return self.size[uid] if uid is not None and self.refs.get(uid) == 1 else 0
-
-            highest, _ = window_peak(node.bwd_events, self.size, released)
-            self.check(self.live + highest, f"backward {node.label}")
+            self.window(node.bwd_events, f"backward {node.label}", lambda k, name=node.name: slots.get((name, k)))
             allocated = [uid for kind, uid, _ in node.bwd_events if kind == "alloc"]
             freed = {uid for kind, uid, _ in node.bwd_events if kind == "free"}
             for uid in allocated:
@@ -185,6 +191,9 @@ class _Replay:
                     self.release(uid)
             self.timeline.append((f"backward {node.label}", self.live))
 
+    def summed(self, uid: int, element: tuple[str, int]) -> None:
+        """`accumulate` made storage `uid` for the summed gradient of `element`."""
+
     def accumulate(self, slots, element, uid, where: str) -> None:
         """Sum gradients that meet at a value. Under the CPU measurement mode autograd
         sums them out of place (the mode's Python references fail its last-reference
@@ -197,6 +206,7 @@ class _Replay:
             slots[element] = uid
             return
         self.fresh -= 1
+        self.summed(self.fresh, element)
         producer = self.costs.by_name[element[0]]
         self.size[self.fresh] = int(math.ceil(producer.nbytes[element[1]].xreplace({BATCH: self.batch})))
         self.live += self.size[self.fresh]

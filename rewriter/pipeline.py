@@ -17,6 +17,7 @@ from rewriter.cost_models.compose import Composer
 from rewriter.cost_models.node_costs import BATCH, Costs
 from rewriter.cost_models.runtime import ROOFLINES, node_seconds
 from rewriter.cost_models.saved import saved_tensors
+from rewriter.cost_models.peak_holders import peak_holders
 from rewriter.cost_models.simulate import simulate
 from rewriter.passes import compress, invert, recompute, row_split
 from rewriter.passes.row_split_ops import rows_computed
@@ -554,6 +555,7 @@ class _Planner:
         plan = dataclasses.replace(
             self.keep_all, nodes=tuple(nodes), predicted_peak_bytes=simulation.peak_bytes,
             baseline_peak_bytes=self.eager_peak, budget_bytes=budget, peak_at=simulation.peak_at,
+            peak_held_by=tuple((h.kind, h.node, h.nbytes) for h in peak_holders(rewritten)),
             segments=tuple(sorted((k, v) for k, v in assignment.items() if not k.startswith((_INVERT, _COMPRESS, _ROWS)))),
             granularity=self.granularity,
             spans=tuple((next(s.output for s in self.segments if s.nodes[0] == span.nodes[0]), span.output) for span in spans),
@@ -793,9 +795,8 @@ def _solve_families(choices: list[Choice], peak: Callable, limit: int):
     frees can lead it to segments that cost more than recompute alone needs (measured:
     ResNet-50 at 0.5 of its peak, 0.163 s added with two groups against 0.081 s with
     none). The fitting solution that adds the least time. The greedy search's descent
-    (its last resort, a pass of evaluations per choice) runs only where no family fits
-    without it, and over all choices only (a 333-node BatchNorm/LeakyReLU chain at 0.5:
-    1,336 evaluations of the peak before, most of them in descents that found nothing)."""
+    (its last resort, a pass of evaluations per choice and option) runs only where no
+    family fits without it, and over all choices only."""
     present = [prefix for prefix in (_INVERT, _COMPRESS) if any(c.key.startswith(prefix) for c in choices)]
     dropped = [(prefix,) for prefix in present] + ([tuple(present)] if len(present) > 1 else [])
     families = [choices] + [rest for prefixes in dropped
@@ -839,10 +840,11 @@ def _budget_error(budget: int, minimum: int, strategies: tuple[str, ...], lossy:
         ways.append(f"allow strategies {unused}")
     if "compress" in strategies and not lossy:
         ways.append("allow lossy compression (compress_bits=4 or compress_error=0.05)")
+    held = plan.unrewritable_at_peak() if plan is not None else ""
     return BudgetError(
         f"budget_bytes={budget} ({format_bytes(budget)}) is below the smallest reachable peak "
-        f"{format_bytes(minimum)} ({minimum} bytes) for this model and input with strategies {strategies}; "
-        f"{', '.join(ways[:-1])} or {ways[-1]}",
+        f"{format_bytes(minimum)} ({minimum} bytes) for this model and input with strategies {strategies}"
+        f"{'; ' + held if held else ''}; {', '.join(ways[:-1])} or {ways[-1]}",
         minimum,
         plan,
     )

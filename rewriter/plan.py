@@ -49,6 +49,9 @@ class NodePlan:
             raise ValueError(f"strategy={self.strategy!r} for node {self.node!r} is not one of {STRATEGIES}")
 
 
+_GRADIENT_KINDS = ("gradient", "parameter gradient")  # kinds of peak holders no strategy rewrites
+
+
 @dataclass(frozen=True)
 class Plan:
     """A strategy per node, with the predicted and baseline peaks of one training step.
@@ -56,7 +59,10 @@ class Plan:
     `predicted_peak_bytes` is the cost model's peak under this plan;
     `baseline_peak_bytes` its peak with every saved tensor kept; `budget_bytes` the
     budget the plan was made for (None for `explain`); `peak_at` the step where the
-    predicted peak falls; `batch` and `input_shapes` the inputs it was made for.
+    predicted peak falls; `peak_held_by` what is live then, as (kind, node label,
+    bytes), most bytes first, adding up to the predicted peak (kinds:
+    `cost_models.peak_holders`; only "activation" is rewritten by a strategy);
+    `batch` and `input_shapes` the inputs it was made for.
     """
 
     nodes: tuple[NodePlan, ...]
@@ -74,6 +80,7 @@ class Plan:
     compressed: tuple[tuple[str, str], ...] = ()  # (node, compressed form), for apply_plan
     row_split: tuple[tuple[str, int, float, str], ...] = ()  # (chain output node, tiles, halo FLOPs added as a fraction, axis "H" or "W")
     row_granularity: str = "block"  # how row-split chains were found (passes.row_split.chains)
+    peak_held_by: tuple[tuple[str, str, int], ...] = ()  # (kind, node label, bytes) live at the peak
     _index: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -119,7 +126,26 @@ class Plan:
         data["compressed"] = tuple(tuple(c) for c in data.get("compressed", ()))
         # plans written before W tiling have no axis: their chains were tiled along H
         data["row_split"] = tuple((*c, "H")[:4] for c in data.get("row_split", ()))
+        data["peak_held_by"] = tuple(tuple(h) for h in data.get("peak_held_by", ()))  # none in older plans
         return cls(nodes=nodes, **data)
+
+    def held_by_kind(self) -> dict[str, int]:
+        """Bytes live at the predicted peak, per kind (activation, gradient, ...)."""
+        totals: dict[str, int] = {}
+        for kind, _, nbytes in self.peak_held_by:
+            totals[kind] = totals.get(kind, 0) + nbytes
+        return totals
+
+    def unrewritable_at_peak(self) -> str:
+        """A sentence on the gradients that hold the peak (no strategy rewrites them),
+        the largest named; "" where none does."""
+        grads = [h for h in self.peak_held_by if h[0] in _GRADIENT_KINDS]
+        if not grads:
+            return ""
+        kind, label, nbytes = max(grads, key=lambda h: h[2])
+        total = sum(h[2] for h in grads)
+        return (f"at the peak ({self.peak_at}) {format_bytes(total)} of {format_bytes(self.predicted_peak_bytes)} "
+                f"are gradients, which no strategy rewrites (the largest: {kind} of {label}, {format_bytes(nbytes)})")
 
     # ---- the table ----------------------------------------------------------------------
     def __str__(self) -> str:
@@ -129,6 +155,13 @@ class Plan:
             f"  predicted peak  {format_bytes(self.predicted_peak_bytes):>12}  ({self.predicted_peak_bytes:,} bytes, at {self.peak_at})",
             f"  baseline peak   {format_bytes(self.baseline_peak_bytes):>12}",
             f"  budget          {format_bytes(self.budget_bytes) if self.budget_bytes is not None else 'none':>12}",
+        ]
+        if self.peak_held_by:
+            kinds = sorted(self.held_by_kind().items(), key=lambda item: -item[1])
+            lines.append("  held at the peak: " + ", ".join(f"{kind} {format_bytes(b)}" for kind, b in kinds))
+            lines.append("  largest there:    " + "; ".join(f"{kind} of {label} {format_bytes(b)}"
+                                                         for kind, label, b in self.peak_held_by[:3]))
+        lines += [
             f"  saved for backward {format_bytes(self.saved_bytes)} in {sum(1 for n in self.nodes if n.saved_bytes)} nodes",
         ]
         if self.opaque:

@@ -11,6 +11,7 @@ from torch import nn
 from rewriter.cost_models.node_costs import BATCH, Costs
 from rewriter.cost_models.profile import ProfileError, profile_graph
 from rewriter.cost_models.saved import saved_tensors
+from rewriter.cost_models.peak_holders import peak_holders
 from rewriter.cost_models.simulate import Simulation, simulate
 from rewriter.errors import InputError
 from rewriter.measure import as_input_tuple, check_trainable, default_loss, preserved_model_state
@@ -73,6 +74,7 @@ def keep_all_plan(costs: Costs, simulation: Simulation) -> Plan:
     return Plan(
         nodes=nodes, predicted_peak_bytes=simulation.peak_bytes, baseline_peak_bytes=simulation.peak_bytes,
         peak_at=simulation.peak_at, batch=batch, input_shapes=shapes, opaque=costs.opaque,
+        peak_held_by=tuple((h.kind, h.node, h.nbytes) for h in peak_holders(costs, batch)),
     )
 
 
