@@ -209,7 +209,7 @@ class _Profiler(OpaqueLeaves):
                 with self._fake_model(*module.codes()):
                     return module.run(code, *args, stat_buffers=buffers)
             if hasattr(module, "code_parameters"):  # an invert chain: its units run gm's modules
-                with self._fake_model():
+                with self._fake_model(*module.codes()):
                     return module(*args, **kwargs)
             state = {k: self.fake_of[id(t)] for k, t in _state_items(module)}
             return functional_call(module, state, args, kwargs)
@@ -300,8 +300,7 @@ class _Profiler(OpaqueLeaves):
 
                 handles = [leaf.register_hook(capture(e)) for e, leaf in targets]
                 module = self.gm.get_submodule(self._node[cost.name].target)
-                codes = module.codes() if hasattr(module, "checkpointed_code") else ()
-                with self._fake_model(*codes):  # a checkpoint's rerun runs on the fake state too
+                with self._fake_model(*module.codes()):  # a checkpoint's rerun, a chain's inverse: on the fake state too
                     torch.autograd.backward(source, inputs=[leaf for _, leaf in targets] + params)
                 for handle in handles:
                     handle.remove()

@@ -369,6 +369,19 @@ class InvertChain(nn.Module):
     def stat_buffers(self) -> list[torch.Tensor]:
         return [b for step in self.steps for m in step.norms() for b in m.buffers()]
 
+    def codes(self) -> list[nn.Module]:
+        """Every module the units run, forward or inverse (a fork-join's branches too)."""
+        found: list[nn.Module] = []
+
+        def walk(steps: list[_Step]) -> None:
+            for step in steps:
+                found.extend(m for m in (step.code, step.module, step.f, step.g, *step.modules) if isinstance(m, nn.Module))
+                for branch in step.branches:
+                    walk(branch)
+
+        walk(self.steps)
+        return found
+
     def forward(self, x):
         # without autograd, or with BatchNorm in eval mode (the inverse needs batch
         # statistics), the units run as they are

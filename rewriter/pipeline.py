@@ -647,8 +647,8 @@ def _search(planner: _Planner, budget: int, beat: int | None = None,
     (a row-split search after others failed), only the extreme plan of lowest composed
     peak is considered, and only if that peak is under `beat` (else None: nothing new).
     With `cheaper_than` (the estimated seconds of a verified plan found before), a
-    solution estimated at no fewer seconds is not verified: None, since it could not be
-    chosen."""
+    solution estimated at no fewer seconds is not verified, and where solving finds no
+    plan the extremes are not tried: None, since the plan found before stands."""
     with planner.clock("solve"):  # less the profiles, pricing and verifications inside it
         planner.profile_modes(row_modes)
         with planner.clock("price"):
@@ -669,20 +669,27 @@ def _solved(planner: _Planner, budget: int, beat: int | None, choices: list[Choi
     def peak(assignment: dict[str, int]) -> int:
         return simulate(planner.composed(modes_of(assignment))).peak_bytes
 
+    def dearer(assignment: dict[str, int]) -> bool:
+        """Estimated at no fewer seconds than the plan verified before (`cheaper_than`):
+        it could not be chosen."""
+        seconds = seconds_of(assignment)
+        return cheaper_than is not None and sum(seconds[k] for k in planner.compatible(modes_of(assignment))) >= cheaper_than
+
     room = budget - _margin(budget) // 2  # what a verified plan's predicted peak must stay under
     limit = budget - _margin(budget)
     for _ in range(3):
-        solution = _solve_widest(choices, peak, limit)
+        solution = _solve_widest(choices, peak, limit, descend=cheaper_than is None)
         if not solution.fits:
             break
         assignment = planner.widened(solution.assignment, options, lambda a: peak(a) <= limit)
-        seconds = seconds_of(assignment)
-        if cheaper_than is not None and sum(seconds[k] for k in planner.compatible(modes_of(assignment))) >= cheaper_than:
+        if dearer(assignment):
             return None
-        gm, plan = planner.plan(modes_of(assignment), budget, seconds)
+        gm, plan = planner.plan(modes_of(assignment), budget, seconds_of(assignment))
         if plan.predicted_peak_bytes <= room:
             return gm, plan
         limit -= plan.predicted_peak_bytes - solution.peak_bytes + _margin(budget) // 2  # composed ran low: tighten
+    if cheaper_than is not None:  # a plan was found before, and no plan is found here by solving
+        return None
     # Fall back on the extremes (every segment at its first, or at its last, option,
     # with the chains they leave; every chain alone), verified on the rewritten graph:
     # deterministic, so the minimum that an error names is a budget at which this plan
@@ -775,7 +782,7 @@ def _width(mode: str) -> int:
     return int(mode[len("compress"):] or 0)
 
 
-def _solve_widest(choices: list[Choice], peak: Callable, limit: int):
+def _solve_widest(choices: list[Choice], peak: Callable, limit: int, descend: bool = True):
     """`_solve_families` with the compress groups held to their widest option, then to
     the widest two, and so on: a narrower width is used only where the wider ones do
     not fit (widths cost about the same time; narrower ones err more)."""
@@ -783,12 +790,12 @@ def _solve_widest(choices: list[Choice], peak: Callable, limit: int):
     for allowed in range(1, widths + 1):
         held = [dataclasses.replace(c, seconds=c.seconds[: allowed + 1], saved_bytes=c.saved_bytes[: allowed + 1])
                 if c.key.startswith(_COMPRESS) else c for c in choices]
-        solution = _solve_families(held, peak, limit)
+        solution = _solve_families(held, peak, limit, descend)
         if solution.fits or allowed == widths:
             return solution
 
 
-def _solve_families(choices: list[Choice], peak: Callable, limit: int):
+def _solve_families(choices: list[Choice], peak: Callable, limit: int, descend: bool = True):
     """`solve` over all choices, and again without the invert chains, without the
     compress groups, and without both: the greedy search takes choices in rank order, so
     a cheap group can block a chain that would have done better, and the memory a group
@@ -796,13 +803,13 @@ def _solve_families(choices: list[Choice], peak: Callable, limit: int):
     ResNet-50 at 0.5 of its peak, 0.163 s added with two groups against 0.081 s with
     none). The fitting solution that adds the least time. The greedy search's descent
     (its last resort, a pass of evaluations per choice and option) runs only where no
-    family fits without it, and over all choices only."""
+    family fits without it, over all choices only, and only if `descend`."""
     present = [prefix for prefix in (_INVERT, _COMPRESS) if any(c.key.startswith(prefix) for c in choices)]
     dropped = [(prefix,) for prefix in present] + ([tuple(present)] if len(present) > 1 else [])
     families = [choices] + [rest for prefixes in dropped
                             if (rest := [c for c in choices if not c.key.startswith(prefixes)])]
     solutions = [solve(family, peak, limit, descend=False) for family in families]
-    if not any(s.fits for s in solutions):
+    if descend and not any(s.fits for s in solutions):
         solutions.append(solve(choices, peak, limit))
     fitting = [s for s in solutions if s.fits]
     return min(fitting, key=lambda s: s.seconds) if fitting else min(solutions, key=lambda s: s.peak_bytes)

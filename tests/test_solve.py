@@ -134,3 +134,47 @@ def test_relaxed_moves_each_choice_to_its_cheapest_option_that_still_fits():
     # b cannot drop (a saves 20) but moves to option 1 (60 saved); then a moves to its
     # option 1 (50 saved), not to nothing (40)
     assert relaxed(choices[:2], {"a": 2, "b": 2}, fits_loose) == {"a": 1, "b": 1}
+
+
+def one_at_a_time(choices, assignment, fits):
+    """Independent of the solver: `relaxed` as its contract states it, a choice at a time."""
+    by_key = {c.key: c for c in choices}
+    for key in sorted(assignment, key=lambda k: -by_key[k].seconds[assignment[k]]):
+        choice = by_key[key]
+        for option in sorted((o for o in range(len(choice.seconds)) if choice.seconds[o] < choice.seconds[assignment[key]]),
+                             key=lambda o: choice.seconds[o]):
+            trial = {k: v for k, v in assignment.items() if k != key}
+            if option:
+                trial[key] = option
+            if fits(trial):
+                assignment = trial
+                break
+    return assignment
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_relaxed_tries_choices_in_groups_with_the_result_of_one_at_a_time(seed):
+    # an additive peak: leaving more choices as they are never lowers it
+    rng = random.Random(seed)
+    n = rng.randint(1, 40)
+    choices = [Choice(f"s{i}", (0.0, *sorted(rng.uniform(0.1, 3.0) for _ in range(2)))) for i in range(n)]
+    saved = {c.key: (0, rng.randint(1, 30), rng.randint(31, 60)) for c in choices}
+    limit = rng.randint(0, 60 * n)
+
+    def fits(assignment):
+        return 60 * n - sum(saved[k][o] for k, o in assignment.items()) <= limit
+
+    start = {c.key: 2 for c in choices}
+    assert relaxed(choices, start, fits) == one_at_a_time(choices, start, fits)
+
+
+def test_relaxed_needs_few_evaluations_where_most_choices_can_be_left():
+    choices = [Choice(f"s{i}", (0.0, 1.0 + i)) for i in range(512)]
+    calls = []
+
+    def fits(assignment):
+        calls.append(1)
+        return {"s0", "s1", "s2"} <= set(assignment)  # the three cheapest are needed, the rest can be left
+
+    assert relaxed(choices, {c.key: 1 for c in choices}, fits) == {"s0": 1, "s1": 1, "s2": 1}
+    assert len(calls) < 64  # one at a time: 512
