@@ -64,6 +64,8 @@ class _Snapshots(_Replay):
                 (made.discard if uid in made else gone.add)(uid)
             if current > highest:
                 highest, at_highest = current, (set(made), set(gone))
+        if self.live + highest <= self.peak:  # no new peak: nothing to keep
+            return
         made, gone = at_highest
         held = {u: self.size[u] for u in self.refs if u not in gone}
         held.update({u: self.size[u] for u in made})

@@ -287,8 +287,8 @@ class _Planner:
         the lower composed peak; then takes the fewest of the merges that lower the
         peak, best first and not overlapping, that bring it under `limit` (a long chain
         ends in one round, not one merge a round), or the best alone where all of them
-        do not (taking them all nests worse: the zoo FCN's lowest peak rose by a fifth);
-        until the peak is under `limit` or no merge lowers it."""
+        do not (taking them all each round nests worse); until the peak is under
+        `limit` or no merge lowers it."""
         # each unit: first and last segment index, and its spans, its outermost last
         units: list[tuple[int, int, tuple]] = [(i, i, ()) for i in range(len(self.segments))]
         flat = self.composed(modes)
