@@ -418,8 +418,9 @@ class _Profiler(OpaqueLeaves):
                     self._set_value(node.name, self._fake_input(value) if isinstance(value, torch.Tensor) else value)
                 elif node.op == "get_attr":
                     attr = _fetch_attr(self.gm, node.target)
-                    if isinstance(attr, torch.Tensor):
-                        attr = self.fake_of.get(id(attr)) or self.mode.from_tensor(attr, static_shapes=True)
+                    if isinstance(attr, torch.Tensor):  # a parameter read in forward (a layer scale): its fake
+                        fake = self.fake_of.get(id(attr))
+                        attr = fake if fake is not None else self.mode.from_tensor(attr, static_shapes=True)
                     self._set_value(node.name, attr)
                 elif node.op == "output":
                     output_node = node

@@ -1,5 +1,7 @@
 """The cost model's predicted peak held against the measured peak (ARCHITECTURE.md's protocol)."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -11,6 +13,7 @@ from examples.zoo import ZOO
 from rewriter.report import cost_model
 from tests.conftest import MiB
 from tests.test_measure import HAND_COUNTED_PEAK
+from tests.test_optimize import assert_trains_like
 
 TOLERANCE = 0.02  # the acceptance bound of the issue; on this zoo the error is 0 to 4 bytes
 
@@ -162,3 +165,31 @@ def test_flops_are_counted_per_node():
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=False)).train()
     plan = rewriter.explain(model, torch.randn(3, 2, 8, 8))
     assert plan["_0"].forward_flops == 2 * 3 * 4 * 8 * 8 * 2 * 3 * 3  # 2 x batch x out x H x W x in x kh x kw
+
+
+class _LayerScaled(nn.Module):
+    """A parameter read in forward, not through a module call (ConvNeXt's and timm's
+    layer scale, `gamma * x`): the graph reads it with a get_attr node."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.full((8, 1, 1), 0.5))
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv1(x)))
+        return y + self.gamma * self.conv2(y)
+
+
+def test_a_layer_scale_parameter_is_profiled_and_trained_like_eager():
+    # issue 21: explain raised "Boolean value of Tensor with more than one value is ambiguous"
+    torch.manual_seed(0)
+    model, x = _LayerScaled().train(), torch.randn(2, 3, 16, 16)
+    reference = copy.deepcopy(model)
+    measured = rewriter.measure_peak(model, x)
+    assert rewriter.explain(model, x).predicted_peak_bytes == measured
+    optimized = rewriter.optimize(model, int(0.9 * measured), x, strategies="recompute")
+    assert rewriter.measure_peak(optimized, x) <= int(0.9 * measured)
+    assert_trains_like(reference, model, optimized, x)
