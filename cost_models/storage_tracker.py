@@ -6,9 +6,9 @@ thread and keeps the mode). A storage that an op returns and that is not one of 
 op's own inputs' storages is new: its bytes are added. A weak reference to the
 storage's Python object (which PyTorch keeps as long as the storage itself) calls back
 when it is freed; before each op, and when asked, the storages freed since are
-subtracted, so each check costs the storages that died, not all that live. Storages that existed before tracking began (parameters,
-inputs, gradients) are never counted, since an op that returns them returns a view
-of an input.
+subtracted, so each check costs the storages that died, not all that live. Storages
+that existed before tracking began (parameters, inputs, gradients) are never counted,
+since an op that returns them returns a view of an input.
 
 The same tracker runs on fake tensors, where byte counts may be symbolic (SymInt):
 it then keeps the sequence of events instead of a numeric peak. There, `transient`

@@ -698,12 +698,6 @@ def _solved(planner: _Planner, budget: int, beat: int | None, choices: list[Choi
     def peak(assignment: dict[str, int]) -> int:
         return simulate(planner.composed(modes_of(assignment))).peak_bytes
 
-    def dearer(assignment: dict[str, int]) -> bool:
-        """Estimated at no fewer seconds than the plan verified before (`cheaper_than`):
-        it could not be chosen."""
-        seconds = seconds_of(assignment)
-        return cheaper_than is not None and sum(seconds[k] for k in planner.compatible(modes_of(assignment))) >= cheaper_than
-
     room = budget - _margin(budget) // 2  # what a verified plan's predicted peak must stay under
     limit = budget - _margin(budget)
     for _ in range(3):
@@ -711,9 +705,10 @@ def _solved(planner: _Planner, budget: int, beat: int | None, choices: list[Choi
         if not solution.fits:
             break
         assignment = planner.widened(solution.assignment, options, lambda a: peak(a) <= limit)
-        if dearer(assignment):
-            return None
-        gm, plan = planner.plan(modes_of(assignment), budget, seconds_of(assignment))
+        seconds = seconds_of(assignment)
+        if cheaper_than is not None and sum(seconds[k] for k in planner.compatible(modes_of(assignment))) >= cheaper_than:
+            return None  # estimated no cheaper than the plan verified before: it could not be chosen
+        gm, plan = planner.plan(modes_of(assignment), budget, seconds)
         if plan.predicted_peak_bytes <= room:
             return gm, plan
         limit -= plan.predicted_peak_bytes - solution.peak_bytes + _margin(budget) // 2  # composed ran low: tighten
