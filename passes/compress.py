@@ -37,11 +37,14 @@ from rewriter.cost_models.saved import saved_tensors
 from rewriter.passes import compressed_ops
 from rewriter.passes.compressed_ops import BITS
 from rewriter.passes.names import fresh_name
+from rewriter.passes.registry import Candidate, Pricing
 
-__all__ = ["LOSSLESS", "LOSSY", "Group", "kind", "groups", "fusable", "calibrate_bits", "bits_for", "lossy_nodes", "sensitivity", "apply", "form_of"]
+__all__ = ["LOSSLESS", "LOSSY", "KEY", "Group", "kind", "groups", "candidates", "mode_bits", "fusable", "calibrate_bits",
+           "bits_for", "lossy_nodes", "sensitivity", "apply", "form_of"]
 
 LOSSLESS = ("relu", "leaky_relu", "hardtanh", "relu6", "dropout", "max_pool2d", "avg_pool2d")
 LOSSY = ("conv", "linear", "batch_norm")
+KEY = "compress:"  # a group's candidate key: this prefix and its first node
 
 _MODULE_KINDS = {
     nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Hardtanh: "hardtanh", nn.ReLU6: "hardtanh",
@@ -118,7 +121,7 @@ class Group:
 
     @property
     def key(self) -> str:
-        return "compress:" + self.nodes[0]
+        return KEY + self.nodes[0]
 
     @property
     def outs(self) -> tuple[str, ...]:
@@ -130,6 +133,25 @@ class Group:
     @property
     def lossless(self) -> bool:
         return all(k in LOSSLESS for k in self.kinds)
+
+
+def mode_bits(mode: str) -> int:
+    """The bits a compress mode ("compress4") keeps lossy inputs at; 0 for "compress"
+    (lossless, or the widths an error bound sets)."""
+    return int(mode[len("compress"):] or 0)
+
+
+def candidates(pricing: Pricing, found: list[Group], modes: tuple[str, ...]) -> list[Candidate]:
+    """Each group in each of `modes` (compress modes, widest first; a lossless group in
+    the first only): packed in forward and unpacked in backward, about three passes
+    over its members' bytes; the bytes it frees, less for wider modes (for ranking)."""
+    offered = []
+    for group in found if modes else ():
+        options = modes[:1] if group.lossless else modes
+        seconds = pricing.rerun_seconds(group.nodes, times=0.0, move=3.0)
+        saved = tuple(group.freed_bytes * (1 - mode_bits(m) / 40) for m in options)
+        offered.append(Candidate("compress", group.key, group.nodes, group.outs, options, (seconds,) * len(options), saved))
+    return offered
 
 
 def groups(gm: fx.GraphModule, base: Costs, lossy: Collection[str] = ()) -> list[Group]:

@@ -29,8 +29,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from rewriter.passes.invert_chains import MAX_AMPLIFICATION, Chain, Unit, calibrate, chain_between, chains
 from rewriter.passes.recompute import _RestoreBatchNormStats, _mutates_an_input
+from rewriter.passes.registry import Candidate, Pricing
 
-__all__ = ["Unit", "Chain", "InvertChain", "chains", "chain_between", "calibrate", "apply", "MAX_AMPLIFICATION"]
+__all__ = ["Unit", "Chain", "InvertChain", "chains", "chain_between", "calibrate", "candidates", "apply", "KEY",
+           "MAX_AMPLIFICATION"]
 
 log = logging.getLogger(__name__)
 
@@ -393,6 +395,22 @@ class InvertChain(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(s.unit.kind for s in self.steps)
+
+
+KEY = "invert:"  # a chain's candidate key: this prefix and the chain's output
+
+
+def candidates(pricing: Pricing, found: list[Chain]) -> list[Candidate]:
+    """Each chain, inverted: every unit is inverted in backward (an elementwise pass
+    over its bytes, twice: rebuild and gradient) and a coupling's F and G run once
+    more; it saves what its members own but its output."""
+    offered = []
+    for chain in found:
+        coupled = [n for u in chain.units if u.kind == "coupling" for n in u.f + u.g]
+        seconds = pricing.rerun_seconds(chain.nodes, move=2.0) + pricing.rerun_seconds(coupled)
+        saved = pricing.saved(n for n in chain.nodes if n != chain.output)
+        offered.append(Candidate("invert", KEY + chain.output, chain.nodes, chain.output, ("invert",), (seconds,), (saved,)))
+    return offered
 
 
 def apply(gm: fx.GraphModule, chosen: list[str], all_chains: list[Chain]) -> fx.GraphModule:

@@ -29,9 +29,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from rewriter.cost_models.runtime import synchronizer
+from rewriter.passes.registry import Candidate, Pricing
 
-__all__ = ["RecomputeSegment", "Segment", "MODES", "GRANULARITIES", "segments", "apply", "adopt_structure", "replace_runs",
-           "KEPT_OPS", "overhead_seconds", "norm_bytes", "span"]
+__all__ = ["RecomputeSegment", "Segment", "MODES", "GRANULARITIES", "segments", "candidates", "apply", "adopt_structure",
+           "replace_runs", "KEPT_OPS", "overhead_seconds", "norm_bytes", "span"]
 
 MODES = ("selective", "full")
 
@@ -310,6 +311,24 @@ def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = (), granularity: str 
                 ))
             start, expensive = i + 1, False
     return found
+
+
+def candidates(pricing: Pricing, found: list[Segment], modes: tuple[str, ...] = MODES) -> list[Candidate]:
+    """Each segment in each of its modes among `modes`: the seconds of rerunning what
+    the mode does not keep (and the checkpoint's own cost), the bytes it saves."""
+    offered = []
+    for segment in found:
+        options = tuple(m for m in segment.modes() if m in modes)
+        seconds, saved = [], []
+        for mode in options:
+            kept = segment.expensive if mode == "selective" else ()
+            rerun = [n for n in segment.nodes if n not in kept]  # rerun once more in backward
+            seconds.append(pricing.rerun_seconds(rerun) + overhead_seconds(mode, pricing.device))
+            saved.append(pricing.saved(rerun))
+        if options:
+            offered.append(Candidate("recompute", segment.output, segment.nodes, segment.output, options,
+                                     tuple(seconds), tuple(saved)))
+    return offered
 
 
 def _rerun_inputs(run: list[fx.Node], start: int, mutated_at: dict[fx.Node, list[int]],

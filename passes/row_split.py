@@ -27,14 +27,19 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from rewriter.passes import row_split_ops
+from rewriter.cost_models.node_costs import BATCH
 from rewriter.passes.names import fresh_name
 from rewriter.passes.recompute import _ends_scope, _mutates_an_input
+from rewriter.passes.registry import Candidate, Pricing
+from rewriter.passes.row_split_ops import rows_computed
 
-__all__ = ["Chain", "AXES", "GRANULARITIES", "TILES", "MIN_TILE_ROWS", "chains", "apply", "steps_of", "tiles_for",
-           "tiling"]
+__all__ = ["Chain", "Tilings", "AXES", "GRANULARITIES", "TILES", "MODES", "KEY", "MIN_TILE_ROWS", "chains", "candidates",
+           "apply", "steps_of", "tiles_for", "tiling"]
 
 GRANULARITIES = ("block", "whole")
 TILES = (4, 16)  # the tile counts offered per chain
+MODES = {f"rows{t}": t for t in TILES}  # a chain's options, by name: its tile count
+KEY = "rows:"  # a chain's candidate key: this prefix and the chain's output
 MAX_NORMS = 8  # BatchNorms per chain: each costs a sweep over the nodes before it
 MAX_NODES = 48  # nodes per chain: planning profiles every tile's ops
 MIN_TILE_ROWS = 8  # rows (or columns) of the chain's output per tile, at least: thinner tiles are mostly halo
@@ -229,6 +234,69 @@ def steps_of(gm: fx.GraphModule, chain: Chain) -> tuple[tuple, list[str]]:
             slot = len(paths) - 1
         steps.append((op, refs, slot, config))
     return tuple(steps), paths
+
+
+class Tilings:
+    """The chains found in one graph, with what each mode does to each of them, worked
+    out once per chain: its tiling (tile count and axis) and its halo's cost."""
+
+    def __init__(self, pricing: Pricing, gm: fx.GraphModule, found: list[Chain]):
+        self.pricing, self.gm, self.chains = pricing, gm, found
+        self._steps: dict[Chain, tuple[tuple, list[str]]] = {}
+        self._tilings: dict[tuple[Chain, str], tuple[int, str]] = {}
+
+    def tiling(self, chain: Chain, mode: str) -> tuple[int, str]:
+        """(tiles, axis) a mode ("rows16") gives the chain: fewer tiles on small maps,
+        along the axis `tiling` picks."""
+        key = (chain, mode)
+        if key not in self._tilings:
+            self._tilings[key] = tiling(self.pricing.shapes[chain.output], MODES[mode],
+                                        lambda tiles, axis: self.halo_share(chain, tiles, axis))
+        return self._tilings[key]
+
+    def steps(self, chain: Chain) -> tuple[tuple, list[str]]:
+        if chain not in self._steps:
+            self._steps[chain] = steps_of(self.gm, chain)
+        return self._steps[chain]
+
+    def halo(self, chain: Chain, tiles: int, axis: str) -> tuple[list[float], list[float]]:
+        """Per chain node: its forward FLOPs, and the rows a tiled forward computes over its rows."""
+        steps, paths = self.steps(chain)
+        modules = [self.gm.get_submodule(p) for p in paths]
+        dim = AXES[axis]
+        shapes = self.pricing.shapes
+        computed, rows = rows_computed(steps, modules, [shapes[n][dim] for n in chain.inputs], tiles, dim)
+        base = self.pricing.base
+        flops = [float(base.by_name[n].fwd_flops.xreplace({BATCH: base.example_batch})) for n in chain.nodes]
+        return flops, [c / r for c, r in zip(computed, rows)]
+
+    def halo_share(self, chain: Chain, tiles: int, axis: str) -> float:
+        """FLOPs of a tiled forward's halo rows, as a fraction of the chain's forward FLOPs."""
+        flops, factor = self.halo(chain, tiles, axis)
+        return sum(f * (k - 1) for f, k in zip(flops, factor)) / max(sum(flops), 1.0)
+
+    def seconds(self, chain: Chain, tiles: int, axis: str) -> float:
+        """Seconds a tiled chain adds: its halo rows in forward; the whole chain again in
+        backward; per BatchNorm one more sweep of the nodes before it for the batch
+        statistics, and in backward their recompute and backward (about 3x)."""
+        flops, factor = self.halo(chain, tiles, axis)
+        steps, _ = self.steps(chain)
+        norms = [i for i, step in enumerate(steps) if step[0] == "bn"]
+        # eager: forward 1, backward 2 (x FLOPs); tiled: each x the halo factor, and 4 per later BatchNorm
+        times = [4 * f - 3 + 4 * f * sum(1 for j in norms if j > i) for i, f in enumerate(factor)]
+        return sum(self.pricing.rerun_seconds([n], times=t, move=t) for n, t in zip(chain.nodes, times))
+
+
+def candidates(pricing: Pricing, found: Tilings, modes: tuple[str, ...]) -> list[Candidate]:
+    """Each chain at each tile count of `modes`: the seconds `Tilings.seconds` prices,
+    and every byte its members save (a tiled chain keeps only its inputs)."""
+    offered = []
+    for chain in found.chains if modes else ():
+        seconds = tuple(found.seconds(chain, *found.tiling(chain, mode)) for mode in modes)
+        saved = pricing.saved(chain.nodes)
+        offered.append(Candidate("row_split", KEY + chain.output, chain.nodes, chain.output, tuple(modes), seconds,
+                                 (saved,) * len(modes)))
+    return offered
 
 
 def apply(gm: fx.GraphModule, chosen: dict[str, tuple[int, str]], all_chains: list[Chain]) -> fx.GraphModule:

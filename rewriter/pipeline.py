@@ -19,8 +19,7 @@ from rewriter.cost_models.runtime import ROOFLINES, node_seconds
 from rewriter.cost_models.saved import saved_tensors
 from rewriter.cost_models.peak_holders import peak_holders
 from rewriter.cost_models.simulate import simulate
-from rewriter.passes import compress, invert, recompute, row_split
-from rewriter.passes.row_split_ops import rows_computed
+from rewriter.passes import compress, invert, recompute, registry, row_split
 from rewriter.passes.compressed_ops import BITS
 from rewriter.errors import BudgetError, InputError
 from rewriter.report import keep_all_plan, profile_model_graph
@@ -71,10 +70,10 @@ def _margin(budget: int) -> int:
     return max(4096, budget // 200)
 
 
-_INVERT = "invert:"  # the solver's key of an invert chain: this prefix and the chain's output
-_COMPRESS = "compress:"  # the solver's key of a compress group: this prefix and its first node
-_ROWS = "rows:"  # the solver's key of a row-split chain: this prefix and its output
-_ROW_MODES = {f"rows{t}": t for t in row_split.TILES}  # one profile per tile count, every chain so tiled
+_INVERT = invert.KEY
+_COMPRESS = compress.KEY
+_ROWS = row_split.KEY
+_ROW_MODES = row_split.MODES  # one profile per tile count, every chain so tiled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,12 +149,17 @@ class _Planner:
         self.input_device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device(self.device))
         self._node_seconds: dict[str, float] | None = None
         self.alternatives: dict[str, Costs] = {}
-        self.shapes = _shapes(self.gm, self.base)
+        self.offered: dict[str, registry.Candidate] = {}  # key -> every strategy's candidate with profiled options
+        saved_by_owner: dict[str, int] = {}
+        for tensor in self.saved:
+            saved_by_owner[tensor.owner] = saved_by_owner.get(tensor.owner, 0) + tensor.nbytes
+        self.pricing = registry.Pricing(self.base, saved_by_owner, _shapes(self.gm, self.base), self.input_device,
+                                        self.rerun_seconds)
+        self.shapes = self.pricing.shapes
         self.row_granularity = "block"
         self.tiled: list[row_split.Chain] = []  # row-split chains
+        self.tilings = row_split.Tilings(self.pricing, self.gm, [])
         self.tiled_profiles: dict[tuple[str, str], Costs] = {}  # (granularity, mode) -> every chain so tiled
-        self._steps: dict[row_split.Chain, tuple[tuple, list[str]]] = {}
-        self._tilings: dict[tuple[row_split.Chain, str], tuple[int, str]] = {}
 
     def use_rows(self, granularity: str | None) -> bool:
         """Find row-split chains this way (None: none); False if that finds no chain or
@@ -164,6 +168,7 @@ class _Planner:
         if self.row_granularity != (granularity or "block") and found == self.tiled:
             return False
         self.row_granularity, self.tiled, self.alternatives, self._tried = granularity or "block", found, {}, []
+        self.tilings = row_split.Tilings(self.pricing, self.gm, found)
         return bool(found)
 
     def _lossy_bits(self, lossy: Lossy) -> dict[str, int]:
@@ -222,11 +227,20 @@ class _Planner:
             if mode not in self.compressed:
                 self.compressed[mode] = self._profile(compress.apply(self.gm, forms), {})
             self.alternatives[mode] = self.compressed[mode]
-        units = {s.output: (s.output, s.nodes) for s in self.segments}
-        units.update({_INVERT + c.output: (c.output, c.nodes) for c in self.chains})
-        units.update({g.key: (g.outs, g.nodes) for g in self.groups})
-        units.update({_ROWS + c.output: (c.output, c.nodes) for c in self.tiled})
+        with self.clock("price"):
+            self.offered = {c.key: c for c in self.candidates()}
+        units = {c.key: (c.outputs, c.nodes) for c in self.offered.values()}
         self._composer = Composer(self.base, list(self.alternatives.values()), units)
+
+    def candidates(self) -> list[registry.Candidate]:
+        """Every strategy's candidates, in the options profiled in `alternatives`."""
+        present = tuple(self.alternatives)
+        return [
+            *recompute.candidates(self.pricing, self.segments, tuple(m for m in recompute.MODES if m in present)),
+            *row_split.candidates(self.pricing, self.tilings, tuple(m for m in _ROW_MODES if m in present)),
+            *(invert.candidates(self.pricing, self.chains) if "invert" in present else ()),
+            *compress.candidates(self.pricing, self.groups, tuple(m for m in self.forms if m in present)),
+        ]
 
     def _checkpointed(self, modes: dict[str, str]) -> Costs:
         """Records of the segments run in `modes` (output -> mode), composed from the one
@@ -242,7 +256,7 @@ class _Planner:
         return Costs(nodes=records, outputs=(), sizes=sizes, example_batch=base.example_batch,
                      input_shapes=base.input_shapes, batch_symbolic=False)
 
-    _STATE = ("granularity", "segments", "alternatives", "_composer", "row_granularity", "tiled")
+    _STATE = ("granularity", "segments", "alternatives", "offered", "_composer", "row_granularity", "tiled", "tilings")
 
     def snapshot(self) -> dict[str, Any]:
         """What `use` and `use_rows` change: to verify a plan found under them later."""
@@ -340,19 +354,9 @@ class _Planner:
         return {s.output: mode if mode in s.modes() else s.modes()[-1] for s in self.segments}
 
     def compatible(self, assignment: dict[str, str]) -> dict[str, str]:
-        """`assignment` less the row-split chains, invert chains and compress groups
-        that share a node with a recomputed segment (the segment reruns them), the
-        invert chains and groups that share one with a row-split chain, and the groups
-        that share one with an inverted chain."""
-        recomputed = {n for s in self.segments if s.output in assignment for n in s.nodes}
-        tiled = {_ROWS + c.output: c for c in self.tiled}
-        assignment = {k: v for k, v in assignment.items() if k not in tiled or not recomputed & set(tiled[k].nodes)}
-        recomputed |= {n for k in assignment if k in tiled for n in tiled[k].nodes}
-        chains = {_INVERT + c.output: c for c in self.chains}
-        kept = {k: v for k, v in assignment.items() if k not in chains or not recomputed & set(chains[k].nodes)}
-        taken = recomputed | {n for k in kept if k in chains for n in chains[k].nodes}
-        groups = {g.key: g for g in self.groups}
-        return {k: v for k, v in kept.items() if k not in groups or not taken & set(groups[k].nodes)}
+        """`assignment` less the candidates a rewrite of an earlier strategy covers
+        (`registry.compatible`)."""
+        return registry.compatible(self.offered, assignment)
 
     def composed(self, assignment: dict[str, str]) -> Costs:
         modes = list(self.alternatives)
@@ -391,91 +395,11 @@ class _Planner:
         return total
 
     def choices(self) -> tuple[list[Choice], dict[str, tuple[str, ...]]]:
-        device = self.input_device
-        rerun_seconds = self.rerun_seconds
-        saved_by_owner: dict[str, int] = {}
-        for tensor in self.saved:
-            saved_by_owner[tensor.owner] = saved_by_owner.get(tensor.owner, 0) + tensor.nbytes
-
-        choices, options = [], {}
-        for segment in self.segments:
-            modes = tuple(m for m in segment.modes() if m in self.alternatives)
-            if not modes:
-                continue
-            seconds, saved = [0.0], [0]
-            for mode in modes:
-                kept = segment.expensive if mode == "selective" else ()
-                rerun = [n for n in segment.nodes if n not in kept]  # rerun once more in backward
-                seconds.append(rerun_seconds(rerun) + recompute.overhead_seconds(mode, device))
-                saved.append(sum(saved_by_owner.get(n, 0) for n in segment.nodes if n not in kept))
-            choices.append(Choice(segment.output, tuple(seconds), tuple(saved), frozenset(segment.nodes)))
-            options[segment.output] = modes
-        if "invert" in self.alternatives:
-            for chain in self.chains:
-                # each unit is inverted (elementwise, or a coupling's F and G once more) and rerun
-                nodes = chain.nodes
-                coupled = [n for u in chain.units if u.kind == "coupling" for n in u.f + u.g]
-                seconds = rerun_seconds(nodes, move=2.0) + rerun_seconds(coupled)
-                saved = sum(saved_by_owner.get(n, 0) for n in nodes if n != chain.output)
-                choices.append(Choice(_INVERT + chain.output, (0.0, seconds), (0, saved), frozenset(chain.nodes)))
-                options[_INVERT + chain.output] = ("invert",)
-        modes = [m for m in _ROW_MODES if m in self.alternatives]
-        for chain in self.tiled if modes else ():
-            seconds, saved = [0.0], [0]
-            for mode in modes:
-                seconds.append(self.row_seconds(chain, *self.tiling(chain, mode), rerun_seconds))
-                saved.append(sum(saved_by_owner.get(n, 0) for n in chain.nodes))
-            choices.append(Choice(_ROWS + chain.output, tuple(seconds), tuple(saved), frozenset(chain.nodes)))
-            options[_ROWS + chain.output] = tuple(modes)
-        modes = [m for m in self.forms if m in self.alternatives]
-        for group in self.groups if modes else ():
-            # packed in forward, unpacked in backward: about three passes over the members' outputs
-            seconds = rerun_seconds(group.nodes, times=0.0, move=3.0)
-            offered = modes[:1] if group.lossless else modes  # widest first
-            saved = [group.freed_bytes * (1 - _width(m) / 40) for m in offered]  # for ranking only
-            choices.append(Choice(group.key, (0.0,) + (seconds,) * len(offered), (0, *saved), frozenset(group.nodes)))
-            options[group.key] = tuple(offered)
-        return choices, options
+        """The solver's choices over the candidates offered, and each one's options by name."""
+        return [c.choice() for c in self.offered.values()], {k: c.options for k, c in self.offered.items()}
 
     def tiling(self, chain: row_split.Chain, mode: str) -> tuple[int, str]:
-        """(tiles, axis) a row-split mode ("rows16") gives this chain: fewer tiles on
-        small maps, along the axis `row_split.tiling` picks."""
-        key = (chain, mode)
-        if key not in self._tilings:
-            self._tilings[key] = row_split.tiling(self.shapes[chain.output], _ROW_MODES[mode],
-                                                  lambda tiles, axis: self.halo_share(chain, tiles, axis))
-        return self._tilings[key]
-
-    def steps(self, chain: row_split.Chain) -> tuple[tuple, list[str]]:
-        """`row_split.steps_of` the chain, worked out once."""
-        if chain not in self._steps:
-            self._steps[chain] = row_split.steps_of(self.gm, chain)
-        return self._steps[chain]
-
-    def halo(self, chain: row_split.Chain, tiles: int, axis: str) -> tuple[list[float], list[float]]:
-        """Per chain node: its forward FLOPs, and the rows a tiled forward computes over its rows."""
-        steps, paths = self.steps(chain)
-        modules = [self.gm.get_submodule(p) for p in paths]
-        dim = row_split.AXES[axis]
-        computed, rows = rows_computed(steps, modules, [self.shapes[n][dim] for n in chain.inputs], tiles, dim)
-        flops = [float(self.base.by_name[n].fwd_flops.xreplace({BATCH: self.base.example_batch})) for n in chain.nodes]
-        return flops, [c / r for c, r in zip(computed, rows)]
-
-    def halo_share(self, chain: row_split.Chain, tiles: int, axis: str) -> float:
-        """FLOPs of a tiled forward's halo rows, as a fraction of the chain's forward FLOPs."""
-        flops, factor = self.halo(chain, tiles, axis)
-        return sum(f * (k - 1) for f, k in zip(flops, factor)) / max(sum(flops), 1.0)
-
-    def row_seconds(self, chain: row_split.Chain, tiles: int, axis: str, rerun_seconds: Callable) -> float:
-        """Seconds a tiled chain adds: its halo rows in forward; the whole chain again in
-        backward; per BatchNorm one more sweep of the nodes before it for the batch
-        statistics, and in backward their recompute and backward (about 3x)."""
-        flops, factor = self.halo(chain, tiles, axis)
-        steps, _ = self.steps(chain)
-        norms = [i for i, step in enumerate(steps) if step[0] == "bn"]
-        # eager: forward 1, backward 2 (x FLOPs); tiled: each x the halo factor, and 4 per later BatchNorm
-        times = [4 * f - 3 + 4 * f * sum(1 for j in norms if j > i) for i, f in enumerate(factor)]
-        return sum(rerun_seconds([n], times=t, move=t) for n, t in zip(chain.nodes, times))
+        return self.tilings.tiling(chain, mode)
 
     def _compressed_forms(self, assignment: dict[str, str]) -> dict[str, str]:
         return {n: self.forms[assignment[g.key]][n] for g in self.groups if g.key in assignment for n in g.nodes}
@@ -590,7 +514,7 @@ class _Planner:
             spans=tuple((next(s.output for s in self.segments if s.nodes[0] == span.nodes[0]), span.output) for span in spans),
             inverted=tuple((c.input, c.output) for c in chains.values()),
             compressed=tuple(forms.items()),
-            row_split=tuple((c.output, tiles, round(self.halo_share(c, tiles, axis), 4), axis)
+            row_split=tuple((c.output, tiles, round(self.tilings.halo_share(c, tiles, axis), 4), axis)
                             for c in self.tiled if _ROWS + c.output in assignment
                             for tiles, axis in [self.tiling(c, assignment[_ROWS + c.output])]),
             row_granularity=self.row_granularity,
@@ -679,9 +603,8 @@ def _search(planner: _Planner, budget: int, beat: int | None = None,
     solution estimated at no fewer seconds is not verified, and where solving finds no
     plan the extremes are not tried: None, since the plan found before stands."""
     with planner.clock("solve"):  # less the profiles, pricing and verifications inside it
-        planner.profile_modes(row_modes)
-        with planner.clock("price"):
-            choices, options = planner.choices()
+        planner.profile_modes(row_modes)  # and the candidates priced
+        choices, options = planner.choices()
         return _solved(planner, budget, beat, choices, options, cheaper_than)
 
 
@@ -799,11 +722,6 @@ def _nested(planner: _Planner, budget: int, full_seconds: dict[str, float], limi
             lowest = _Lowest(verified.predicted_peak_bytes, lambda pair=(gm, verified): pair)
         limit -= verified.predicted_peak_bytes - composed + _margin(budget) // 2
     return lowest
-
-
-def _width(mode: str) -> int:
-    """The bits a compress mode keeps lossy inputs at (0 for lossless-only modes)."""
-    return int(mode[len("compress"):] or 0)
 
 
 def _solve_widest(choices: list[Choice], peak: Callable, limit: int, descend: bool = True):
