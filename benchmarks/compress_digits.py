@@ -65,7 +65,7 @@ def model_for(bits: int | None, example: torch.Tensor, seed: int):
     lossy = {n: bits for n in compress.lossy_nodes(captured.gm)}
     groups = compress.groups(captured.gm, base, lossy)
     forms = {n: compress.form_of(k, lossy.get(n)) for g in groups for n, k in zip(g.nodes, g.kinds)}
-    return model, compress.apply(captured.gm, forms)
+    return model, compress.rewrite(captured.gm, forms)
 
 
 PERTURBATION = 1e-7  # the control's relative gradient noise: about float32's rounding step

@@ -41,7 +41,7 @@ def compressed(model, x, bits=None):
     lossy = {n: bits for n in compress.lossy_nodes(captured.gm)} if bits else {}
     groups = compress.groups(captured.gm, base, lossy)
     forms = {n: compress.form_of(k, lossy.get(n)) for g in groups for n, k in zip(g.nodes, g.kinds)}
-    gm = compress.apply(captured.gm, forms)
+    gm = compress.rewrite(captured.gm, forms)
     after = profile_model_graph(model, gm, (x,), default_loss, captured.opaque, {})
     kept = [sum(t.nbytes for t in saved_tensors(c)) for c in (base, after)]
     return gm, kept

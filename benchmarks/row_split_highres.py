@@ -101,7 +101,9 @@ def _case(name: str, size: tuple[int, int], budget_of, steps: int, device: str) 
     row["eager_seconds"] = eager_time
     row["grad_error"] = _gradient_error(model, optimized, x)
     if any(axis == "W" for *_, axis in plan.row_split):  # the same chains along H, for comparison
-        along_h = dataclasses.replace(plan, row_split=tuple((*c[:3], "H") for c in plan.row_split))
+        along_h = dataclasses.replace(plan, decisions=tuple(
+            dataclasses.replace(d, detail=(d.detail[0], "H", d.detail[2])) if d.strategy == "row_split" else d
+            for d in plan.decisions))
         rows = rewriter.apply_plan(model, along_h)
         row["along_h"] = {"measured": rewriter.measure_peak(rows, x), "time_ratio": _step_seconds(rows, x, steps) / eager_time,
                           "chains": ", ".join(f"{tiles} row tiles" for _, tiles, _, _ in along_h.row_split)}

@@ -37,10 +37,10 @@ from rewriter.cost_models.saved import saved_tensors
 from rewriter.passes import compressed_ops
 from rewriter.passes.compressed_ops import BITS
 from rewriter.passes.names import fresh_name
-from rewriter.passes.registry import Candidate, Pricing
+from rewriter.passes.registry import Candidate, Decision, Pricing
 
 __all__ = ["LOSSLESS", "LOSSY", "KEY", "Group", "kind", "groups", "candidates", "mode_bits", "fusable", "calibrate_bits",
-           "bits_for", "lossy_nodes", "sensitivity", "apply", "form_of"]
+           "bits_for", "lossy_nodes", "sensitivity", "apply", "rewrite", "form_of"]
 
 LOSSLESS = ("relu", "leaky_relu", "hardtanh", "relu6", "dropout", "max_pool2d", "avg_pool2d")
 LOSSY = ("conv", "linear", "batch_norm")
@@ -141,16 +141,20 @@ def mode_bits(mode: str) -> int:
     return int(mode[len("compress"):] or 0)
 
 
-def candidates(pricing: Pricing, found: list[Group], modes: tuple[str, ...]) -> list[Candidate]:
-    """Each group in each of `modes` (compress modes, widest first; a lossless group in
-    the first only): packed in forward and unpacked in backward, about three passes
-    over its members' bytes; the bytes it frees, less for wider modes (for ranking)."""
+def candidates(pricing: Pricing, found: list[Group], forms: dict[str, dict[str, str]]) -> list[Candidate]:
+    """Each group in each compress mode of `forms` (mode -> each member's form, widest
+    mode first; a lossless group in the first only): packed in forward and unpacked in
+    backward, about three passes over its members' bytes; the bytes it frees, less
+    for wider modes (for ranking)."""
     offered = []
+    modes = tuple(forms)
     for group in found if modes else ():
         options = modes[:1] if group.lossless else modes
         seconds = pricing.rerun_seconds(group.nodes, times=0.0, move=3.0)
         saved = tuple(group.freed_bytes * (1 - mode_bits(m) / 40) for m in options)
-        offered.append(Candidate("compress", group.key, group.nodes, group.outs, options, (seconds,) * len(options), saved))
+        details = tuple(tuple(forms[m][n] for n in group.nodes) for m in options)
+        offered.append(Candidate("compress", group.key, group.nodes, group.outs, options, (seconds,) * len(options), saved,
+                                 details))
     return offered
 
 
@@ -314,7 +318,7 @@ def sensitivity(gm: fx.GraphModule, forms: dict[str, str], inputs: tuple, loss_f
         return {id(p): p.grad.detach().clone() for p in params if p.grad is not None}
 
     exact = gradients(gm)
-    approximate = gradients(apply(gm, forms))
+    approximate = gradients(rewrite(gm, forms))
     total = sum(float(g.square().sum()) for g in exact.values()) or 1.0
     shares: dict[str, float] = {}
     for node in gm.graph.nodes:
@@ -354,7 +358,12 @@ def _bits(form: str) -> int | None:
     return bits
 
 
-def apply(gm: fx.GraphModule, chosen: dict[str, str]) -> fx.GraphModule:
+def apply(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
+    """`rewrite` as `decisions` say: each group's nodes in the forms of its detail."""
+    return rewrite(gm, {n: form for d in decisions for n, form in zip(d.nodes, d.detail, strict=True)})
+
+
+def rewrite(gm: fx.GraphModule, chosen: dict[str, str]) -> fx.GraphModule:
     """A new GraphModule where each node named in `chosen` (node -> form, see `form_of`)
     runs as its compressed op. `gm` is not modified; parameters are shared."""
     from rewriter.passes.recompute import adopt_structure

@@ -1,7 +1,8 @@
 """Invert: run chains of invertible units (`passes/invert_chains.py`) saving only
 their output for the backward.
 
-`apply` replaces each chosen chain by one `InvertChain` call, an autograd Function
+`rewrite` (and `apply`, from a plan's decisions) replaces each chosen chain by one
+`InvertChain` call, an autograd Function
 that saves the chain's output (and per-channel statistics). Its backward walks the
 units in reverse, from each unit's output: BatchNorm rebuilds its input in one op and
 calls PyTorch's own backward kernel, leaky_relu and ELU take their gradients straight
@@ -29,9 +30,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from rewriter.passes.invert_chains import MAX_AMPLIFICATION, Chain, Unit, calibrate, chain_between, chains
 from rewriter.passes.recompute import _RestoreBatchNormStats, _mutates_an_input
-from rewriter.passes.registry import Candidate, Pricing
+from rewriter.passes.registry import Candidate, Decision, Pricing
 
-__all__ = ["Unit", "Chain", "InvertChain", "chains", "chain_between", "calibrate", "candidates", "apply", "KEY",
+__all__ = ["Unit", "Chain", "InvertChain", "chains", "chain_between", "calibrate", "candidates", "apply", "rewrite", "KEY",
            "MAX_AMPLIFICATION"]
 
 log = logging.getLogger(__name__)
@@ -409,11 +410,29 @@ def candidates(pricing: Pricing, found: list[Chain]) -> list[Candidate]:
         coupled = [n for u in chain.units if u.kind == "coupling" for n in u.f + u.g]
         seconds = pricing.rerun_seconds(chain.nodes, move=2.0) + pricing.rerun_seconds(coupled)
         saved = pricing.saved(n for n in chain.nodes if n != chain.output)
-        offered.append(Candidate("invert", KEY + chain.output, chain.nodes, chain.output, ("invert",), (seconds,), (saved,)))
+        offered.append(Candidate("invert", KEY + chain.output, chain.nodes, chain.output, ("invert",), (seconds,), (saved,),
+                                 ((chain.input,),)))
     return offered
 
 
-def apply(gm: fx.GraphModule, chosen: list[str], all_chains: list[Chain]) -> fx.GraphModule:
+def apply(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
+    """`rewrite` as `decisions` say: each chain's units (detail: its input node) worked
+    out over its nodes alone. ValueError where they are no invertible chain of `gm`."""
+    found = chains(gm, bound=math.inf)
+    picked = []
+    for decision in decisions:
+        try:
+            chain = chain_between(found, decision.detail[0], decision.output)
+        except KeyError as error:
+            raise ValueError(error.args[0]) from None
+        if chain.nodes != decision.nodes:
+            raise ValueError(f"the invertible chain from {decision.detail[0]!r} to {decision.output!r} covers nodes "
+                             f"{chain.nodes[:4]}..., not the plan's {decision.nodes[:4]}...")
+        picked.append(chain)
+    return rewrite(gm, [c.output for c in picked], picked)
+
+
+def rewrite(gm: fx.GraphModule, chosen: list[str], all_chains: list[Chain]) -> fx.GraphModule:
     """A new GraphModule where each chain whose output is in `chosen` runs as an
     InvertChain. `gm` is not modified; parameters are shared. Chains whose nodes are
     no longer in `gm` (inside a recomputed segment) are skipped."""

@@ -1,8 +1,8 @@
 """Recompute: drop the tensors a segment saves for backward and rerun the segment there.
 
 A segment is a run of graph nodes between two cut points where a single tensor
-crosses (a ResNet block, a VGG stage). `apply` replaces each chosen segment by one
-`RecomputeSegment` call, a non-reentrant `torch.utils.checkpoint` over the segment's
+crosses (a ResNet block, a VGG stage). `rewrite` (and `apply`, from a plan's
+decisions) replaces each chosen segment by one `RecomputeSegment` call, a non-reentrant `torch.utils.checkpoint` over the segment's
 own code:
 
 - "selective": the outputs of expensive ops (convolution, matrix products) are kept
@@ -29,12 +29,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from rewriter.cost_models.runtime import synchronizer
-from rewriter.passes.registry import Candidate, Pricing
+from rewriter.passes.registry import Candidate, Decision, Pricing
 
-__all__ = ["RecomputeSegment", "Segment", "MODES", "GRANULARITIES", "segments", "candidates", "apply", "adopt_structure",
-           "replace_runs", "KEPT_OPS", "overhead_seconds", "norm_bytes", "span"]
+__all__ = ["RecomputeSegment", "Segment", "MODES", "SPAN", "GRANULARITIES", "segments", "candidates", "apply", "rewrite",
+           "segment_over", "adopt_structure", "replace_runs", "KEPT_OPS", "overhead_seconds", "norm_bytes", "span"]
 
 MODES = ("selective", "full")
+SPAN = "span"  # a decision's option for a nested checkpoint around segments (`span`)
 
 aten = torch.ops.aten
 KEPT_OPS = frozenset({
@@ -379,6 +380,41 @@ def span(gm: fx.GraphModule, segments: list[Segment], first: str, last: str, opa
     return Segment(tuple(m.name for m in run), tuple(a.name for a in outside), last, selective_ok=False)
 
 
+def segment_over(gm: fx.GraphModule, nodes: tuple[str, ...], what: str = "segment", order=None) -> Segment:
+    """The segment of `gm` over `nodes` (graph order, as a plan stores them); ValueError
+    where they are not all in `gm`, or where a value made inside other than the last
+    node's is used after them (a plan made for another model). `order`: `_order(gm)`,
+    if at hand."""
+    order, position, last_use, _ = order or _order(gm)
+    named = {n.name: n for n in order}
+    missing = [n for n in nodes if n not in named]
+    if missing:
+        raise ValueError(f"{what} over {nodes[0]!r}..{nodes[-1]!r}: nodes {missing[:4]} are not in this graph")
+    run = [named[n] for n in nodes]
+    start, end = position[run[0]], position[run[-1]]
+    if [position[m] for m in run] != list(range(start, end + 1)):
+        raise ValueError(f"{what} over {nodes[0]!r}..{nodes[-1]!r}: its nodes are not one run of the graph")
+    escaping = sorted(m.name for m in run if last_use[m] > end and m is not run[-1])
+    if escaping:
+        raise ValueError(f"{what} over {nodes[0]!r}..{nodes[-1]!r}: values {escaping[:4]} made inside it are used after it")
+    members = set(run)
+    outside = [a for a in dict.fromkeys(a for m in run for a in m.all_input_nodes) if a not in members and a.op != "get_attr"]
+    expensive = {m for m in run if _is_expensive(gm, m)}
+    selective_ok = not any(_mutates_an_input(gm, m) and m.all_input_nodes and m.all_input_nodes[0] in expensive for m in run)
+    return Segment(tuple(nodes), tuple(a.name for a in outside), nodes[-1],
+                   tuple(m.name for m in run if m in expensive), selective_ok and what == "segment")
+
+
+def apply(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
+    """`rewrite` as `decisions` say: each segment's nodes in its mode, each span's (option
+    `SPAN`) checkpointed around them. ValueError where the nodes do not make a segment."""
+    order = _order(gm)
+    segments = [segment_over(gm, d.nodes, "segment", order) for d in decisions if d.option != SPAN]
+    spans = [segment_over(gm, d.nodes, "span", order) for d in decisions if d.option == SPAN]
+    chosen = {d.output: d.option for d in decisions if d.option != SPAN}
+    return rewrite(gm, chosen, segments, spans)
+
+
 def norm_bytes(gm: fx.GraphModule, segment: Segment) -> int:
     """Bytes of the BatchNorm buffers a segment's nodes call: the copies its rerun takes."""
     names = set(segment.nodes)
@@ -387,8 +423,8 @@ def norm_bytes(gm: fx.GraphModule, segment: Segment) -> int:
     return sum(b.numel() * b.element_size() for m in modules.values() if isinstance(m, _BatchNorm) for b in m.buffers())
 
 
-def apply(gm: fx.GraphModule, chosen: dict[str, str], all_segments: list[Segment],
-          spans: list[Segment] = ()) -> fx.GraphModule:
+def rewrite(gm: fx.GraphModule, chosen: dict[str, str], all_segments: list[Segment],
+            spans: list[Segment] = ()) -> fx.GraphModule:
     """A new GraphModule where each segment named in `chosen` (output name -> mode) runs
     as a RecomputeSegment, and each of `spans` (from `span`: nested or disjoint) as one
     more around what it covers, innermost first. `gm` is not modified; parameters are

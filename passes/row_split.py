@@ -30,11 +30,11 @@ from rewriter.passes import row_split_ops
 from rewriter.cost_models.node_costs import BATCH
 from rewriter.passes.names import fresh_name
 from rewriter.passes.recompute import _ends_scope, _mutates_an_input
-from rewriter.passes.registry import Candidate, Pricing
+from rewriter.passes.registry import Candidate, Decision, Pricing
 from rewriter.passes.row_split_ops import rows_computed
 
 __all__ = ["Chain", "Tilings", "AXES", "GRANULARITIES", "TILES", "MODES", "KEY", "MIN_TILE_ROWS", "chains", "candidates",
-           "apply", "steps_of", "tiles_for", "tiling"]
+           "apply", "rewrite", "chain_over", "steps_of", "tiles_for", "tiling"]
 
 GRANULARITIES = ("block", "whole")
 TILES = (4, 16)  # the tile counts offered per chain
@@ -208,12 +208,10 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
             i += 1
             continue
         run = nodes[i:closed + 1]
-        members = set(run)
         kinds = {local[m][0] for m in run}
         out = shapes[run[-1].name]
         if len(run) >= 2 and kinds & {"conv", "max_pool", "avg_pool"} and max(tiles_for(out[d], 2) for d in AXES.values()) == 2:
-            outside = list(dict.fromkeys(a for m in run for a in _tensor_args(m) if a not in members))
-            found.append(Chain(tuple(m.name for m in run), tuple(a.name for a in outside)))
+            found.append(Chain(tuple(m.name for m in run), _outside(run)))
         i = closed + 1
     return found
 
@@ -292,14 +290,47 @@ def candidates(pricing: Pricing, found: Tilings, modes: tuple[str, ...]) -> list
     and every byte its members save (a tiled chain keeps only its inputs)."""
     offered = []
     for chain in found.chains if modes else ():
-        seconds = tuple(found.seconds(chain, *found.tiling(chain, mode)) for mode in modes)
+        tilings = [found.tiling(chain, mode) for mode in modes]
+        seconds = tuple(found.seconds(chain, tiles, axis) for tiles, axis in tilings)
+        details = tuple((tiles, axis, round(found.halo_share(chain, tiles, axis), 4)) for tiles, axis in tilings)
         saved = pricing.saved(chain.nodes)
         offered.append(Candidate("row_split", KEY + chain.output, chain.nodes, chain.output, tuple(modes), seconds,
-                                 (saved,) * len(modes)))
+                                 (saved,) * len(modes), details))
     return offered
 
 
-def apply(gm: fx.GraphModule, chosen: dict[str, tuple[int, str]], all_chains: list[Chain]) -> fx.GraphModule:
+def chain_over(gm: fx.GraphModule, nodes: tuple[str, ...]) -> Chain:
+    """The chain of `gm` over `nodes` (graph order, as a plan stores them); ValueError
+    where one is not in `gm` or is no spatially local op, or where a value made inside
+    other than the last node's is used after them."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    wrong = [n for n in nodes if n not in by_name or _local(gm, by_name[n]) is None]
+    if wrong:
+        raise ValueError(f"row-split chain over {nodes[0]!r}..{nodes[-1]!r}: nodes {wrong[:4]} are not spatially local "
+                         "ops of this graph")
+    run = [by_name[n] for n in nodes]
+    members = set(run)
+    escaping = sorted(m.name for m in run[:-1] if any(u not in members for u in m.users))
+    if escaping:
+        raise ValueError(f"row-split chain over {nodes[0]!r}..{nodes[-1]!r}: values {escaping[:4]} made inside it are "
+                         "used after it")
+    return Chain(tuple(nodes), _outside(run))
+
+
+def _outside(run: list[fx.Node]) -> tuple[str, ...]:
+    """The values a run of nodes reads from outside it, in order of first use."""
+    members = set(run)
+    return tuple(a.name for a in dict.fromkeys(a for m in run for a in _tensor_args(m) if a not in members))
+
+
+def apply(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
+    """`rewrite` as `decisions` say: each chain over its nodes, at its detail's tiles and
+    axis."""
+    picked = [chain_over(gm, d.nodes) for d in decisions]
+    return rewrite(gm, {d.output: (d.detail[0], d.detail[1]) for d in decisions}, picked)
+
+
+def rewrite(gm: fx.GraphModule, chosen: dict[str, tuple[int, str]], all_chains: list[Chain]) -> fx.GraphModule:
     """A new GraphModule where each chain named in `chosen` (output node -> (tiles,
     axis name "H" or "W")) runs as `row_split_ops.tiled_chain`. `gm` is not modified;
     parameters are shared."""

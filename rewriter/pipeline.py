@@ -215,17 +215,17 @@ class _Planner:
                 self.alternatives[mode] = self.segment_profiles[key]
         if self.chains:
             if self.inverted is None:
-                self.inverted = self._profile(invert.apply(self.gm, [c.output for c in self.chains], self.chains), {})
+                self.inverted = self._profile(invert.rewrite(self.gm, [c.output for c in self.chains], self.chains), {})
             self.alternatives["invert"] = self.inverted
         for mode in row_modes if self.tiled else ():
             key = (self.row_granularity, mode)
             if key not in self.tiled_profiles:
                 chosen = {c.output: self.tiling(c, mode) for c in self.tiled}
-                self.tiled_profiles[key] = self._profile(row_split.apply(self.gm, chosen, self.tiled), {})
+                self.tiled_profiles[key] = self._profile(row_split.rewrite(self.gm, chosen, self.tiled), {})
             self.alternatives[mode] = self.tiled_profiles[key]
         for mode, forms in self.forms.items() if self.groups else ():
             if mode not in self.compressed:
-                self.compressed[mode] = self._profile(compress.apply(self.gm, forms), {})
+                self.compressed[mode] = self._profile(compress.rewrite(self.gm, forms), {})
             self.alternatives[mode] = self.compressed[mode]
         with self.clock("price"):
             self.offered = {c.key: c for c in self.candidates()}
@@ -239,7 +239,7 @@ class _Planner:
             *recompute.candidates(self.pricing, self.segments, tuple(m for m in recompute.MODES if m in present)),
             *row_split.candidates(self.pricing, self.tilings, tuple(m for m in _ROW_MODES if m in present)),
             *(invert.candidates(self.pricing, self.chains) if "invert" in present else ()),
-            *compress.candidates(self.pricing, self.groups, tuple(m for m in self.forms if m in present)),
+            *compress.candidates(self.pricing, self.groups, {m: f for m, f in self.forms.items() if m in present}),
         ]
 
     def _checkpointed(self, modes: dict[str, str]) -> Costs:
@@ -423,26 +423,16 @@ class _Planner:
                 assignment = trial
         return assignment
 
+    def decisions(self, assignment: dict[str, str], spans: list[recompute.Segment] = ()) -> list[registry.Decision]:
+        """What `assignment` (candidate key -> option) and `spans` (nested checkpoints
+        around its segments) do, as a plan stores it."""
+        return ([self.offered[k].decision(v) for k, v in self.compatible(assignment).items()]
+                + [registry.Decision("recompute", recompute.SPAN, span.nodes) for span in spans])
+
     def apply(self, assignment: dict[str, str], spans: list[recompute.Segment] = ()) -> fx.GraphModule:
         """The rewritten graph: segments recomputed (`spans` checkpointed around them),
         chains tiled or inverted, groups compressed."""
-        assignment = self.compatible(assignment)
-        segments = {k: v for k, v in assignment.items() if not k.startswith((_INVERT, _COMPRESS, _ROWS))}
-        chains = [k[len(_INVERT):] for k in assignment if k.startswith(_INVERT)]
-        by_output = {c.output: c for c in self.tiled}
-        tiled = {k[len(_ROWS):]: self.tiling(by_output[k[len(_ROWS):]], v) for k, v in assignment.items() if k.startswith(_ROWS)}
-        gm = recompute.apply(self.gm, segments, self.segments, spans) if segments or spans else self.gm
-        if tiled:
-            gm = row_split.apply(gm, tiled, self.tiled)
-        if chains:
-            gm = invert.apply(gm, chains, self.chains)
-        forms = self._compressed_forms(assignment)
-        if forms:
-            gm = compress.apply(gm, forms)
-        if gm is self.gm:
-            gm = fx.GraphModule(self.gm, self.gm.graph, class_name=type(self.model).__name__)
-        recompute.adopt_structure(gm, self.model)
-        return gm
+        return _rewritten(self.gm, self.decisions(assignment, spans), self.model)
 
     def plan(self, assignment: dict[str, str], budget: int | None, seconds: dict[str, float],
              spans: list[recompute.Segment] = ()) -> tuple[fx.GraphModule, Plan]:
@@ -509,14 +499,7 @@ class _Planner:
             self.keep_all, nodes=tuple(nodes), predicted_peak_bytes=simulation.peak_bytes,
             baseline_peak_bytes=self.eager_peak, budget_bytes=budget, peak_at=simulation.peak_at,
             peak_held_by=tuple((h.kind, h.node, h.nbytes) for h in peak_holders(rewritten)),
-            segments=tuple(sorted((k, v) for k, v in assignment.items() if not k.startswith((_INVERT, _COMPRESS, _ROWS)))),
-            granularity=self.granularity,
-            spans=tuple((next(s.output for s in self.segments if s.nodes[0] == span.nodes[0]), span.output) for span in spans),
-            inverted=tuple((c.input, c.output) for c in chains.values()),
-            compressed=tuple(forms.items()),
-            row_split=tuple((c.output, tiles, round(self.tilings.halo_share(c, tiles, axis), 4), axis)
-                            for c in self.tiled if _ROWS + c.output in assignment
-                            for tiles, axis in [self.tiling(c, assignment[_ROWS + c.output])]),
+            decisions=tuple(self.decisions(assignment, spans)), granularity=self.granularity,
             row_granularity=self.row_granularity,
         )
         return gm, plan
@@ -864,42 +847,57 @@ def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
     """Rewrite `model` as a stored `plan` says, without solving again."""
     check_trainable(model)
     captured = capture(model)
-    gm = captured.gm
-    segments = recompute.segments(gm, captured.opaque, plan.granularity)
-    known = {s.output for s in segments}
-    unknown = [out for out, _ in plan.segments if out not in known] + [o for span in plan.spans for o in span if o not in known]
+    decisions = plan.decisions or _legacy_decisions(captured, plan)
+    try:
+        rewritten = _rewritten(captured.gm, decisions, model)
+    except ValueError as error:
+        raise InputError(f"{error}; was the plan made for another model?") from None
+    rewritten.plan = plan
+    return rewritten
+
+
+def _rewritten(gm: fx.GraphModule, decisions, model: nn.Module) -> fx.GraphModule:
+    """`gm` with `decisions` carried out (`registry.apply`), always a new module with
+    `model`'s state_dict keys."""
+    rewritten = registry.apply(gm, decisions)
+    if rewritten is gm:
+        rewritten = fx.GraphModule(gm, gm.graph, class_name=type(model).__name__)
+    recompute.adopt_structure(rewritten, model)
+    return rewritten
+
+
+def _legacy_decisions(captured, plan: Plan) -> list[registry.Decision]:
+    """The decisions of a plan written before plans stored them: each rewrite's nodes
+    found again from the graph, cut as the plan says (its granularities)."""
+    gm, opaque = captured.gm, captured.opaque
+    segments = recompute.segments(gm, opaque, plan.granularity)
+    by_output = {s.output: s for s in segments}
+    unknown = [out for out, _ in plan.segments if out not in by_output] + [o for span in plan.spans for o in span if o not in by_output]
     if unknown:
         raise InputError(f"plan segments {unknown} are not segments of this model's graph; was the plan made for another model?")
     try:
-        spans = [recompute.span(gm, segments, first, last, captured.opaque) for first, last in plan.spans]
+        spans = [recompute.span(gm, segments, first, last, opaque) for first, last in plan.spans]
     except ValueError as error:
         raise InputError(f"plan spans {plan.spans}: {error}") from None
     if None in spans:
         raise InputError(f"plan spans {plan.spans} do not all enclose what they checkpoint in this model's graph; "
                          "was the plan made for another model?")
-    rewritten = recompute.apply(gm, dict(plan.segments), segments, spans) if plan.segments or spans else gm
+    decisions = [registry.Decision("recompute", mode, by_output[out].nodes) for out, mode in plan.segments]
+    decisions += [registry.Decision("recompute", recompute.SPAN, span.nodes) for span in spans]
     if plan.row_split:
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         shapes = {**dict(zip(placeholders, plan.input_shapes)), **{n.node: n.shape for n in plan.nodes}}
-        tiled = row_split.chains(gm, shapes, captured.opaque, plan.row_granularity)
-        try:
-            rewritten = row_split.apply(rewritten, {out: (tiles, axis) for out, tiles, _, axis in plan.row_split}, tiled)
-        except ValueError as error:
-            raise InputError(f"{error}; was the plan made for another model?") from None
+        tiled = {c.output: c for c in row_split.chains(gm, shapes, opaque, plan.row_granularity)}
+        for out, tiles, halo, axis in plan.row_split:
+            if out not in tiled:
+                raise InputError(f"row_split: no chain ends at node {out!r} in this graph; was the plan made for another model?")
+            decisions.append(registry.Decision("row_split", f"rows{tiles}", tiled[out].nodes, (tiles, axis, halo)))
     if plan.inverted:
-        candidates = invert.chains(gm, captured.opaque, bound=math.inf)
+        candidates = invert.chains(gm, opaque, bound=math.inf)
         try:
             chains = [invert.chain_between(candidates, first, last) for first, last in plan.inverted]
         except KeyError as error:
             raise InputError(f"{error.args[0]}; was the plan made for another model?") from None
-        rewritten = invert.apply(rewritten, [c.output for c in chains], chains)
-    if plan.compressed:
-        try:
-            rewritten = compress.apply(rewritten, dict(plan.compressed))
-        except ValueError as error:
-            raise InputError(f"{error}; was the plan made for another model?") from None
-    if rewritten is gm:
-        rewritten = fx.GraphModule(gm, gm.graph, class_name=type(model).__name__)
-    recompute.adopt_structure(rewritten, model)
-    rewritten.plan = plan
-    return rewritten
+        decisions += [registry.Decision("invert", "invert", c.nodes, (c.input,)) for c in chains]
+    decisions += [registry.Decision("compress", "compress", (node,), (form,)) for node, form in plan.compressed]
+    return decisions

@@ -2,7 +2,13 @@
 
 A frozen dataclass keyed by node name. `str(plan)` is a table, largest saved memory
 first; `plan.to_json()` and `Plan.from_json()` round-trip it, so a stored plan can be
-read back and compared, or applied again without solving.
+read back and compared, or applied again without solving: its `decisions` name the
+nodes each rewrite covers.
+
+Older plans: plans written before decisions stored each strategy's rewrites by their
+output nodes alone (fields "segments", "spans", "inverted", "compressed",
+"row_split"); they load with those in `legacy`, and `apply_plan` finds the nodes
+again from the graph, as it did then.
 """
 
 from __future__ import annotations
@@ -10,6 +16,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
+
+from rewriter.passes.recompute import SPAN
+from rewriter.passes.registry import Decision
 
 __all__ = ["NodePlan", "Plan", "format_bytes"]
 
@@ -49,6 +58,7 @@ class NodePlan:
             raise ValueError(f"strategy={self.strategy!r} for node {self.node!r} is not one of {STRATEGIES}")
 
 
+_LEGACY = ("segments", "spans", "inverted", "compressed", "row_split")  # a plan's rewrites before decisions
 _GRADIENT_KINDS = ("gradient", "parameter gradient")  # kinds of peak holders no strategy rewrites
 
 
@@ -73,14 +83,11 @@ class Plan:
     batch: int = 1
     input_shapes: tuple[tuple[int, ...], ...] = ()
     opaque: tuple[str, ...] = ()
-    segments: tuple[tuple[str, str], ...] = ()  # (segment output node, recompute mode), for apply_plan
+    decisions: tuple[Decision, ...] = ()  # the rewrites, each with the nodes it covers (passes.registry)
     granularity: str = "coarse"  # how the graph was cut into segments (passes.recompute.segments)
-    spans: tuple[tuple[str, str], ...] = ()  # (first, last segment output) of each nested checkpoint (passes.recompute.span)
-    inverted: tuple[tuple[str, str], ...] = ()  # (chain input node, chain output node), for apply_plan
-    compressed: tuple[tuple[str, str], ...] = ()  # (node, compressed form), for apply_plan
-    row_split: tuple[tuple[str, int, float, str], ...] = ()  # (chain output node, tiles, halo FLOPs added as a fraction, axis "H" or "W")
     row_granularity: str = "block"  # how row-split chains were found (passes.row_split.chains)
     peak_held_by: tuple[tuple[str, str, int], ...] = ()  # (kind, node label, bytes) live at the peak
+    legacy: tuple[tuple[str, tuple], ...] = ()  # a plan written before decisions: (field, its entries)
     _index: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +109,40 @@ class Plan:
     def __len__(self) -> int:
         return len(self.nodes)
 
+    # ---- the rewrites, per strategy ----------------------------------------------------------
+    def _of(self, strategy: str):
+        return [d for d in self.decisions if d.strategy == strategy]
+
+    @property
+    def segments(self) -> tuple[tuple[str, str], ...]:
+        """(segment output node, recompute mode) of each recomputed segment."""
+        return dict(self.legacy).get("segments") or tuple(
+            sorted((d.output, d.option) for d in self._of("recompute") if d.option != SPAN))
+
+    @property
+    def spans(self) -> tuple[tuple[str, str], ...]:
+        """(first node, last node) of each nested checkpoint around segments (older
+        plans: first and last segment output)."""
+        return dict(self.legacy).get("spans") or tuple((d.nodes[0], d.output) for d in self._of("recompute") if d.option == SPAN)
+
+    @property
+    def inverted(self) -> tuple[tuple[str, str], ...]:
+        """(chain input node, chain output node) of each inverted chain."""
+        return dict(self.legacy).get("inverted") or tuple((d.detail[0], d.output) for d in self._of("invert"))
+
+    @property
+    def compressed(self) -> tuple[tuple[str, str], ...]:
+        """(node, compressed form) of each compressed node."""
+        return dict(self.legacy).get("compressed") or tuple(
+            (n, form) for d in self._of("compress") for n, form in zip(d.nodes, d.detail))
+
+    @property
+    def row_split(self) -> tuple[tuple[str, int, float, str], ...]:
+        """(chain output node, tiles, halo FLOPs added as a fraction, axis "H" or "W") of
+        each row-split chain."""
+        return dict(self.legacy).get("row_split") or tuple(
+            (d.output, d.detail[0], d.detail[2], d.detail[1]) for d in self._of("row_split"))
+
     @property
     def saved_bytes(self) -> int:
         """Memory kept for the backward, summed over all nodes."""
@@ -120,12 +161,13 @@ class Plan:
         )
         data["input_shapes"] = tuple(tuple(s) for s in data["input_shapes"])
         data["opaque"] = tuple(data["opaque"])
-        data["segments"] = tuple(tuple(s) for s in data.get("segments", ()))
-        data["spans"] = tuple(tuple(s) for s in data.get("spans", ()))  # none in plans written before spans
-        data["inverted"] = tuple(tuple(c) for c in data.get("inverted", ()))
-        data["compressed"] = tuple(tuple(c) for c in data.get("compressed", ()))
+        data["decisions"] = tuple(Decision(d["strategy"], d["option"], tuple(d["nodes"]), tuple(d["detail"]))
+                                  for d in data.get("decisions", ()))
+        legacy = dict(data.pop("legacy", ()))
+        legacy.update({name: data.pop(name) for name in _LEGACY if name in data})  # a plan written before decisions
         # plans written before W tiling have no axis: their chains were tiled along H
-        data["row_split"] = tuple((*c, "H")[:4] for c in data.get("row_split", ()))
+        legacy["row_split"] = [(*c, "H")[:4] for c in legacy.get("row_split", ())]
+        data["legacy"] = tuple((name, tuple(tuple(e) for e in legacy[name])) for name in _LEGACY if legacy.get(name))
         data["peak_held_by"] = tuple(tuple(h) for h in data.get("peak_held_by", ()))  # none in older plans
         return cls(nodes=nodes, **data)
 

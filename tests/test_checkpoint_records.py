@@ -41,7 +41,7 @@ def test_composed_segments_peak_as_the_profiled_rewrite(name):
         segments = recompute.segments(captured.gm, captured.opaque, granularity)
         for mode in recompute.MODES:
             modes = {s.output: mode if mode in s.modes() else "full" for s in segments}
-            rewritten = recompute.apply(captured.gm, modes, segments)
+            rewritten = recompute.rewrite(captured.gm, modes, segments)
             profiled = simulate(profile_graph(rewritten, (x,), default_loss, captured.opaque)).peak_bytes
             composed = composed_peak(base, captured.gm, segments, modes)
             assert 0 <= profiled - composed <= CHECKPOINT_OWN_BYTES, (granularity, mode, profiled, composed)

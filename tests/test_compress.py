@@ -146,7 +146,7 @@ def all_groups(model: nn.Module, x: torch.Tensor, bits: int | None = None):
     lossy = {n: bits for n in compress.lossy_nodes(captured.gm)} if bits else {}
     groups = compress.groups(captured.gm, base, lossy)
     forms = {n: compress.form_of(k, lossy.get(n)) for g in groups for n, k in zip(g.nodes, g.kinds)}
-    return compress.apply(captured.gm, forms), groups, base
+    return compress.rewrite(captured.gm, forms), groups, base
 
 
 def train_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

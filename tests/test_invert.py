@@ -45,7 +45,7 @@ def inverted(model: nn.Module, x: torch.Tensor) -> tuple[torch.fx.GraphModule, l
     with preserved_model_state(model):
         factors = invert.calibrate(captured.gm, (x,))
     chains = invert.chains(captured.gm, captured.opaque, factors)
-    return invert.apply(captured.gm, [c.output for c in chains], chains), chains
+    return invert.rewrite(captured.gm, [c.output for c in chains], chains), chains
 
 
 def step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ from torch import nn
 
 import rewriter
 from examples.zoo import ZOO
-from rewriter.passes.recompute import segments
+from rewriter.passes.recompute import SPAN, segments
+from rewriter.passes.registry import Decision
 from rewriter.trace import capture
 from tests.test_optimize import assert_trains_like
 
@@ -43,10 +44,12 @@ def fcn_with_one_span():
     """The zoo FCN with every segment recomputed and one span around the second and third."""
     zoo = ZOO["highres_fcn"]
     model, x = zoo.test_model(), zoo.test_input()
-    outputs = [s.output for s in segments(capture(model).gm)]
-    plan = dataclasses.replace(rewriter.optimize(model, 10**12, x).plan, segments=tuple((o, "full") for o in outputs),
-                               spans=((outputs[1], outputs[2]),))
-    return zoo, model, x, plan, outputs
+    found = segments(capture(model).gm)
+    plan = dataclasses.replace(rewriter.optimize(model, 10**12, x).plan, decisions=(
+        *(Decision("recompute", "full", s.nodes) for s in found),
+        Decision("recompute", SPAN, found[1].nodes + found[2].nodes),
+    ))
+    return zoo, model, x, plan, [s.output for s in found]
 
 
 def test_a_nested_plan_reruns_each_layer_as_deep_as_it_is_nested():
@@ -78,8 +81,13 @@ def test_a_nested_plan_round_trips_and_saves(tmp_path):
 
 def test_a_span_that_does_not_enclose_its_segments_is_refused():
     zoo, model, x, plan, outputs = fcn_with_one_span()
-    with pytest.raises(rewriter.InputError, match="spans"):
-        rewriter.apply_plan(model, dataclasses.replace(plan, spans=((outputs[2], outputs[1]),)))
+    found = segments(capture(model).gm)
+    skipping = Decision("recompute", SPAN, found[0].nodes + found[2].nodes)  # the second segment left out
+    with pytest.raises(rewriter.InputError, match="span over .* not one run of the graph; was the plan made"):
+        rewriter.apply_plan(model, dataclasses.replace(plan, decisions=plan.decisions[:-1] + (skipping,)))
+    elsewhere = Decision("recompute", SPAN, ("conv_9", "relu_9"))
+    with pytest.raises(rewriter.InputError, match=r"nodes \['conv_9', 'relu_9'\] are not in this graph"):
+        rewriter.apply_plan(model, dataclasses.replace(plan, decisions=plan.decisions[:-1] + (elsewhere,)))
 
 
 # below what one checkpoint per segment reaches (vgg 0.5, unet 0.45): spans needed

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import rewriter
 from examples.zoo import ZOO
 from rewriter.passes.recompute import RecomputeSegment, segments
+from rewriter.passes.registry import Decision
 from rewriter.trace import capture
 from rewriter.pipeline import parse_budget
 from tests.conftest import MiB
@@ -80,8 +81,9 @@ class CountOps(TorchDispatchMode):
 def test_recompute_reruns_what_the_plan_says_and_updates_statistics_once(mode):
     zoo = ZOO["resnet18"]
     model, x = zoo.test_model(), zoo.test_input()
-    blocks = [s.output for s in segments(capture(model).gm)][1:4]
-    plan = dataclasses.replace(rewriter.optimize(model, 10**12, x).plan, segments=tuple((b, mode) for b in blocks))
+    blocks = segments(capture(model).gm)[1:4]
+    plan = dataclasses.replace(rewriter.optimize(model, 10**12, x).plan,
+                               decisions=tuple(Decision("recompute", mode, b.nodes) for b in blocks))
     optimized = rewriter.apply_plan(model, plan)
     rerun = [
         m for m in optimized.modules() if isinstance(m, RecomputeSegment)
@@ -198,7 +200,7 @@ def test_whole_layer_segments_are_predicted_to_the_byte():
     """Whole DenseNet layers recomputed: each segment reads every earlier feature, and
     the gradients it hands back are slices of one concat gradient (once 3% low)."""
     from rewriter.cost_models.simulate import simulate
-    from rewriter.passes.recompute import apply, adopt_structure
+    from rewriter.passes.recompute import adopt_structure, rewrite
     from rewriter.measure import default_loss
     from rewriter.report import profile_model_graph
 
@@ -207,7 +209,7 @@ def test_whole_layer_segments_are_predicted_to_the_byte():
     captured = capture(model)
     found = segments(captured.gm, captured.opaque, "module")
     assert any(len(s.inputs) > 2 for s in found)
-    rewritten = adopt_structure(apply(captured.gm, {s.output: "full" for s in found}, found), model)
+    rewritten = adopt_structure(rewrite(captured.gm, {s.output: "full" for s in found}, found), model)
     predicted = simulate(profile_model_graph(model, rewritten, (x,), default_loss, captured.opaque, {})).peak_bytes
     assert abs(predicted - rewriter.measure_peak(rewritten, x)) <= 16
 
