@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from rewriter.cost_models.cuda_allocator import allocated_bytes, workspace_bytes
+from rewriter.cost_models.in_place import mutates_an_input
 from rewriter.cost_models.kernel_storage import storage_bytes
 from rewriter.cost_models.node_costs import BATCH, Costs, NodeCost
 from rewriter.cost_models.opaque_leaves import OpaqueLeaves, _GradientSource, _state_items
@@ -89,8 +90,9 @@ class _Profiler(OpaqueLeaves):
         self.elements[name] = tensors_in(value)
         self.tracker.pin(self.elements[name])  # held here until the profile ends
 
-    def _isolate(self, structure: Any, element_of: dict[int, tuple[str, int]]):
-        """Replace each tensor by a detached leaf; return the new structure and the leaves."""
+    def _isolate(self, structure: Any, element_of: dict[int, tuple[str, int]], written: int | None = None):
+        """Replace each tensor by a detached leaf; return the new structure and the leaves.
+        `written`: the id of the tensor the node changes in place, if any."""
         leaves: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
         def isolate(t):
@@ -98,14 +100,36 @@ class _Profiler(OpaqueLeaves):
                 return t
             element = element_of[id(t)]
             if element not in leaves:
-                leaf = t.detach().requires_grad_(t.requires_grad)
-                # a clone lets in-place ops run on an input that requires grad
-                used = leaf.clone() if leaf.requires_grad else leaf
+                if id(t) == written and t.requires_grad and t._is_view():
+                    leaf, used = self._view_leaf(t, element)
+                else:
+                    leaf = t.detach().requires_grad_(t.requires_grad)
+                    # a clone lets in-place ops run on an input that requires grad
+                    used = leaf.clone() if leaf.requires_grad else leaf
                 self.owner.setdefault(storage_key(used), self.owner.get(storage_key(t), element))
                 leaves[element] = (leaf, used)
             return leaves[element][1]
 
         return tree_map(isolate, structure), leaves
+
+    def _view_leaf(self, t: torch.Tensor, element: tuple[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A leaf for a view that the node changes in place: autograd then runs the op's
+        backward through CopySlices, which allocates a gradient of the view's base and
+        a copy of the slice (InstanceNorm's output is a view of a (1, N*C, H, W) batch
+        norm, and an in-place LeakyReLU after it took 2 MiB more than a plain input).
+        The leaf is the base; the node gets the view of a non-leaf copy of it, as in the
+        graph. The base's gradient is handed on as the view's (`_as_element`)."""
+        base = t._base
+        leaf = base.detach().requires_grad_(True)
+        offset = t.storage_offset() - base.storage_offset()
+        self._views[element] = (tuple(t.shape), tuple(t.stride()), offset)
+        return leaf, leaf.clone().as_strided(t.shape, t.stride(), offset)
+
+    def _as_element(self, element: tuple[str, int], grad: torch.Tensor) -> torch.Tensor:
+        """`grad` of an input leaf as the input's own gradient: for a view leaf
+        (`_view_leaf`), the base's gradient viewed as the input (no copy)."""
+        view = self._views.get(element)
+        return grad if view is None or grad is None else grad.as_strided(*view)
 
     def _element_map(self, nodes) -> dict[int, tuple[str, int]]:
         return {id(t): (n, k) for n in nodes for k, t in enumerate(self.elements.get(n, []))}
@@ -125,8 +149,10 @@ class _Profiler(OpaqueLeaves):
         element_of = self._element_map(input_names)
         args = fx.node.map_arg(node.args, lambda n: self.values[n.name])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: self.values[n.name])
-        (args, kwargs), leaves = self._isolate((args, kwargs), element_of)
         opaque = node.op == "call_module" and node.target in self.opaque
+        first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        written = self.values[first.name] if first is not None and not opaque and mutates_an_input(self.gm, node) else None
+        (args, kwargs), leaves = self._isolate((args, kwargs), element_of, id(written) if written is not None else None)
         saved: list[int] = []
 
         def pack(t):  # PyTorch keeps this hook as long as the saved tensor: hold no tensor here
@@ -325,6 +351,11 @@ class _Profiler(OpaqueLeaves):
                 for kind, uid, b in events
                 if not (kind == "alloc" and uid in stand_ins)
             ]
+        elif any(element in self._views for element, _ in targets):
+            # an output written over a view: its backward starts with the view's own, which
+            # copies the incoming gradient into a buffer of the base and lets it go
+            first = next((i for i, event in enumerate(events) if event[0] == "alloc"), len(events))
+            events = events[:first + 1] + [("release_grad", k, 0) for k in indices] + events[first + 1:]
         new_uids = {uid for kind, uid, _ in events if kind == "alloc"}
         grad_keys = {storage_key(g): i for i, g in zip(indices, grad_outs) if g is not None}
         grad_inputs, attr_grads = [], []
@@ -340,10 +371,11 @@ class _Profiler(OpaqueLeaves):
             elif segment:
                 uid = arrived.get(element)
                 ref = ("grad_out", stand_ins[uid]) if uid in stand_ins else ("new", uid) if uid in new_uids else ("external",)
-            elif storage_key(g) in grad_keys:
-                ref = ("grad_out", grad_keys[storage_key(g)])
             else:
-                ref = ("new", self.tracker.uid_of(g)) if self.tracker.uid_of(g) in new_uids else ("external",)
+                g = self._as_element(element, g)
+                uid = self.tracker.uid_of(g)
+                ref = (("grad_out", grad_keys[storage_key(g)]) if storage_key(g) in grad_keys
+                       else ("new", uid) if uid in new_uids else ("external",))
             grad_inputs.append((element, ref))
             self._accumulate(element, g)
         param_uids = tuple(
@@ -400,6 +432,7 @@ class _Profiler(OpaqueLeaves):
     # ---- the whole graph ---------------------------------------------------------------
     def run(self) -> Costs:
         self._leaves: dict[str, dict] = {}
+        self._views: dict[tuple[str, int], tuple] = {}  # input element -> view geometry, where a node writes over a view
         self._opaque_real: dict[str, tuple] = {}
         self._apart_bwd_flops: dict[str, sympy.Expr] = {}  # opaque leaves' FLOPs, counted apart
         self._node = {n.name: n for n in self.gm.graph.nodes}

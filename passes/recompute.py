@@ -28,6 +28,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from rewriter.cost_models.in_place import mutates_an_input as _mutates_an_input
 from rewriter.cost_models.runtime import synchronizer
 from rewriter.passes.registry import Candidate, Decision, Pricing
 
@@ -229,15 +230,6 @@ def _is_expensive(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), _EXPENSIVE_MODULES)
     return node.op == "call_function" and node.target in _EXPENSIVE_FUNCTIONS
-
-
-def _mutates_an_input(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    if node.op == "call_method":
-        return str(node.target).endswith("_")
-    name = getattr(node.target, "__name__", "")
-    return name.endswith("_") or name.startswith("i") and name[1:] in {"add", "sub", "mul", "truediv"} or bool(node.kwargs.get("inplace"))
 
 
 GRANULARITIES = ("coarse", "fine", "module")

@@ -7,12 +7,19 @@ control flow, unsupported Python) is retried as an opaque leaf: one `call_module
 node that runs it as it is, with a logged warning naming it. Only a top level that
 cannot be captured is an error. Tracing runs on proxies: it allocates no activation
 and changes nothing in the model.
+
+While tracing, `torch.jit.isinstance(value, torch.Tensor)` of a traced value is True
+(a traced value stands for a tensor): answered False, MONAI's `UpCat` left out its
+skip connection and the graph was another network. Asked of any other type, it
+stops the trace, and the module is kept as an opaque leaf.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
+import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
@@ -65,6 +72,25 @@ class _ModuleTracer(fx.Tracer):
                 self.held_until[value.node.name] = last.name
 
 
+@contextlib.contextmanager
+def _traced_values_as_tensors():
+    """`torch.jit.isinstance` answering for traced values (see the module docstring)."""
+    original = torch.jit.isinstance
+
+    def answer(value, target_type):
+        if isinstance(value, fx.Proxy):
+            if target_type is torch.Tensor:
+                return True
+            raise fx.proxy.TraceError(f"torch.jit.isinstance({value}, {target_type}) asks the type of a traced value")
+        return original(value, target_type)
+
+    torch.jit.isinstance = answer
+    try:
+        yield
+    finally:
+        torch.jit.isinstance = original
+
+
 class Captured:
     """The graph of a model: `gm` (a GraphModule sharing the model's parameters),
     `opaque`, the qualified names of submodules kept as opaque leaves, and
@@ -84,7 +110,8 @@ def capture(model: nn.Module) -> Captured:
     for _ in range(sum(1 for _ in model.modules()) + 1):
         tracer = _ModuleTracer(frozenset(opaque))
         try:
-            graph = tracer.trace(model)
+            with _traced_values_as_tensors():
+                graph = tracer.trace(model)
         except Exception as error:
             failed = tracer.failed_in
             if not failed:

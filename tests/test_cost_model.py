@@ -193,3 +193,30 @@ def test_a_layer_scale_parameter_is_profiled_and_trained_like_eager():
     optimized = rewriter.optimize(model, int(0.9 * measured), x, strategies="recompute")
     assert rewriter.measure_peak(optimized, x) <= int(0.9 * measured)
     assert_trains_like(reference, model, optimized, x)
+
+
+def _norms_then_in_place(norm: type) -> nn.Module:
+    layers = [nn.Conv2d(32, 32, 3, padding=1)]
+    for _ in range(4):
+        layers += [norm(32, affine=True), nn.LeakyReLU(0.01, inplace=True), nn.Conv2d(32, 32, 3, padding=1)]
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_an_in_place_op_on_a_view_is_predicted_to_the_byte(norm):
+    # issue 21: InstanceNorm's output is a view of a batch norm over (1, N*C, H, W); an
+    # in-place LeakyReLU after it backpropagates through CopySlices (a gradient of the
+    # base and a copy of the slice), which MONAI's DynUNet does at every block: it was
+    # predicted 2 MiB (two 1 MiB maps) under the measured peak, 9% low on DynUNet
+    torch.manual_seed(0)
+    model = _norms_then_in_place(nn.InstanceNorm2d if norm == "instance" else nn.BatchNorm2d)
+    x = torch.randn(2, 32, 64, 64)  # each map 1 MiB
+    measured = rewriter.measure_peak(model, x)
+    assert rewriter.explain(model, x).predicted_peak_bytes == measured
+    reference = copy.deepcopy(model)
+    budget = int(0.6 * measured)
+    optimized = rewriter.optimize(model, budget, x, strategies="recompute")
+    measured = rewriter.measure_peak(optimized, x)
+    assert measured <= budget
+    assert 0 <= rewriter.explain(optimized, x).predicted_peak_bytes - measured <= 4  # the checkpoint's own scalar
+    assert_trains_like(reference, model, optimized, x)

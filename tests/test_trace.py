@@ -55,3 +55,37 @@ def test_capture_changes_nothing_in_the_model(name, unchanged):
     before = snapshot(model)
     capture(model)
     assert_unchanged(model, before)
+
+
+class _SkipIfGiven(nn.Module):
+    """Branches as MONAI's UpCat does: `torch.jit.isinstance(skip, torch.Tensor)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, skip=None):
+        if skip is not None and torch.jit.isinstance(skip, torch.Tensor):
+            x = torch.cat([x, skip], dim=1)
+        return self.conv(x)
+
+
+class _UsesSkip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(4, 4, 3, padding=1)
+        self.up = _SkipIfGiven()
+
+    def forward(self, x):
+        return self.up(self.down(x), x)
+
+
+def test_a_traced_value_is_a_tensor_to_torch_jit_isinstance():
+    # issue 21: answered False, the skip connection was left out of MONAI's BasicUNet
+    # graph, whose profile then failed ("expected input ... to have 256 channels")
+    model, x = _UsesSkip(), torch.randn(2, 4, 8, 8)
+    captured = capture(model)
+    assert captured.opaque == ()
+    assert any(n.target is torch.cat for n in captured.gm.graph.nodes)
+    torch.testing.assert_close(captured.gm(x), model(x))
+    assert torch.jit.isinstance([1], list[int])  # put back after tracing
