@@ -165,7 +165,9 @@ class _Profiler(OpaqueLeaves):
         # FlopCounterMode hooks module outputs until backward, which would keep an opaque
         # leaf's outputs alive: opaque leaves are counted apart (_opaque_flops)
         apart = opaque or self._is_segment(node.name)
-        with self.tracker, (contextlib.nullcontext() if apart else FlopCounterMode(display=False)) as flops:
+        # the tracker above the FLOP counter: it sees each op as it runs, not the ops the
+        # counter decomposes it into (SiLU's backward into six, where the kernel allocates one)
+        with (contextlib.nullcontext() if apart else FlopCounterMode(display=False)) as flops, self.tracker:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 if opaque:
                     out = self._run_opaque(node, prepared)
@@ -308,7 +310,7 @@ class _Profiler(OpaqueLeaves):
                     p.grad = torch.zeros_like(p)
         self.tracker.poll()
         start = len(self.tracker.events)
-        with self.tracker, (contextlib.nullcontext() if cost.opaque or segment else FlopCounterMode(display=False)) as flops:
+        with (contextlib.nullcontext() if cost.opaque or segment else FlopCounterMode(display=False)) as flops, self.tracker:
             if cost.opaque:  # parameter gradients go into .grad in place, as in a real step
                 with unset_fake_temporarily():
                     torch.autograd.backward(source, inputs=real_inputs + real_params)
