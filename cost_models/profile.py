@@ -34,13 +34,23 @@ from rewriter.cost_models.node_costs import BATCH, Costs, NodeCost
 from rewriter.cost_models.opaque_leaves import OpaqueLeaves, _GradientSource, _state_items
 from rewriter.cost_models.storage_tracker import StorageTracker, storage_key, tensors_in
 
-__all__ = ["profile_graph", "ProfileError"]
+__all__ = ["profile_graph", "ProfileError", "UnreplayableOp"]
 
 log = logging.getLogger(__name__)
 
 
 class ProfileError(ValueError):
     """The inputs or the loss do not fit the model; the message says which and why."""
+
+
+class UnreplayableOp(ProfileError):
+    """A node fails on fake tensors but runs on real ones (a custom op without a fake
+    kernel): `module` is the path of the innermost module that calls it (None at the
+    top level of forward), to keep as an opaque leaf."""
+
+    def __init__(self, message: str, module: str | None):
+        super().__init__(message)
+        self.module = module
 
 
 def _as_expr(value: Any) -> sympy.Expr:
@@ -254,6 +264,33 @@ class _Profiler(OpaqueLeaves):
     def _concrete(self, size) -> int:
         return int(size)
 
+    def _runs_for_real(self, node: fx.Node) -> bool:
+        """Whether `node` runs on real random inputs shaped as its fake ones (on copies of
+        the state it reads: nothing of the model changes)."""
+
+        def real_like(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            make = torch.randn if t.is_floating_point() else torch.zeros
+            return make([self._concrete(s) for s in t.shape], dtype=t.dtype, device=t.device)
+
+        with unset_fake_temporarily():
+            args = tree_map(real_like, fx.node.map_arg(node.args, lambda n: self.values[n.name]))
+            kwargs = tree_map(real_like, fx.node.map_arg(node.kwargs, lambda n: self.values[n.name]))
+            try:
+                with torch.no_grad():
+                    if node.op == "call_module":
+                        module = self.gm.get_submodule(node.target)
+                        state = {k: t.detach().clone() for k, t in _state_items(module)}
+                        functional_call(module, state, args, kwargs)
+                    elif node.op == "call_method":
+                        getattr(args[0], node.target)(*args[1:], **kwargs)
+                    else:
+                        node.target(*args, **kwargs)
+            except Exception:
+                return False
+        return True
+
     # ---- the loss ------------------------------------------------------------------------
     def loss_node(self, output_node: fx.Node) -> None:
         names = [n.name for n in output_node.all_input_nodes]
@@ -465,6 +502,13 @@ class _Profiler(OpaqueLeaves):
                     except ProfileError:
                         raise
                     except Exception as error:
+                        if self._runs_for_real(node):
+                            caller = _caller(node)
+                            raise UnreplayableOp(
+                                f"node {_label(node)!r} ({_op_name(self.gm, node)}) runs on real tensors but not on "
+                                f"fake ones ({type(error).__name__}: {error})"
+                                + ("" if caller else "; call it inside a submodule, which is then kept as an opaque leaf"),
+                                caller) from error
                         raise ProfileError(
                             f"the example inputs {_shapes(self.inputs)} do not fit the model: node "
                             f"{_label(node)!r} ({_op_name(self.gm, node)}) failed with "
@@ -511,6 +555,15 @@ def _module_args(node: fx.Node, gm: fx.GraphModule) -> list[torch.nn.Module]:
 
 def _fetch_attr(gm: fx.GraphModule, target: str):
     return operator.attrgetter(target)(gm)
+
+
+def _caller(node: fx.Node) -> str | None:
+    """The path of the innermost module whose forward calls `node` (a leaf module's own
+    path for its call); None at the top level."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else None
 
 
 def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:

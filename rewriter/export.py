@@ -2,7 +2,8 @@
 
 `save(module, folder)` writes
   module.py   the rewritten forward, and one method per recomputed segment and per
-              unit of an inverted chain, as Python
+              unit of an inverted chain, as Python (and the model's graph in eval
+              mode, where it differs: run after `.eval()`)
   leaves.pt   the leaf layers (Conv2d, BatchNorm2d, ...) by module path
   weights.pt  the state_dict
   plan.json   the plan
@@ -75,8 +76,20 @@ def save(module: fx.GraphModule, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     methods, globals_, segments = [], {}, []
-    forward, used = _method(module, "forward")
+    eval_code = module.__dict__.get("eval_code")  # trace.with_eval_path
+    forward, used = _method(module, "forward" if eval_code is None else "_train_forward")
     globals_.update(used)
+    if eval_code is not None:
+        code, used = _method(eval_code, "_eval_forward")
+        methods.append(code)
+        globals_.update(used)
+        forward = "\n".join([
+            "    def forward(self, *args, **kwargs):",
+            "        step = self._train_forward if self.training else self._eval_forward",
+            "        return step(*args, **kwargs)",
+            "",
+            forward,
+        ])
     owner_paths = {id(m): path for path, m in module.named_modules()}
     for name, child in module.named_children():
         if isinstance(child, InvertChain):
@@ -154,7 +167,8 @@ def _step_targets(step: _Step) -> set[str]:
 
 
 def _call_targets(module: fx.GraphModule) -> set[str]:
-    targets = {n.target for n in module.graph.nodes if n.op == "call_module"}
+    graphs = [module.graph] + ([module.eval_code.graph] if "eval_code" in module.__dict__ else [])
+    targets = {n.target for graph in graphs for n in graph.nodes if n.op == "call_module"}
     # a compressed op is handed its module (get_attr)
     targets |= {n.target for n in module.graph.nodes
                 if n.op == "get_attr" and isinstance(operator.attrgetter(n.target)(module), nn.Module)}

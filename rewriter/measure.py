@@ -10,6 +10,7 @@ is left as it was found: gradients, buffers and the RNG state are restored.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
@@ -35,16 +36,35 @@ def default_loss(output: Any) -> torch.Tensor:
     return loss
 
 
-def as_input_tuple(example_inputs: Any) -> tuple:
-    """Accept one tensor or a sequence of positional inputs."""
+def as_input_tuple(example_inputs: Any, model: nn.Module | None = None) -> tuple:
+    """The inputs of `model.forward`, every parameter in order: from one tensor, a
+    sequence of positional inputs or a dict of inputs by name; parameters not given
+    take their defaults (`forward(x, mask=None)` with `x` alone: `(x, None)`)."""
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
+        example_inputs = (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise InputError(
-        f"example_inputs={type(example_inputs).__name__} is neither a tensor nor a "
-        "tuple of positional inputs; pass model inputs as a tensor or a tuple"
-    )
+        args, kwargs = tuple(example_inputs), {}
+    elif isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    else:
+        raise InputError(
+            f"example_inputs={type(example_inputs).__name__} is neither a tensor, a tuple of positional inputs "
+            "nor a dict of inputs by name; pass model inputs as a tensor, a tuple or a dict"
+        )
+    if model is None:
+        return args
+    signature = inspect.signature(model.forward)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
+        if kwargs:
+            raise InputError(f"example_inputs={sorted(kwargs)} names inputs, but {type(model).__name__}.forward takes "
+                             "*args or **kwargs; pass them as a tuple in forward's order")
+        return args
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as error:
+        raise InputError(f"example_inputs do not match {type(model).__name__}.forward{signature}: {error}") from None
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())
 
 
 @contextlib.contextmanager
@@ -90,7 +110,7 @@ def measure_peak(
     The model's gradients, buffers and RNG state are as they were afterwards.
     """
     check_trainable(model)
-    inputs = as_input_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs, model)
     loss_fn = loss_fn or default_loss
     on_cuda = any(t.is_cuda for t in tensors_in(inputs))
     with preserved_model_state(model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import math
 import re
@@ -22,12 +23,12 @@ from rewriter.cost_models.simulate import simulate
 from rewriter.passes import compress, invert, recompute, registry, row_split
 from rewriter.passes.compressed_ops import BITS
 from rewriter.errors import BudgetError, InputError
-from rewriter.report import keep_all_plan, profile_model_graph
+from rewriter.report import absent_inputs, captured_and_profiled, keep_all_plan, profile_model_graph
 from rewriter.measure import as_input_tuple, check_trainable, default_loss, preserved_model_state
 from rewriter.phases import PhaseClock
 from rewriter.plan import Plan, format_bytes
 from rewriter.solve import Choice, relaxed, solve
-from rewriter.trace import capture
+from rewriter.trace import capture, with_eval_path
 
 __all__ = ["optimize", "apply_plan", "parse_budget", "STRATEGIES", "AVAILABLE_STRATEGIES"]
 
@@ -108,12 +109,12 @@ class _Planner:
         self.inputs = inputs
         self.loss_fn = loss_fn
         self.clock = PhaseClock()
-        with self.clock("capture"):
-            captured = capture(model)
+        with self.clock("profile"):  # the model as Python runs it
+            captured, self.eager = captured_and_profiled(model, inputs, loss_fn, clock=self.clock)
         self.gm = captured.gm
+        self.absent = absent_inputs(model, inputs)
+        self.eval_gm = captured.eval_gm
         self.opaque = captured.opaque
-        with self.clock("profile"):
-            self.eager = self._profile(self.gm, captured.held_until)  # the model as Python runs it
         self.base = dataclasses.replace(self.eager, held_until={})  # as a GraphModule runs it
         self.saved = saved_tensors(self.base)  # every storage the backward keeps, and who keeps it
         self.eager_peak = simulate(self.eager).peak_bytes
@@ -432,7 +433,7 @@ class _Planner:
     def apply(self, assignment: dict[str, str], spans: list[recompute.Segment] = ()) -> fx.GraphModule:
         """The rewritten graph: segments recomputed (`spans` checkpointed around them),
         chains tiled or inverted, groups compressed."""
-        return _rewritten(self.gm, self.decisions(assignment, spans), self.model)
+        return _rewritten(self.gm, self.decisions(assignment, spans), self.model, self.eval_gm)
 
     def plan(self, assignment: dict[str, str], budget: int | None, seconds: dict[str, float],
              spans: list[recompute.Segment] = ()) -> tuple[fx.GraphModule, Plan]:
@@ -499,7 +500,7 @@ class _Planner:
             self.keep_all, nodes=tuple(nodes), predicted_peak_bytes=simulation.peak_bytes,
             baseline_peak_bytes=self.eager_peak, budget_bytes=budget, peak_at=simulation.peak_at,
             peak_held_by=tuple((h.kind, h.node, h.nbytes) for h in peak_holders(rewritten)),
-            decisions=tuple(self.decisions(assignment, spans)), granularity=self.granularity,
+            decisions=tuple(self.decisions(assignment, spans)), granularity=self.granularity, absent=self.absent,
             row_granularity=self.row_granularity,
         )
         return gm, plan
@@ -784,8 +785,9 @@ def _budget_error(budget: int, minimum: int, strategies: tuple[str, ...], lossy:
 
 class LazyOptimized(nn.Module):
     """What `optimize` returns without example inputs: plans on the first call for each
-    input signature (shapes, dtypes, devices) and runs that plan's module. It has the
-    model's state_dict keys and shares its parameters."""
+    input signature (shapes, dtypes, devices) and runs that plan's module; in eval mode
+    or without gradients (no backward: nothing to plan), it runs the model itself. It
+    has the model's state_dict keys and shares its parameters."""
 
     def __init__(self, model: nn.Module, budget: int, loss_fn: Callable, strategies: tuple[str, ...], lossy: Lossy = Lossy()):
         super().__init__()
@@ -798,7 +800,12 @@ class LazyOptimized(nn.Module):
         self._lossy = lossy
         self.plan: Plan | None = None
 
-    def forward(self, *inputs):
+    def forward(self, *args, **kwargs):
+        if not self.training or not torch.is_grad_enabled():  # no backward: nothing to plan, the model as it is
+            self._model.training = self.training
+            return self._model(*args, **kwargs)
+        inputs = as_input_tuple(args, self._model) if not kwargs else as_input_tuple({
+            **dict(zip(inspect.signature(self._model.forward).parameters, args)), **kwargs}, self._model)
         key = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t) for t in inputs)
         if key not in self._planned:
             self._planned[key] = _optimize_for(self._model, self.budget_bytes, inputs, self._loss_fn, self._strategies, self._lossy)
@@ -840,30 +847,30 @@ def optimize(
     loss_fn = loss_fn or default_loss
     if example_inputs is None:
         return LazyOptimized(model, budget, loss_fn, chosen, lossy)
-    return _optimize_for(model, budget, as_input_tuple(example_inputs), loss_fn, chosen, lossy)
+    return _optimize_for(model, budget, as_input_tuple(example_inputs, model), loss_fn, chosen, lossy)
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
     """Rewrite `model` as a stored `plan` says, without solving again."""
     check_trainable(model)
-    captured = capture(model)
+    captured = capture(model, plan.opaque, plan.absent)
     decisions = plan.decisions or _legacy_decisions(captured, plan)
     try:
-        rewritten = _rewritten(captured.gm, decisions, model)
+        rewritten = _rewritten(captured.gm, decisions, model, captured.eval_gm)
     except ValueError as error:
         raise InputError(f"{error}; was the plan made for another model?") from None
     rewritten.plan = plan
     return rewritten
 
 
-def _rewritten(gm: fx.GraphModule, decisions, model: nn.Module) -> fx.GraphModule:
+def _rewritten(gm: fx.GraphModule, decisions, model: nn.Module, eval_gm: fx.GraphModule | None) -> fx.GraphModule:
     """`gm` with `decisions` carried out (`registry.apply`), always a new module with
-    `model`'s state_dict keys."""
+    `model`'s state_dict keys, running `eval_gm` after `.eval()` (`trace.with_eval_path`)."""
     rewritten = registry.apply(gm, decisions)
     if rewritten is gm:
         rewritten = fx.GraphModule(gm, gm.graph, class_name=type(model).__name__)
     recompute.adopt_structure(rewritten, model)
-    return rewritten
+    return with_eval_path(rewritten, eval_gm)
 
 
 def _legacy_decisions(captured, plan: Plan) -> list[registry.Decision]:

@@ -83,6 +83,7 @@ class Plan:
     batch: int = 1
     input_shapes: tuple[tuple[int, ...], ...] = ()
     opaque: tuple[str, ...] = ()
+    absent: tuple[str, ...] = ()  # forward's parameters given as None (traced as None: rewriter.trace.capture)
     decisions: tuple[Decision, ...] = ()  # the rewrites, each with the nodes it covers (passes.registry)
     granularity: str = "coarse"  # how the graph was cut into segments (passes.recompute.segments)
     row_granularity: str = "block"  # how row-split chains were found (passes.row_split.chains)
@@ -161,6 +162,7 @@ class Plan:
         )
         data["input_shapes"] = tuple(tuple(s) for s in data["input_shapes"])
         data["opaque"] = tuple(data["opaque"])
+        data["absent"] = tuple(data.get("absent", ()))  # none in plans written before keyword inputs
         data["decisions"] = tuple(Decision(d["strategy"], d["option"], tuple(d["nodes"]), tuple(d["detail"]))
                                   for d in data.get("decisions", ()))
         legacy = dict(data.pop("legacy", ()))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 from typing import Any, Callable
 
@@ -9,16 +11,17 @@ import torch
 from torch import nn
 
 from rewriter.cost_models.node_costs import BATCH, Costs
-from rewriter.cost_models.profile import ProfileError, profile_graph
+from rewriter.cost_models.profile import ProfileError, UnreplayableOp, profile_graph
 from rewriter.cost_models.saved import saved_tensors
 from rewriter.cost_models.peak_holders import peak_holders
 from rewriter.cost_models.simulate import Simulation, simulate
 from rewriter.errors import InputError
 from rewriter.measure import as_input_tuple, check_trainable, default_loss, preserved_model_state
 from rewriter.plan import NodePlan, Plan
-from rewriter.trace import capture
+from rewriter.trace import Captured, capture
 
-__all__ = ["explain", "largest_batch", "cost_model", "keep_all_plan", "profile_model_graph"]
+__all__ = ["explain", "largest_batch", "cost_model", "keep_all_plan", "profile_model_graph", "captured_and_profiled",
+           "absent_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +34,35 @@ def cost_model(
     training step at the example batch, or (`over_batch`, two traces) with byte counts
     as sympy expressions of the batch size."""
     check_trainable(model)
-    captured = capture(model)
-    return profile_model_graph(
-        model, captured.gm, as_input_tuple(example_inputs), loss_fn or default_loss, captured.opaque, captured.held_until,
-        over_batch,
-    )
+    return captured_and_profiled(model, as_input_tuple(example_inputs, model), loss_fn or default_loss, over_batch)[1]
+
+
+def absent_inputs(model: nn.Module, inputs: tuple) -> tuple[str, ...]:
+    """The parameters of `model.forward` that `inputs` (every parameter, in order) give as None."""
+    names = list(inspect.signature(model.forward).parameters)
+    return tuple(name for name, value in zip(names, inputs) if value is None)
+
+
+def captured_and_profiled(model: nn.Module, inputs: tuple, loss_fn: Callable, over_batch: bool = False,
+                          clock: Callable | None = None) -> tuple[Captured, Costs]:
+    """`model` captured and its graph profiled; a module that calls an op fake tensors
+    cannot run (`UnreplayableOp`) is captured again as an opaque leaf (run for real),
+    with a warning naming it. `clock`: a PhaseClock to time the captures on."""
+    opaque: tuple[str, ...] = ()
+    absent = absent_inputs(model, inputs)
+    while True:
+        with clock("capture") if clock else contextlib.nullcontext():
+            captured = capture(model, opaque, absent)
+        try:
+            return captured, profile_model_graph(model, captured.gm, inputs, loss_fn, captured.opaque,
+                                                 captured.held_until, over_batch)
+        except InputError as error:
+            cause = error.__cause__
+            if not isinstance(cause, UnreplayableOp) or cause.module is None or cause.module in captured.opaque:
+                raise
+            log.warning("%s; module %r is kept as an opaque leaf: its saved tensors are counted, but no strategy "
+                        "rewrites inside it", cause, cause.module)
+            opaque = (*captured.opaque, cause.module)
 
 
 def profile_model_graph(model: nn.Module, gm, inputs: tuple, loss_fn: Callable, opaque: tuple[str, ...], held_until: dict,

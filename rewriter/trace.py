@@ -8,6 +8,11 @@ node that runs it as it is, with a logged warning naming it. Only a top level th
 cannot be captured is an error. Tracing runs on proxies: it allocates no activation
 and changes nothing in the model.
 
+Tracing bakes `self.training` in as a constant (`F.dropout(x, training=self.training)`,
+torchvision's `stochastic_depth`): the model is traced again with every module in
+eval mode, and where that graph differs it is kept as `Captured.eval_gm`, for the
+rewritten module to run after `.eval()` (`with_eval_path`).
+
 While tracing, `torch.jit.isinstance(value, torch.Tensor)` of a traced value is True
 (a traced value stands for a tensor): answered False, MONAI's `UpCat` left out its
 skip connection and the graph was another network. Asked of any other type, it
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 
 import torch
 from torch import fx, nn
@@ -27,7 +33,7 @@ from rewriter.passes.recompute import RecomputeSegment, adopt_structure
 from rewriter.passes.row_split_ops import tiled_chain
 from rewriter.errors import CaptureError, InputError
 
-__all__ = ["capture", "Captured"]
+__all__ = ["capture", "Captured", "with_eval_path"]
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +102,64 @@ class Captured:
     `opaque`, the qualified names of submodules kept as opaque leaves, and
     `held_until`, node name -> the node until which an eager module call holds it."""
 
-    def __init__(self, gm: fx.GraphModule, opaque: tuple[str, ...], held_until: dict[str, str]):
+    def __init__(self, gm: fx.GraphModule, opaque: tuple[str, ...], held_until: dict[str, str],
+                 eval_gm: fx.GraphModule | None = None):
         self.gm = gm
         self.opaque = opaque
         self.held_until = held_until
+        self.eval_gm = eval_gm  # the graph in eval mode, where it differs from `gm`'s
 
 
-def capture(model: nn.Module) -> Captured:
-    """Trace `model` into a GraphModule, making untraceable submodules opaque leaves."""
+def with_eval_path(module: fx.GraphModule, eval_gm: fx.GraphModule | None) -> fx.GraphModule:
+    """`module` running `eval_gm` (a graph of the same model traced in eval mode) while
+    not training; `module` itself where there is none. `eval_gm` is no submodule: the
+    state_dict keys stay the model's."""
+    if eval_gm is None:
+        return module
+    object.__setattr__(module, "eval_code", eval_gm)
+    train_forward = module.forward
+
+    def forward(self, *args, **kwargs):
+        return train_forward(*args, **kwargs) if self.training else self.eval_code(*args, **kwargs)
+
+    module.forward = types.MethodType(forward, module)
+    return module
+
+
+def _eval_graph(model: nn.Module, opaque: tuple[str, ...], absent: tuple[str, ...], graph: fx.Graph) -> fx.GraphModule | None:
+    """`model` traced with every module in eval mode (put back after), where that graph's
+    code differs from `graph`'s; None where it does not, or cannot be traced (logged)."""
+    modes = [(m, m.training) for m in model.modules()]
+    tracer = _ModuleTracer(frozenset(opaque))
+    try:
+        for module, _ in modes:
+            module.training = False
+        with _traced_values_as_tensors():
+            traced = tracer.trace(model, concrete_args=dict.fromkeys(absent) or None)
+    except Exception as error:
+        log.warning("%s cannot be traced in eval mode (%s: %s); after .eval() the rewritten module runs its training "
+                    "graph", type(model).__name__, type(error).__name__, error)
+        return None
+    finally:
+        for module, training in modes:
+            module.training = training
+    if traced.python_code("self").src == graph.python_code("self").src:
+        return None
+    return adopt_structure(fx.GraphModule(tracer.root, traced, class_name=type(model).__name__), model)
+
+
+def capture(model: nn.Module, opaque: tuple[str, ...] = (), absent: tuple[str, ...] = ()) -> Captured:
+    """Trace `model` into a GraphModule, making untraceable submodules opaque leaves, and
+    the modules named in `opaque` (paths) too. `absent`: forward's parameters given as
+    None, traced as None (`if mask is None` takes its branch; the graph asserts None)."""
     if not isinstance(model, nn.Module):
         raise InputError(f"model={type(model).__name__} is not a torch.nn.Module; pass the model object")
-    opaque: list[str] = []
+    opaque: list[str] = list(opaque)
     for _ in range(sum(1 for _ in model.modules()) + 1):
         tracer = _ModuleTracer(frozenset(opaque))
         try:
             with _traced_values_as_tensors():
-                graph = tracer.trace(model)
+                graph = tracer.trace(model, concrete_args=dict.fromkeys(absent) or None)
         except Exception as error:
             failed = tracer.failed_in
             if not failed:
@@ -129,5 +177,5 @@ def capture(model: nn.Module) -> Captured:
             opaque.append(name)
             continue
         gm = adopt_structure(fx.GraphModule(tracer.root, graph, class_name=type(model).__name__), model)
-        return Captured(gm, tuple(opaque), tracer.held_until)
+        return Captured(gm, tuple(opaque), tracer.held_until, _eval_graph(model, tuple(opaque), absent, graph))
     raise CaptureError(f"cannot capture {type(model).__name__}: tracing did not converge")  # pragma: no cover
