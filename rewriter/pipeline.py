@@ -154,7 +154,7 @@ class _Planner:
         saved_by_owner: dict[str, int] = {}
         for tensor in self.saved:
             saved_by_owner[tensor.owner] = saved_by_owner.get(tensor.owner, 0) + tensor.nbytes
-        self.pricing = registry.Pricing(self.base, saved_by_owner, _shapes(self.gm, self.base), self.input_device,
+        self.pricing = registry.Pricing(self.base, saved_by_owner, _shapes(self.gm, self.base, inputs), self.input_device,
                                         self.rerun_seconds)
         self.shapes = self.pricing.shapes
         self.row_granularity = "block"
@@ -757,10 +757,12 @@ def _smallest_budget(peak: int) -> int:
     return budget
 
 
-def _shapes(gm: fx.GraphModule, costs: Costs) -> dict[str, tuple[int, ...]]:
-    """Each node's (first) output shape, the inputs' included."""
+def _shapes(gm: fx.GraphModule, costs: Costs, inputs: tuple) -> dict[str, tuple[int, ...]]:
+    """Each node's (first) output shape, the tensor inputs' included (a float input
+    has none: it took the next tensor input's shape, and a row-split chain took it
+    for a tensor)."""
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    shapes = {name: tuple(shape) for name, shape in zip(placeholders, costs.input_shapes)}
+    shapes = {name: tuple(value.shape) for name, value in zip(placeholders, inputs) if isinstance(value, torch.Tensor)}
     shapes.update({n.name: tuple(n.shapes[0]) for n in costs.nodes if n.shapes})
     return shapes
 

@@ -371,3 +371,32 @@ def test_chains_are_searched_beside_finer_segments_where_coarse_ones_fail():
     assert opt.plan.row_split and opt.plan.segments
     assert measure_peak(opt, x) == opt.plan.predicted_peak_bytes
     assert_fits_and_trains_like(zoo.test_model(), model, opt, x, budget)
+
+
+class _ScaledFirst(nn.Module):
+    """A float input before the image: `scale` multiplies a map of the image's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+
+    def forward(self, scale, x):
+        y = torch.relu(self.a(x)) * scale
+        return self.c(torch.relu(self.b(y)))
+
+
+def test_a_float_input_is_no_tensor_to_row_split():
+    # issue 21: the float took the image's shape (placeholders were matched to tensor
+    # inputs only), so `* scale` joined a chain and tiled_chain failed on the float
+    torch.manual_seed(0)
+    model, inputs = _ScaledFirst(), (0.5, torch.randn(1, 8, 128, 128))
+    reference = copy.deepcopy(model)
+    budget = int(0.6 * measure_peak(model, inputs))
+    opt = rewriter.optimize(model, budget, inputs, strategies="row_split")
+    assert opt.plan.row_split and measure_peak(opt, inputs) <= budget
+    model64, reference64, x64 = copy.deepcopy(model).double(), reference.double(), inputs[1].double()
+    optimized64 = rewriter.apply_plan(model64, opt.plan)
+    for module in (optimized64, reference64):
+        module(0.5, x64).sum().backward()
+    for (name, p), (_, q) in zip(reference64.named_parameters(), model64.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
