@@ -54,7 +54,8 @@ def _build(name: str) -> torch.nn.Module:
     import torchvision
     module, _, short = name.rpartition(".")
     home = getattr(torchvision.models, module) if module else torchvision.models
-    return getattr(home, short)(weights=None, **({} if module else {"num_classes": 10}))
+    options = {"weights_backbone": None} if module else {"num_classes": 10}  # no backbone weights to download
+    return getattr(home, short)(weights=None, **options)
 
 
 def _available(names: list[str]) -> list[str]:

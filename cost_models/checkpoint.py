@@ -23,7 +23,7 @@ import sympy
 
 from rewriter.cost_models.node_costs import Costs, NodeCost
 
-__all__ = ["checkpoint_record", "fresh_uids"]
+__all__ = ["checkpoint_record", "fresh_uids", "owns_output"]
 
 
 def fresh_uids(costs: Costs) -> Iterator[int]:
@@ -63,6 +63,23 @@ class _Storages:
             self.events.append(("free", uid, sympy.Integer(self.size[uid])))
 
 
+def _storages(nodes: list[NodeCost]) -> dict[tuple[str, int], int | None]:
+    """Each element the nodes make -> the storage it is on, None where that is memory
+    from outside them (a view of an input)."""
+    storage: dict[tuple[str, int], int | None] = {}
+    for node in nodes:
+        for k, ref in enumerate(node.outputs):
+            storage[(node.name, k)] = ref[1] if ref[0] == "new" else storage.get(ref[1:]) if ref[0] == "value" else None
+    return storage
+
+
+def owns_output(costs: Costs, members: tuple[str, ...]) -> bool:
+    """Whether the last of `members` makes its output on memory of their own (else a
+    checkpoint of them returns a view of its input: no segment; `checkpoint_record`
+    refuses it)."""
+    return _storages([costs.by_name[m] for m in members])[(members[-1], 0)] is not None
+
+
 def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[str] = frozenset(),
                       uids: Iterator[int] | None = None, scratch: int = 0) -> tuple[NodeCost, dict[int, sympy.Expr]]:
     """The record of `members` (graph order, one output: the last member's) run as one
@@ -76,10 +93,7 @@ def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[st
     inside = set(members)
     size = dict(costs.sizes_at(costs.example_batch))
     added: dict[int, sympy.Expr] = {}
-    storage: dict[tuple[str, int], int | None] = {}  # element made inside -> its storage (None: outside memory)
-    for node in nodes:
-        for k, ref in enumerate(node.outputs):
-            storage[(node.name, k)] = ref[1] if ref[0] == "new" else storage.get(ref[1:]) if ref[0] == "value" else None
+    storage = _storages(nodes)  # element made inside -> its storage (None: outside memory)
     output = (members[-1], 0)
     if storage[output] is None:
         raise ValueError(f"segment ending in {members[-1]!r}: its output is memory from outside the segment")

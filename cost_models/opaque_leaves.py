@@ -79,14 +79,15 @@ class OpaqueLeaves:
         self._apart_bwd_flops[node.name] = sympy.Integer(backward)
         return sympy.Integer(forward), self._apart_bwd_flops[node.name]
 
-    def _opaque_source(self, cost: NodeCost):
-        """A scalar whose backward hands the opaque leaf fresh gradients for its outputs,
-        with the harness holding none of them: inside the window the leaf's own graph
-        frees its saved tensors and incoming gradients as eager backward does."""
+    def _opaque_source(self, cost: NodeCost, layout: dict[int, tuple | None]):
+        """A scalar whose backward hands the opaque leaf fresh gradients for its outputs
+        (laid out as `layout` says per output index: the incoming gradients' strides), with the harness holding
+        none of them: inside the window the leaf's own graph frees its saved tensors and
+        incoming gradients as eager backward does."""
         real_args, real_kwargs, real_out, state = self._opaque_real.pop(cost.name)
         with unset_fake_temporarily():
-            outs = [t for t in tensors_in(real_out) if t.requires_grad]
-            source = _GradientSource.apply(self.tracker, *outs)
+            outs = [(k, t) for k, t in enumerate(tensors_in(real_out)) if t.requires_grad]
+            source = _GradientSource.apply(self.tracker, tuple(layout.get(k) for k, _ in outs), *(t for _, t in outs))
         real_inputs = [t for t in tensors_in((real_args, real_kwargs)) if t.requires_grad]
         params = [p for p in state.values() if p.requires_grad]
         with unset_fake_temporarily():
@@ -96,23 +97,33 @@ class OpaqueLeaves:
 
 
 class _GradientSource(torch.autograd.Function):
-    """Backpropagates random gradients into its inputs, allocated inside backward;
-    `made` lists the tracker uids of the last ones, so their events can be dropped."""
+    """Backpropagates random gradients into its inputs, allocated inside backward and
+    laid out as the incoming gradients are (`strides` per input, None: contiguous: a
+    sum's gradient is a scalar expanded, and a kernel that needs it contiguous copies
+    it); `made` lists the tracker uids of the last ones, so their events can be dropped."""
 
     made: list[int] = []
 
     @staticmethod
-    def forward(ctx, tracker, *outputs):
+    def forward(ctx, tracker, strides, *outputs):
         ctx.tracker = tracker
-        ctx.shapes = [(t.shape, t.dtype, t.device) for t in outputs]
+        ctx.layouts = [(t.shape, stride, t.dtype, t.device) for t, stride in zip(outputs, strides)]
         return outputs[0].new_zeros(())
 
     @staticmethod
     def backward(ctx, _):
-        grads = tuple(torch.randn(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes)
+        grads = tuple(_laid_out(*layout) for layout in ctx.layouts)
         ctx.tracker.poll()
         _GradientSource.made = [ctx.tracker.uid_of(g) for g in grads]
-        return (None, *grads)
+        return (None, None, *grads)
+
+
+def _laid_out(shape, stride, dtype, device) -> torch.Tensor:
+    """Random values of `shape` with `stride` (None: contiguous), on as little storage as that takes."""
+    if stride is None:
+        return torch.randn(shape, dtype=dtype, device=device)
+    extent = 1 + sum((size - 1) * step for size, step in zip(shape, stride)) if all(shape) else 0
+    return torch.randn(extent, dtype=dtype, device=device).as_strided(shape, stride)
 
 
 def _state_items(module: nn.Module):

@@ -338,10 +338,12 @@ class _Profiler(OpaqueLeaves):
         # a node of many ops frees its incoming gradient after its first op: feed it
         # through a gradient source that the harness does not hold (see _GradientSource)
         segment = self._is_segment(cost.name)
+        # the incoming gradients' layouts (None: contiguous), by output index
+        layout = {k: None if g is None or g.is_contiguous() else tuple(g.stride()) for k, g in zip(indices, grad_outs)}
         if cost.opaque:
-            source, real_inputs, real_params = self._opaque_source(cost)
+            source, real_inputs, real_params = self._opaque_source(cost, layout)
         elif segment:
-            source = _GradientSource.apply(self.tracker, *outs)
+            source = _GradientSource.apply(self.tracker, tuple(layout[k] for k in indices), *outs)
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -376,6 +378,9 @@ class _Profiler(OpaqueLeaves):
                 results, param_results = results[: len(targets)], results[len(targets):]
             self.tracker.poll()
         events = _own_events(self.tracker.events[start:], cost.fwd_events)
+        if cost.opaque:  # its real outputs die with its graph here, but the caller holds the model's output
+            held = {ref[1] for ref in cost.outputs if ref[0] == "new" and cost.name in self._model_outputs}
+            events = [e for e in events if not (e[0] == "free" and e[1] in held)]
         if segment:  # eager hands on the gradients themselves: drop the copies, keep them alive
             copies = {self.tracker.uid_of(leaf.grad) for e, leaf in targets if leaf.grad is not None} - set(arrived.values())
             handed_on = set(arrived.values())
@@ -514,6 +519,7 @@ class _Profiler(OpaqueLeaves):
                             f"{_label(node)!r} ({_op_name(self.gm, node)}) failed with "
                             f"{type(error).__name__}: {error}"
                         ) from error
+            self._model_outputs = {n.name for n in output_node.all_input_nodes}
             self.loss_node(output_node)
             for cost in reversed(self.costs):
                 self.backward_node(cost)

@@ -11,8 +11,9 @@ own code:
 - "full": everything inside is rerun.
 
 BatchNorm running statistics and `num_batches_tracked` are updated once per step: the
-recomputation runs between a snapshot and a restore of the segment's BatchNorm
-buffers. Dropout draws the same masks: the RNG state is preserved for the rerun.
+recomputation runs between a snapshot and a restore of every buffer the segment's code
+holds (a BatchNorm module's, or one its code reads itself: timm's BatchNormAct2d is
+traced through and updates its statistics in the graph). Dropout draws the same masks: the RNG state is preserved for the rerun.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from rewriter.cost_models.in_place import mutates_an_input as _mutates_an_input
@@ -93,16 +93,16 @@ class RecomputeSegment(nn.Module):
     rewritten model has the state_dict keys of the original.
     """
 
-    def __init__(self, code, mode: str, norms: list[nn.Module] | None = None, keeps_output: bool = False):
+    def __init__(self, code, mode: str, buffers: list[torch.Tensor] | None = None, keeps_output: bool = False):
         """`code` runs the segment: a GraphModule over the owner's submodules, or any
-        callable (an exported module's method), then with `norms`, the BatchNorm
-        modules it calls. `keeps_output`: the output comes from an op whose outputs
-        selective mode keeps, so the checkpoint holds it until the segment's backward."""
+        callable (an exported module's method), then with `buffers`, the buffers it
+        holds. `keeps_output`: the output comes from an op whose outputs selective mode
+        keeps, so the checkpoint holds it until the segment's backward."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
         object.__setattr__(self, "checkpointed_code", code)
-        object.__setattr__(self, "_norms", norms)
+        object.__setattr__(self, "_restored", buffers)
         self.mode = mode
         self.keeps_output = keeps_output and mode == "selective"
 
@@ -126,19 +126,17 @@ class RecomputeSegment(nn.Module):
             found.update((id(p), p) for p in inner.code_parameters())
         return list(found.values())
 
-    def norms(self) -> list[nn.Module]:
-        """The BatchNorm modules the segment calls, nested segments' included: the
-        rerun of an outer segment runs its inner ones forward too."""
-        if self._norms is not None:
-            return list(self._norms)
-        found = {id(m): m for m in self.checkpointed_code.modules() if isinstance(m, _BatchNorm)}
-        for inner in self.inner():
-            found.update((id(m), m) for m in inner.norms())
-        return list(found.values())
-
     def stat_buffers(self) -> list[torch.Tensor]:
-        """The BatchNorm buffers (running statistics, counts) of the segment."""
-        return [b for m in self.norms() for b in m.buffers()]
+        """The buffers its rerun restores: every buffer its code holds (BatchNorm
+        statistics and counts, and any other a module or the code itself updates),
+        nested segments' included (the rerun of an outer segment runs its inner ones
+        forward too)."""
+        if self._restored is not None:
+            return list(self._restored)
+        found = {id(b): b for b in self.checkpointed_code.buffers()}
+        for inner in self.inner():
+            found.update((id(b), b) for b in inner.stat_buffers())
+        return list(found.values())
 
     def run(self, code, *inputs, stat_buffers: list[torch.Tensor] | None = None):
         """Checkpoint `code` (the segment's code, or a stand-in with the same signature,
@@ -408,11 +406,21 @@ def apply(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
 
 
 def norm_bytes(gm: fx.GraphModule, segment: Segment) -> int:
-    """Bytes of the BatchNorm buffers a segment's nodes call: the copies its rerun takes."""
+    """Bytes of the buffers a segment's code holds (`RecomputeSegment.stat_buffers`):
+    the copies its rerun takes."""
     names = set(segment.nodes)
-    modules = {node.target: gm.get_submodule(node.target) for node in gm.graph.nodes
-               if node.name in names and node.op == "call_module"}
-    return sum(b.numel() * b.element_size() for m in modules.values() if isinstance(m, _BatchNorm) for b in m.buffers())
+    found: dict[int, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        if node.name not in names:
+            continue
+        held = [gm.get_submodule(node.target)] if node.op == "call_module" else []
+        held += [operator.attrgetter(a.target)(gm) for a in node.all_input_nodes if a.op == "get_attr"]
+        for value in held:
+            if isinstance(value, nn.Module):
+                found.update((id(b), b) for b in value.buffers())
+            elif isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                found[id(value)] = value
+    return sum(b.numel() * b.element_size() for b in found.values())
 
 
 def rewrite(gm: fx.GraphModule, chosen: dict[str, str], all_segments: list[Segment],

@@ -91,6 +91,7 @@ def save(module: fx.GraphModule, folder: str | Path) -> Path:
             forward,
         ])
     owner_paths = {id(m): path for path, m in module.named_modules()}
+    buffer_paths = {id(b): path for path, b in module.named_buffers()}
     for name, child in module.named_children():
         if isinstance(child, InvertChain):
             specs = [_step_spec(step, f"_{name}_{i}", owner_paths, methods, globals_) for i, step in enumerate(child.steps)]
@@ -99,9 +100,9 @@ def save(module: fx.GraphModule, folder: str | Path) -> Path:
             code, used = _method(child.checkpointed_code, f"_{name}")
             methods.append(code)
             globals_.update(used)
-            norms = [owner_paths[id(m)] for m in child.norms()]
+            buffers = [buffer_paths[id(b)] for b in child.stat_buffers()]
             segments.append(
-                f"        self.{name} = rewriter.export.segment(self, self._{name}, {child.mode!r}, {norms!r}, {child.keeps_output!r})"
+                f"        self.{name} = rewriter.export.segment(self, self._{name}, {child.mode!r}, {buffers!r}, {child.keeps_output!r})"
             )
     targets = _call_targets(module)
     modules = {
@@ -198,9 +199,18 @@ def build(owner: nn.Module, leaves: dict) -> None:
         owner.register_buffer(name, buffer)
 
 
-def segment(owner: nn.Module, code, mode: str, norms: list[str], keeps_output: bool) -> RecomputeSegment:
-    """A RecomputeSegment running one of `owner`'s methods."""
-    return RecomputeSegment(code, mode, [owner.get_submodule(path) for path in norms], keeps_output)
+def segment(owner: nn.Module, code, mode: str, buffers: list[str], keeps_output: bool) -> RecomputeSegment:
+    """A RecomputeSegment running one of `owner`'s methods, restoring the buffers at
+    `buffers` (paths; in modules saved before 2026-12-06, BatchNorm module paths: all
+    their buffers)."""
+
+    def at(path: str) -> list[torch.Tensor]:
+        try:
+            return [owner.get_buffer(path)]
+        except AttributeError:
+            return list(owner.get_submodule(path).buffers())
+
+    return RecomputeSegment(code, mode, [b for path in buffers for b in at(path)], keeps_output)
 
 
 def invert_chain(owner: nn.Module, specs: list[dict]) -> InvertChain:

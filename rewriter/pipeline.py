@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from rewriter.cost_models.checkpoint import checkpoint_record, fresh_uids, nest
+from rewriter.cost_models.checkpoint import checkpoint_record, fresh_uids, nest, owns_output
 from rewriter.cost_models.compose import Composer
 from rewriter.cost_models.node_costs import BATCH, Costs
 from rewriter.cost_models.runtime import ROOFLINES, node_seconds
@@ -120,7 +120,7 @@ class _Planner:
         self.eager_peak = simulate(self.eager).peak_bytes
         self.keep_all = keep_all_plan(self.base, simulate(self.base))
         self.granularity = "coarse"
-        self.segments = recompute.segments(self.gm, self.opaque) if "recompute" in strategies else []
+        self.segments = self._segments("coarse") if "recompute" in strategies else []
         self._tried: list[list] = []  # the segment lists `use` has handed out
         self._spans: dict[tuple[str, int, int], recompute.Segment | None] = {}
         self._norm_bytes: dict[tuple[str, ...], int] = {}  # segment or span nodes -> its BatchNorm buffers' bytes
@@ -192,12 +192,17 @@ class _Planner:
     def use(self, granularity: str) -> bool:
         """Cut the graph into segments this way; False if an earlier `use` gave the same
         segments (nothing new to search)."""
-        found = recompute.segments(self.gm, self.opaque, granularity)
+        found = self._segments(granularity)
         if found in self._tried:
             return False
         self._tried.append(found)
         self.granularity, self.segments, self.alternatives = granularity, found, {}
         return True
+
+    def _segments(self, granularity: str) -> list[recompute.Segment]:
+        """`recompute.segments` cut this way, less those whose output is a view of what
+        they read (a trailing `flatten`: a checkpoint would return its input's memory)."""
+        return [s for s in recompute.segments(self.gm, self.opaque, granularity) if owns_output(self.base, s.nodes)]
 
     def profile_modes(self, row_modes: tuple[str, ...] = tuple(_ROW_MODES)) -> None:
         """The records plans are composed from: every segment in each recompute mode (or,

@@ -45,6 +45,10 @@ class _ModuleTracer(fx.Tracer):
         # a module rewritten before (row-split) calls tiled_chain, whose tiling branches
         # on sizes: it stays one call, as the rewrite made it
         super().__init__(autowrap_functions=(tiled_chain,))
+        # buffers read in forward are traced values: an in-place update of one (timm's
+        # BatchNormAct2d counts num_batches_tracked itself) is a node of the graph, not a
+        # change made to the model while tracing and missing from every step after
+        self.proxy_buffer_attributes = True
         self.opaque = opaque
         self.path_stack: list[str] = []
         self.failed_in: list[str] | None = None

@@ -1,6 +1,7 @@
 """optimize(): the measured peak under the budget, and training exactly as the model does."""
 
 import collections
+import copy
 import dataclasses
 import pickle
 
@@ -244,3 +245,27 @@ def test_planning_logs_each_phase_with_its_seconds(caplog):
     assert {"capture", "profile", "time nodes", "price", "solve", "verify"} <= set(record.phases)
     assert all(seconds >= 0 for seconds in record.phases.values())
     assert record.getMessage().startswith("planning took ")
+
+
+class _FlattenedLast(nn.Module):
+    """As torchvision's SqueezeNet ends: a classifier module, then torch.flatten at the top level."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(*[m for _ in range(4) for m in (nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())])
+        self.classifier = nn.Sequential(nn.Conv2d(8, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x):
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
+def test_a_segment_whose_output_views_its_input_is_no_candidate():
+    # issue 21: module-sized segments cut a trailing flatten alone, a view of the pooling
+    # before it, and composing its record raised "its output is memory from outside the
+    # segment" (torchvision SqueezeNet and GoogLeNet; timm RegNet, ReXNet, DLA, CSPNet, VGG)
+    torch.manual_seed(0)
+    model, x = _FlattenedLast(), torch.randn(2, 8, 32, 32)
+    reference = copy.deepcopy(model)
+    optimized, budget = optimized_within(model, x, 0.6)
+    assert rewriter.measure_peak(optimized, x) <= budget
+    assert_trains_like(reference, model, optimized, x)
