@@ -29,6 +29,7 @@ from torch import fx, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from rewriter.cost_models.in_place import mutates_an_input as _mutates_an_input
+from rewriter.cost_models.in_place import written_through
 from rewriter.cost_models.runtime import synchronizer
 from rewriter.passes.registry import Candidate, Decision, Pricing
 
@@ -338,14 +339,15 @@ def _rerun_inputs(run: list[fx.Node], start: int, mutated_at: dict[fx.Node, list
 
 def _order(gm: fx.GraphModule):
     """The compute nodes in order, each one's position, the position of its last use
-    (past the end: used by the output), and the positions that change it in place."""
+    (past the end: used by the output), and the positions that change its memory in
+    place (directly, or through identities and views of it)."""
     nodes = [n for n in gm.graph.nodes if n.op in _COMPUTE]
     position = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max([position.get(u, len(nodes)) for u in n.users] or [position[n]]) for n in nodes}
     mutated_at: dict[fx.Node, list[int]] = {}
     for i, n in enumerate(nodes):
-        if _mutates_an_input(gm, n) and n.all_input_nodes:
-            mutated_at.setdefault(n.all_input_nodes[0], []).append(i)
+        for written in written_through(gm, n):  # through identities and views too
+            mutated_at.setdefault(written, []).append(i)
     return nodes, position, last_use, mutated_at
 
 

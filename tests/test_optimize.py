@@ -269,3 +269,35 @@ def test_a_segment_whose_output_views_its_input_is_no_candidate():
     optimized, budget = optimized_within(model, x, 0.6)
     assert rewriter.measure_peak(optimized, x) <= budget
     assert_trains_like(reference, model, optimized, x)
+
+
+class _IdentityThenInPlace(nn.Module):
+    """As timm's MobileNetV3 head: an nn.Identity norm, then an in-place Hardswish."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(*[m for _ in range(4) for m in (nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.conv_head = nn.Conv2d(8, 64, 1)
+        self.norm_head = nn.Identity()
+        self.act2 = nn.Hardswish(inplace=True)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.conv_head(self.pool(self.features(x)))
+        return self.classifier(self.flatten(self.act2(self.norm_head(x))))
+
+
+def test_an_in_place_op_through_an_identity_changes_no_segment_input():
+    # issue 21: a segment began at the Identity and so read the head convolution's output,
+    # which the in-place Hardswish then wrote over: the checkpoint's saved input was
+    # modified ("modified by an inplace operation ... output 0 of Hardswish")
+    torch.manual_seed(0)
+    model, x = _IdentityThenInPlace(), torch.randn(2, 8, 32, 32)
+    reference = copy.deepcopy(model)
+    found = segments(capture(model).gm, (), "coarse")
+    assert not any(s.nodes[0] == "norm_head" for s in found)
+    optimized, budget = optimized_within(model, x, 0.5)
+    assert rewriter.measure_peak(optimized, x) <= budget
+    assert_trains_like(reference, model, optimized, x)
