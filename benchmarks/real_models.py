@@ -110,7 +110,7 @@ def _row(name: str, size: int) -> str:
         fits = f"BudgetError, {caught.minimum_bytes / measured:.3f}x"
     plan_s = time.perf_counter() - start
     exact = _exact(name, model, optimized, reference, x)
-    times = step_seconds({"eager": reference, "rewriter": optimized}, x, rounds=5)
+    times = step_seconds({"eager": reference, "rewriter": optimized}, x, rounds=5, loss_fn=rewriter.measure.default_loss)
     try:
         rewriter.optimize(model, 1, x)
         smallest = "?"

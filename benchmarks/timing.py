@@ -7,14 +7,14 @@ import torch
 from torch import nn
 
 
-def step_seconds(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 9) -> dict[str, float]:
-    """Median seconds of a training step (`model(x).sum().backward()`) of each model, the
-    models taking turns each round (so that the machine's drift hits all alike), after
-    a warm-up step of each."""
+def step_seconds(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 9, loss_fn=torch.sum) -> dict[str, float]:
+    """Median seconds of a training step (`loss_fn(model(x)).backward()`) of each model,
+    the models taking turns each round (so that the machine's drift hits all alike),
+    after a warm-up step of each."""
     def step(model):
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        model(x).sum().backward()
+        loss_fn(model(x)).backward()
         if x.is_cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start

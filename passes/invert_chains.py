@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from rewriter.passes.recompute import _mutates_an_input
+from rewriter.cost_models.in_place import mutates_an_input as _mutates_an_input
 
 __all__ = ["Unit", "Chain", "chains", "chain_between", "calibrate", "MAX_AMPLIFICATION"]
 

@@ -28,7 +28,6 @@ import torch
 from torch import fx, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from rewriter.cost_models.in_place import mutates_an_input as _mutates_an_input
 from rewriter.cost_models.in_place import written_through
 from rewriter.cost_models.runtime import synchronizer
 from rewriter.passes.registry import Candidate, Decision, Pricing
@@ -294,9 +293,9 @@ def segments(gm: fx.GraphModule, opaque: tuple[str, ...] = (), granularity: str 
             outside = _rerun_inputs(run, start, mutated_at, opaque)
             if closes and outside is not None:
                 expensive_nodes = {m for m in run if _is_expensive(gm, m)}
-                selective_ok = not any(
-                    _mutates_an_input(gm, m) and m.all_input_nodes and m.all_input_nodes[0] in expensive_nodes for m in run
-                )
+                # selective mode keeps these outputs: none may be written over later, in the
+                # run or after it, directly or through an identity or a view (timm RegNetY)
+                selective_ok = not any(m in mutated_at for m in expensive_nodes)
                 found.append(Segment(
                     tuple(m.name for m in run), tuple(a.name for a in outside), node.name,
                     tuple(m.name for m in run if m in expensive_nodes), selective_ok,
@@ -377,7 +376,7 @@ def segment_over(gm: fx.GraphModule, nodes: tuple[str, ...], what: str = "segmen
     where they are not all in `gm`, or where a value made inside other than the last
     node's is used after them (a plan made for another model). `order`: `_order(gm)`,
     if at hand."""
-    order, position, last_use, _ = order or _order(gm)
+    order, position, last_use, mutated_at = order or _order(gm)
     named = {n.name: n for n in order}
     missing = [n for n in nodes if n not in named]
     if missing:
@@ -392,7 +391,7 @@ def segment_over(gm: fx.GraphModule, nodes: tuple[str, ...], what: str = "segmen
     members = set(run)
     outside = [a for a in dict.fromkeys(a for m in run for a in m.all_input_nodes) if a not in members and a.op != "get_attr"]
     expensive = {m for m in run if _is_expensive(gm, m)}
-    selective_ok = not any(_mutates_an_input(gm, m) and m.all_input_nodes and m.all_input_nodes[0] in expensive for m in run)
+    selective_ok = not any(m in mutated_at for m in expensive)
     return Segment(tuple(nodes), tuple(a.name for a in outside), nodes[-1],
                    tuple(m.name for m in run if m in expensive), selective_ok and what == "segment")
 

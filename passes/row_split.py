@@ -29,7 +29,8 @@ from torch import fx, nn
 from rewriter.passes import row_split_ops
 from rewriter.cost_models.node_costs import BATCH
 from rewriter.passes.names import fresh_name
-from rewriter.passes.recompute import _ends_scope, _mutates_an_input
+from rewriter.cost_models.in_place import mutates_an_input as _mutates_an_input
+from rewriter.passes.recompute import _ends_scope
 from rewriter.passes.registry import Candidate, Decision, Pricing
 from rewriter.passes.row_split_ops import rows_computed
 

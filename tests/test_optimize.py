@@ -301,3 +301,18 @@ def test_an_in_place_op_through_an_identity_changes_no_segment_input():
     optimized, budget = optimized_within(model, x, 0.5)
     assert rewriter.measure_peak(optimized, x) <= budget
     assert_trains_like(reference, model, optimized, x)
+
+
+def test_selective_mode_is_not_offered_where_an_identity_hands_a_kept_output_to_an_in_place_op():
+    # issue 21 (timm RegNetY): conv -> nn.Identity -> in-place ReLU wrote over the
+    # convolution's output, which selective mode keeps: "Tensor cached during selective
+    # activation checkpoint has been mutated"
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(8, 8, 3, padding=1), nn.Identity(), nn.ReLU(inplace=True))])
+    x = torch.randn(2, 8, 32, 32)
+    found = segments(capture(model).gm)
+    assert found and all(s.modes() == ("full",) for s in found if s.expensive)
+    reference = copy.deepcopy(model)
+    optimized, budget = optimized_within(model, x, 0.6)
+    assert rewriter.measure_peak(optimized, x) <= budget
+    assert_trains_like(reference, model, optimized, x)
