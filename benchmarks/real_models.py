@@ -148,7 +148,8 @@ def main() -> None:
     lines = [
         f"# Real models on {platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}",
         "",
-        f"Command: `python benchmarks/real_models.py --size {args.size}{' --models ' + ' '.join(args.models) if models_given else ''}`."
+        f"Command: `python benchmarks/real_models.py --size {args.size} --limit {args.limit}"
+        f"{' --models ' + ' '.join(args.models) if models_given else ''}`."
         f" Inputs 2x3x{args.size}x{args.size}, train mode,",
         "no weights. Peaks in bytes as `measure_peak` counts them; 0.5x: `optimize` at half the measured peak (default",
         "strategies; on BudgetError, the plan the error names); plan s: its planning wall time; step: median training step",
