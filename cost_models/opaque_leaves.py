@@ -25,6 +25,12 @@ __all__ = ["OpaqueLeaves"]
 
 
 class OpaqueLeaves:
+    def _real(self, t: torch.Tensor) -> torch.Tensor:
+        """A real tensor shaped as `t` (a fake), of its dtype and device: random floats, or zeros."""
+        make = torch.randn if t.is_floating_point() else torch.zeros
+        with unset_fake_temporarily():
+            return make([self._concrete(s) for s in t.shape], dtype=t.dtype, device=t.device)
+
     def _prepare_opaque(self, node: fx.Node, args, kwargs):
         """Real random inputs of the right shapes and copies of an opaque leaf's state,
         made before its window opens, so that only the leaf's own work is tracked."""
@@ -33,11 +39,7 @@ class OpaqueLeaves:
         def real_like(t):
             if not isinstance(t, torch.Tensor):
                 return t
-            shape = [self._concrete(s) for s in t.shape]
-            with unset_fake_temporarily():
-                make = torch.randn if t.is_floating_point() else torch.zeros
-                real = make(shape, dtype=t.dtype, device=t.device)
-                real.requires_grad_(t.requires_grad)
+            real = self._real(t).requires_grad_(t.requires_grad)
             owner = self.owner.get(storage_key(t))
             if owner:
                 self.owner[storage_key(real)] = owner

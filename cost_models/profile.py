@@ -269,10 +269,7 @@ class _Profiler(OpaqueLeaves):
         the state it reads: nothing of the model changes)."""
 
         def real_like(t):
-            if not isinstance(t, torch.Tensor):
-                return t
-            make = torch.randn if t.is_floating_point() else torch.zeros
-            return make([self._concrete(s) for s in t.shape], dtype=t.dtype, device=t.device)
+            return self._real(t) if isinstance(t, torch.Tensor) else t
 
         with unset_fake_temporarily():
             args = tree_map(real_like, fx.node.map_arg(node.args, lambda n: self.values[n.name]))

@@ -19,7 +19,7 @@ from torch import nn
 from rewriter.errors import InputError
 from rewriter.cost_models.storage_tracker import StorageTracker, tensors_in
 
-__all__ = ["measure_peak", "default_loss", "as_input_tuple", "preserved_model_state", "check_trainable"]
+__all__ = ["measure_peak", "default_loss", "as_input_tuple", "bind_inputs", "preserved_model_state", "check_trainable"]
 
 
 def default_loss(output: Any) -> torch.Tensor:
@@ -51,8 +51,12 @@ def as_input_tuple(example_inputs: Any, model: nn.Module | None = None) -> tuple
             f"example_inputs={type(example_inputs).__name__} is neither a tensor, a tuple of positional inputs "
             "nor a dict of inputs by name; pass model inputs as a tensor, a tuple or a dict"
         )
-    if model is None:
-        return args
+    return args if model is None else bind_inputs(model, args, kwargs)
+
+
+def bind_inputs(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """Every parameter of `model.forward`, in order, from a call's `args` and `kwargs`
+    (defaults for the rest); `args` alone where forward takes *args or **kwargs."""
     signature = inspect.signature(model.forward)
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
         if kwargs:

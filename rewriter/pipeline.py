@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import logging
 import math
 import re
@@ -23,8 +22,8 @@ from rewriter.cost_models.simulate import simulate
 from rewriter.passes import compress, invert, recompute, registry, row_split
 from rewriter.passes.compressed_ops import BITS
 from rewriter.errors import BudgetError, InputError
-from rewriter.report import absent_inputs, captured_and_profiled, keep_all_plan, profile_model_graph
-from rewriter.measure import as_input_tuple, check_trainable, default_loss, preserved_model_state
+from rewriter.report import captured_and_profiled, keep_all_plan, profile_model_graph
+from rewriter.measure import as_input_tuple, bind_inputs, check_trainable, default_loss, preserved_model_state
 from rewriter.phases import PhaseClock
 from rewriter.plan import Plan, format_bytes
 from rewriter.solve import Choice, relaxed, solve
@@ -112,7 +111,7 @@ class _Planner:
         with self.clock("profile"):  # the model as Python runs it
             captured, self.eager = captured_and_profiled(model, inputs, loss_fn, clock=self.clock)
         self.gm = captured.gm
-        self.absent = absent_inputs(model, inputs)
+        self.absent = captured.absent
         self.eval_gm = captured.eval_gm
         self.opaque = captured.opaque
         self.base = dataclasses.replace(self.eager, held_until={})  # as a GraphModule runs it
@@ -226,7 +225,7 @@ class _Planner:
         for mode in row_modes if self.tiled else ():
             key = (self.row_granularity, mode)
             if key not in self.tiled_profiles:
-                chosen = {c.output: self.tiling(c, mode) for c in self.tiled}
+                chosen = {c.output: self.tilings.tiling(c, mode) for c in self.tiled}
                 self.tiled_profiles[key] = self._profile(row_split.rewrite(self.gm, chosen, self.tiled), {})
             self.alternatives[mode] = self.tiled_profiles[key]
         for mode, forms in self.forms.items() if self.groups else ():
@@ -403,9 +402,6 @@ class _Planner:
     def choices(self) -> tuple[list[Choice], dict[str, tuple[str, ...]]]:
         """The solver's choices over the candidates offered, and each one's options by name."""
         return [c.choice() for c in self.offered.values()], {k: c.options for k, c in self.offered.items()}
-
-    def tiling(self, chain: row_split.Chain, mode: str) -> tuple[int, str]:
-        return self.tilings.tiling(chain, mode)
 
     def _compressed_forms(self, assignment: dict[str, str]) -> dict[str, str]:
         return {n: self.forms[assignment[g.key]][n] for g in self.groups if g.key in assignment for n in g.nodes}
@@ -811,8 +807,7 @@ class LazyOptimized(nn.Module):
         if not self.training or not torch.is_grad_enabled():  # no backward: nothing to plan, the model as it is
             self._model.training = self.training
             return self._model(*args, **kwargs)
-        inputs = as_input_tuple(args, self._model) if not kwargs else as_input_tuple({
-            **dict(zip(inspect.signature(self._model.forward).parameters, args)), **kwargs}, self._model)
+        inputs = bind_inputs(self._model, args, kwargs)
         key = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t) for t in inputs)
         if key not in self._planned:
             self._planned[key] = _optimize_for(self._model, self.budget_bytes, inputs, self._loss_fn, self._strategies, self._lossy)

@@ -107,8 +107,9 @@ class Captured:
     `held_until`, node name -> the node until which an eager module call holds it."""
 
     def __init__(self, gm: fx.GraphModule, opaque: tuple[str, ...], held_until: dict[str, str],
-                 eval_gm: fx.GraphModule | None = None):
+                 eval_gm: fx.GraphModule | None = None, absent: tuple[str, ...] = ()):
         self.gm = gm
+        self.absent = absent  # forward's parameters traced as None
         self.opaque = opaque
         self.held_until = held_until
         self.eval_gm = eval_gm  # the graph in eval mode, where it differs from `gm`'s
@@ -181,5 +182,5 @@ def capture(model: nn.Module, opaque: tuple[str, ...] = (), absent: tuple[str, .
             opaque.append(name)
             continue
         gm = adopt_structure(fx.GraphModule(tracer.root, graph, class_name=type(model).__name__), model)
-        return Captured(gm, tuple(opaque), tracer.held_until, _eval_graph(model, tuple(opaque), absent, graph))
+        return Captured(gm, tuple(opaque), tracer.held_until, _eval_graph(model, tuple(opaque), absent, graph), absent)
     raise CaptureError(f"cannot capture {type(model).__name__}: tracing did not converge")  # pragma: no cover
