@@ -33,7 +33,7 @@ from rewriter.cost_models.runtime import synchronizer
 from rewriter.passes.registry import Candidate, Decision, Pricing
 
 __all__ = ["RecomputeSegment", "Segment", "MODES", "SPAN", "GRANULARITIES", "segments", "candidates", "apply", "rewrite",
-           "segment_over", "adopt_structure", "replace_runs", "KEPT_OPS", "overhead_seconds", "norm_bytes", "span"]
+           "segment_over", "adopt_structure", "replace_runs", "KEPT_OPS", "overhead_seconds", "norm_bytes", "span", "spannable"]
 
 MODES = ("selective", "full")
 SPAN = "span"  # a decision's option for a nested checkpoint around segments (`span`)
@@ -509,3 +509,31 @@ def _segment_code(gm: fx.GraphModule, segment: Segment) -> tuple[fx.GraphModule,
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(env[next(n for n in inside if n.name == segment.output)])
     return fx.GraphModule(gm, graph, class_name="Segment"), outside
+
+
+def spannable(gm: fx.GraphModule, segments: list[Segment], starts: list[int], ends: list[int],
+              opaque: tuple[str, ...] = ()) -> set[tuple[int, int]]:
+    """The pairs (s, j), s in `starts`, j in `ends`, s < j (segment indexes), for which
+    `span` over segments s..j is not None, worked out in one pass per start."""
+    nodes, position, last_use, mutated_at = _order(gm)
+    named = {n.name: n for n in nodes}
+    found = set()
+    for s in starts:
+        start = position[named[segments[s].nodes[0]]]
+        reach, p, blocked = -1, start, False  # the furthest use of a node absorbed so far
+        for j in sorted(e for e in ends if e > s):
+            end = position[named[segments[j].output]]
+            while p <= end and not blocked:
+                node = nodes[p]
+                outside = [a for a in node.all_input_nodes if a.op != "get_attr" and position.get(a, -1) < start]
+                blocked = (any(a in mutated_at and any(k >= start for k in mutated_at[a]) for a in outside)
+                           or node.op == "call_module" and node.target in opaque)
+                if p < end:
+                    reach = max(reach, last_use[node])
+                p += 1
+            if blocked:
+                break
+            if reach <= end < last_use[nodes[end]]:
+                found.add((s, j))
+            reach = max(reach, last_use[nodes[end]])
+    return found

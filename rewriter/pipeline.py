@@ -19,6 +19,7 @@ from rewriter.cost_models.runtime import ROOFLINES, node_seconds
 from rewriter.cost_models.saved import saved_tensors
 from rewriter.cost_models.peak_holders import peak_holders
 from rewriter.cost_models.simulate import simulate
+from rewriter.cost_models.stage_costs import stage_costs
 from rewriter.passes import compress, invert, recompute, registry, row_split
 from rewriter.passes.compressed_ops import BITS
 from rewriter.errors import BudgetError, InputError
@@ -26,6 +27,7 @@ from rewriter.report import captured_and_profiled, keep_all_plan, profile_model_
 from rewriter.measure import as_input_tuple, bind_inputs, check_trainable, default_loss, preserved_model_state
 from rewriter.phases import PhaseClock
 from rewriter.plan import Plan, format_bytes
+from rewriter import schedule
 from rewriter.solve import Choice, relaxed, solve
 from rewriter.trace import capture, with_eval_path
 
@@ -74,6 +76,7 @@ _INVERT = invert.KEY
 _COMPRESS = compress.KEY
 _ROWS = row_split.KEY
 _ROW_MODES = row_split.MODES  # one profile per tile count, every chain so tiled
+STAGES = 64  # the most stages the schedule solver takes (neighbouring segments join into one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +124,7 @@ class _Planner:
         self.granularity = "coarse"
         self.segments = self._segments("coarse") if "recompute" in strategies else []
         self._tried: list[list] = []  # the segment lists `use` has handed out
+        self._stages = None  # `stages()` of the current segments
         self._spans: dict[tuple[str, int, int], recompute.Segment | None] = {}
         self._norm_bytes: dict[tuple[str, ...], int] = {}  # segment or span nodes -> its BatchNorm buffers' bytes
         self.segment_profiles: dict[tuple[str, str], Costs] = {}  # (granularity, mode) -> every segment so run, composed
@@ -195,7 +199,7 @@ class _Planner:
         if found in self._tried:
             return False
         self._tried.append(found)
-        self.granularity, self.segments, self.alternatives = granularity, found, {}
+        self.granularity, self.segments, self.alternatives, self._stages = granularity, found, {}, None
         return True
 
     def _segments(self, granularity: str) -> list[recompute.Segment]:
@@ -261,7 +265,8 @@ class _Planner:
         return Costs(nodes=records, outputs=(), sizes=sizes, example_batch=base.example_batch,
                      input_shapes=base.input_shapes, batch_symbolic=False)
 
-    _STATE = ("granularity", "segments", "alternatives", "offered", "_composer", "row_granularity", "tiled", "tilings")
+    _STATE = ("granularity", "segments", "alternatives", "offered", "_composer", "row_granularity", "tiled", "tilings",
+              "_stages")
 
     def snapshot(self) -> dict[str, Any]:
         """What `use` and `use_rows` change: to verify a plan found under them later."""
@@ -354,6 +359,81 @@ class _Planner:
                 low, high = (low, middle) if peak_of(middle) <= limit else (middle + 1, high)
             peak, units[:] = peak_of(low), merged(low)
         return [s for unit in units for s in unit[2]], peak
+
+    def stages(self, most: int = STAGES) -> tuple[list[list[int]], list[schedule.Stage], set[tuple[int, int]]]:
+        """The segments as a chain of at most `most` stages for `schedule.solve_schedule`:
+        each stage's segment indexes (runs of neighbours, as even as they divide), its
+        options (keep; every segment selective where it can be, else full; every
+        segment full) priced from simulations of each option taken everywhere
+        (`stage_costs`), and the stage pairs a span may join."""
+        count = len(self.segments)
+        size = -(-count // most)
+        groups = [list(range(first, min(first + size, count))) for first in range(0, count, size)]
+        options = ("keep", "selective", "full")
+        per_segment = {}
+        for option in options:
+            modes = {} if option == "keep" else self.extreme(option)
+            costs = self.base if option == "keep" else self.composed(modes)
+            stage_of = {}
+            for index, segment in enumerate(self.segments):
+                for name in (segment.nodes if option == "keep" else (segment.output,)):
+                    stage_of[name] = index
+            per_segment[option] = stage_costs(costs, stage_of, count)
+        stages = []
+        for group in groups:
+            seconds, kept, forward, backward = [], [], [], []
+            for option in options:
+                modes = {} if option == "keep" else self.extreme(option)
+                costs = per_segment[option]
+                held = high_forward = high_backward = 0
+                for i in group:
+                    high_forward = max(high_forward, held + costs[i].forward)
+                    high_backward = max(high_backward, held + costs[i].backward)
+                    held += costs[i].kept
+                added = 0.0
+                for i in group:
+                    out = self.segments[i].output
+                    if out in modes:
+                        candidate = self.offered[out]
+                        added += candidate.seconds[candidate.options.index(modes[out])]
+                seconds.append(added)
+                kept.append(held)
+                forward.append(high_forward)
+                backward.append(high_backward)
+            nodes = [n for i in group for n in self.segments[i].nodes]
+            stages.append(schedule.Stage(tuple(seconds), tuple(kept), tuple(forward), tuple(backward),
+                                         (True, False, True), per_segment["full"][group[-1]].kept,
+                                         self.rerun_seconds(nodes)))
+        pairs = recompute.spannable(self.gm, self.segments, [g[0] for g in groups], [g[-1] for g in groups], self.opaque)
+        index = {g[0]: k for k, g in enumerate(groups)} | {g[-1]: k for k, g in enumerate(groups)}
+        joined = {(index[s], index[j]) for s, j in pairs if index[s] < index[j]}
+        return groups, stages, joined
+
+    def scheduled(self, limit: int) -> tuple[dict[str, str], list[recompute.Segment], float] | None:
+        """Modes and spans of least added seconds under `limit` (`schedule.solve_schedule`
+        over `stages`), or None where the schedule finds none."""
+        if self._stages is None:
+            self._stages = self.stages()
+        groups, stages, joined = self._stages
+        found = schedule.solve_schedule(stages, limit, lambda s, j: (s, j) in joined,
+                                        recompute.overhead_seconds("full", self.input_device))
+        if found is None:
+            return None
+        modes = {}
+        names = ("keep", "selective", "full")
+        for group, option in zip(groups, found.options):
+            if option:
+                extreme = self.extreme(names[option])
+                modes.update({self.segments[i].output: extreme[self.segments[i].output] for i in group})
+        spans = [self.span(groups[s][0], groups[j][-1]) for s, j in found.spans]
+        if any(span is None for span in spans):
+            raise AssertionError(f"schedule spans {found.spans} were offered but do not enclose their segments")
+        return modes, spans, found.seconds
+
+    def mode_seconds(self, modes: dict[str, str]) -> dict[str, float]:
+        """The seconds each segment adds in its mode in `modes` (output -> mode)."""
+        offered = self.offered
+        return {out: offered[out].seconds[offered[out].options.index(mode)] for out, mode in modes.items()}
 
     def extreme(self, mode: str) -> dict[str, str]:
         return {s.output: mode if mode in s.modes() else s.modes()[-1] for s in self.segments}
@@ -608,20 +688,43 @@ def _solved(planner: _Planner, budget: int, beat: int | None, choices: list[Choi
 
     room = budget - _margin(budget) // 2  # what a verified plan's predicted peak must stay under
     limit = budget - _margin(budget)
-    for _ in range(3):
-        solution = _solve_widest(choices, peak, limit, descend=cheaper_than is None)
-        if not solution.fits:
-            break
-        assignment = planner.widened(solution.assignment, options, lambda a: peak(a) <= limit)
-        seconds = seconds_of(assignment)
-        if cheaper_than is not None and sum(seconds[k] for k in planner.compatible(modes_of(assignment))) >= cheaper_than:
-            return None  # estimated no cheaper than the plan verified before: it could not be chosen
-        gm, plan = planner.plan(modes_of(assignment), budget, seconds)
-        if plan.predicted_peak_bytes <= room:
-            return gm, plan
-        limit -= plan.predicted_peak_bytes - solution.peak_bytes + _margin(budget) // 2  # composed ran low: tighten
-    if cheaper_than is not None:  # a plan was found before, and no plan is found here by solving
+    scheduled = beat is None and bool(planner.segments)  # the schedule solver is still to try
+
+    def flat(descend: bool) -> tuple[fx.GraphModule, Plan] | None:
+        nonlocal limit, scheduled
+        for _ in range(3):
+            solution = _solve_widest(choices, peak, limit, descend=descend)
+            if not solution.fits:
+                return None
+            assignment = planner.widened(solution.assignment, options, lambda a: peak(a) <= limit)
+            seconds = seconds_of(assignment)
+            estimated = sum(seconds[k] for k in planner.compatible(modes_of(assignment)))
+            if cheaper_than is not None and estimated >= cheaper_than:
+                return None  # estimated no cheaper than the plan verified before: it could not be chosen
+            if scheduled:  # nested checkpoints may cost less than the flat plan
+                scheduled = False
+                found = _scheduled(planner, budget, limit, cheaper_than=estimated)
+                if found is not None:
+                    return found
+            gm, plan = planner.plan(modes_of(assignment), budget, seconds)
+            if plan.predicted_peak_bytes <= room:
+                return gm, plan
+            limit -= plan.predicted_peak_bytes - solution.peak_bytes + _margin(budget) // 2  # composed ran low: tighten
         return None
+
+    found = None
+    if scheduled and all(planner.offered[c.key].strategy == "recompute" for c in choices):
+        scheduled = False  # the schedule spans every plan of recompute alone: the flat search only where it fails
+        found = _scheduled(planner, budget, limit, cheaper_than=cheaper_than)
+    if found is None:
+        found = flat(descend=False)
+    if found is None and scheduled:
+        scheduled = False
+        found = _scheduled(planner, budget, limit, cheaper_than=cheaper_than)
+    if found is None and cheaper_than is None:
+        found = flat(descend=True)
+    if found is not None:
+        return found
     # Fall back on the extremes (every segment at its first, or at its last, option,
     # with the chains they leave; every chain alone), verified on the rewritten graph:
     # deterministic, so the minimum that an error names is a budget at which this plan
@@ -680,6 +783,36 @@ class _Lowest:
 
     peak: int
     verify: Callable[[], tuple[fx.GraphModule, Plan]]
+
+
+def _scheduled(planner: _Planner, budget: int, limit: int, cheaper_than: float | None = None,
+               ) -> tuple[fx.GraphModule, Plan] | None:
+    """The schedule of least added seconds (`_Planner.scheduled`: each segment's mode and
+    nested spans around them), checked on the composed costs and verified, the
+    schedule's limit tightened by what either ran over: a verified plan under `budget`,
+    or None (also where the schedule is estimated at no fewer seconds than `cheaper_than`)."""
+    room = budget - _margin(budget) // 2
+    target = limit
+    for _ in range(_ROUNDS):
+        found = planner.scheduled(target)
+        if found is None:
+            return None
+        modes, spans, estimated = found
+        if cheaper_than is not None and estimated >= cheaper_than:
+            return None
+        composed = planner.nested_peak(planner.composed(modes), spans)
+        if composed > limit:  # the schedule's sums ran low
+            target -= composed - limit + _margin(budget) // 2
+            continue
+        gm, verified = planner.plan(modes, budget, planner.mode_seconds(modes), spans)
+        if verified.predicted_peak_bytes <= room:
+            return gm, verified
+        overshoot = verified.predicted_peak_bytes - composed + _margin(budget) // 2
+        limit, target = limit - overshoot, target - overshoot
+    return None
+
+
+_ROUNDS = 4  # schedules tried, each under a limit tightened by what the last one ran over
 
 
 def _nested(planner: _Planner, budget: int, full_seconds: dict[str, float], limit: int) -> tuple[fx.GraphModule, Plan] | _Lowest:

@@ -52,7 +52,7 @@ def test_an_optimized_module_drops_nothing_after_eval_and_trains_like_eager(tmp_
     model, x = _net(), torch.randn(2, 3, 32, 32)
     budget = int(0.6 * rewriter.measure_peak(model, x))
     optimized = rewriter.optimize(model, budget, x, strategies="recompute")
-    assert optimized.plan.segments and rewriter.measure_peak(optimized, x) <= budget
+    assert (optimized.plan.segments or optimized.plan.spans) and rewriter.measure_peak(optimized, x) <= budget
     torch.manual_seed(1)
     assert_trains_like(_net(), model, optimized, x)  # the training graph, masks drawn alike (seeded in train_step)
     rewriter.save(optimized, tmp_path / "net")

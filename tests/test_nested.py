@@ -17,7 +17,7 @@ from tests.test_optimize import assert_trains_like
 # flat segments stop at 0.709: one checkpoint a layer keeps a map a layer; ResNet-50
 # stopped at 0.353 while its stem's BatchNorm, ReLU and pooling joined the first block)
 REACHED = {"highres_fcn": 0.6, "vgg": 0.7, "unet": 0.55, "resnet50": 0.25}
-NESTED = {"highres_fcn", "resnet50"}  # those that need spans to get there
+NESTED = {"highres_fcn", "resnet50"}  # those that need spans to get there (the others may use them where cheaper)
 
 
 @pytest.mark.parametrize("name", sorted(REACHED))
@@ -26,7 +26,7 @@ def test_recompute_alone_reaches_low_budgets(name):
     model, x = zoo.test_model(), zoo.test_input()
     budget = int(REACHED[name] * rewriter.measure_peak(model, x))
     optimized = rewriter.optimize(model, budget, x, strategies="recompute")
-    assert bool(optimized.plan.spans) == (name in NESTED)
+    assert optimized.plan.spans or name not in NESTED
     measured = rewriter.measure_peak(optimized, x)
     assert measured <= budget
     assert 0 <= optimized.plan.predicted_peak_bytes - measured <= 4  # the checkpoint's own scalar

@@ -19,7 +19,7 @@ def test_dynunet_is_recomputed_within_its_budget_and_trains_alike():
     swaps in fakes for the state of the code it runs only (the whole graph's failed)."""
     model, x = dynunet(), torch.randn(2, 1, 64, 64)
     optimized, budget = optimized_within(model, x, 0.5)
-    assert optimized.plan.segments
+    assert optimized.plan.segments or optimized.plan.spans
     assert rewriter.measure_peak(optimized, x) <= budget
     assert_trains_like(dynunet(), model, optimized, x)
 

@@ -1,0 +1,136 @@
+"""The schedule solver: least seconds over nested checkpoints, against every schedule."""
+
+import itertools
+import random
+
+import pytest
+
+from examples.zoo import ZOO
+from rewriter.cost_models.simulate import simulate
+from rewriter.measure import default_loss
+from rewriter.passes.recompute import segments, span, spannable
+from rewriter.pipeline import STAGES, _Planner
+from rewriter.schedule import Stage, estimate, solve_schedule
+from rewriter.trace import capture
+
+CELLS = 256
+UNIT = 1000
+
+
+def random_stages(rng: random.Random, count: int) -> list[Stage]:
+    """Stages with options keep, selective (not nestable) and full, as a network's:
+    the more an option recomputes, the less it keeps and the longer it takes."""
+    stages = []
+    for _ in range(count):
+        keep = rng.randint(8, 40)
+        selective = rng.randint(2, keep)
+        output = rng.randint(1, selective)
+        work = rng.randint(1, 20)
+        stages.append(Stage(
+            seconds=(0.0, 0.3 * work + rng.random(), float(work) + rng.random()),
+            kept=(keep * UNIT, selective * UNIT, output * UNIT),
+            forward=(keep * UNIT, (selective + 2) * UNIT, (output + 4) * UNIT),
+            backward=((keep + rng.randint(1, 10)) * UNIT, (keep + rng.randint(1, 10)) * UNIT,
+                      (keep + rng.randint(1, 12)) * UNIT),
+            nestable=(True, False, True),
+            output=output * UNIT,
+            rerun=float(work),
+        ))
+    return stages
+
+
+def schedules(count: int):
+    """Every schedule the solver can express: options per stage, and every family of
+    spans nested or disjoint, each ending before what encloses it ends."""
+    pairs = [(s, j) for s in range(count) for j in range(s + 1, count)]
+    for size in range(0, 4):
+        for spans in itertools.combinations(pairs, size):
+            if all(_nested_or_apart(a, b) for a, b in itertools.combinations(spans, 2)) and _ends_inside(spans, count):
+                yield spans
+
+
+def _nested_or_apart(a, b) -> bool:
+    inside = a[0] >= b[0] and a[1] <= b[1] or b[0] >= a[0] and b[1] <= a[1]
+    return inside or a[1] < b[0] or b[1] < a[0]
+
+
+def _ends_inside(spans, count: int) -> bool:
+    for span in spans:
+        enclosing = [o for o in spans if o != span and o[0] <= span[0] and span[1] <= o[1]]
+        end = min((o[1] for o in enclosing), default=count - 1)
+        if span[1] >= end:
+            return False
+    return True
+
+
+def seconds_of(stages, options, spans, span_seconds) -> float:
+    return (sum(stage.seconds[k] for stage, k in zip(stages, options))
+            + sum(sum(stages[i].rerun for i in range(s, j + 1)) + span_seconds for s, j in spans))
+
+
+def scaled(stages: list[Stage], by: int) -> list[Stage]:
+    return [Stage(s.seconds, *(tuple(b * by for b in getattr(s, f)) for f in ("kept", "forward", "backward")),
+                  s.nestable, s.output * by, s.rerun) for s in stages]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_schedule_is_the_cheapest_of_all_that_fit(seed):
+    limit = CELLS * UNIT  # a cell is UNIT bytes: the sums are exact
+    family = list(schedules(5))
+    for by in (2, 3, 5, 8):  # from a step that nearly fits to one that fits nested only, or not at all
+        stages = scaled(random_stages(random.Random(seed), 5), by)
+        best = None
+        for spans in family:
+            inside = {i for s, j in spans for i in range(s, j + 1)}
+            choices = [(0, 2) if i in inside else (0, 1, 2) for i in range(len(stages))]
+            for options in itertools.product(*choices):
+                if estimate(stages, options, spans) <= limit:
+                    seconds = seconds_of(stages, options, spans, 0.5)
+                    best = seconds if best is None else min(best, seconds)
+        found = solve_schedule(stages, limit, lambda s, j: True, span_seconds=0.5, cells=CELLS)
+        if best is None:
+            assert found is None
+            continue
+        assert found is not None
+        assert estimate(stages, found.options, found.spans) <= limit
+        assert found.seconds == pytest.approx(seconds_of(stages, found.options, found.spans, 0.5))
+        assert found.seconds == pytest.approx(best)
+
+
+def test_spans_go_only_where_allowed_and_a_tight_limit_uses_them():
+    stages = random_stages(random.Random(7), 6)
+    everything = sum(s.kept[0] for s in stages)
+    free = solve_schedule(stages, 10 * everything, lambda s, j: True)
+    assert free.options == (0,) * 6 and free.spans == () and free.seconds == 0.0
+    flat = solve_schedule(stages, everything // 3, lambda s, j: False)
+    nested = solve_schedule(stages, everything // 3, lambda s, j: True)
+    assert nested is not None and nested.spans
+    assert flat is None or flat.seconds >= nested.seconds
+    only = solve_schedule(stages, everything // 3, lambda s, j: (s, j) == (1, 3))
+    assert only is None or set(only.spans) <= {(1, 3)}
+
+
+@pytest.mark.parametrize("name", ["resnet50", "unet", "densenet_bc"])
+def test_stage_sums_give_the_simulated_peak_where_every_stage_takes_one_option(name):
+    """The stages are read off simulations of each option taken everywhere: for those
+    plans the solver's sums are the composed peak, to the byte."""
+    zoo = ZOO[name]
+    planner = _Planner(zoo.test_model(), (zoo.test_input(),), default_loss, ("recompute",))
+    planner.profile_modes()
+    groups, stages, _ = planner.stages()
+    assert len(groups) == len(stages) <= STAGES and sorted(i for g in groups for i in g) == list(range(len(planner.segments)))
+    for option, mode in enumerate(("keep", "selective", "full")):
+        modes = {} if mode == "keep" else planner.extreme(mode)
+        assert estimate(stages, (option,) * len(stages), ()) == simulate(planner.composed(modes)).peak_bytes
+
+
+@pytest.mark.parametrize("name", ["resnet50", "unet", "densenet_bc"])
+def test_spannable_pairs_are_the_spans_that_exist(name):
+    zoo = ZOO[name]
+    gm = capture(zoo.test_model()).gm
+    found = segments(gm)
+    indexes = list(range(len(found)))
+    pairs = spannable(gm, found, indexes, indexes)
+    expected = {(s, j) for s in indexes for j in indexes if s < j
+                and span(gm, found, found[s].output, found[j].output) is not None}
+    assert pairs == expected and pairs
