@@ -725,6 +725,8 @@ def _solved(planner: _Planner, budget: int, beat: int | None, choices: list[Choi
         found = flat(descend=True)
     if found is not None:
         return found
+    if cheaper_than is not None:  # a plan was found before, and no plan is found here by solving
+        return None
     # Fall back on the extremes (every segment at its first, or at its last, option,
     # with the chains they leave; every chain alone), verified on the rewritten graph:
     # deterministic, so the minimum that an error names is a budget at which this plan
@@ -788,31 +790,41 @@ class _Lowest:
 def _scheduled(planner: _Planner, budget: int, limit: int, cheaper_than: float | None = None,
                ) -> tuple[fx.GraphModule, Plan] | None:
     """The schedule of least added seconds (`_Planner.scheduled`: each segment's mode and
-    nested spans around them), checked on the composed costs and verified, the
-    schedule's limit tightened by what either ran over: a verified plan under `budget`,
-    or None (also where the schedule is estimated at no fewer seconds than `cheaper_than`)."""
+    nested spans around them) whose composed peak is within `limit`, verified: a plan
+    under `budget`, or None (also where the schedule is estimated at no fewer seconds
+    than `cheaper_than`). The schedule's sums err either way on mixed plans, so the
+    limit it is given moves: down by what its plan's composed peak ran over, halfway
+    back up where that leaves no schedule, down again by what verifying ran over."""
     room = budget - _margin(budget) // 2
-    target = limit
+    target, infeasible, over = limit, 0, None  # the limit given; highest with no schedule; lowest ran over
     for _ in range(_ROUNDS):
         found = planner.scheduled(target)
         if found is None:
-            return None
+            infeasible = target
+            if over is None or over - target <= _margin(budget):
+                return None
+            target = (target + over) // 2
+            continue
         modes, spans, estimated = found
         if cheaper_than is not None and estimated >= cheaper_than:
             return None
         composed = planner.nested_peak(planner.composed(modes), spans)
+        log.debug("schedule under %d: %d spans, %.4f s, composed peak %d for limit %d", target, len(spans), estimated,
+                  composed, limit)
         if composed > limit:  # the schedule's sums ran low
-            target -= composed - limit + _margin(budget) // 2
+            over = target
+            target = max(target - (composed - limit) - _margin(budget) // 2, (infeasible + target) // 2)
             continue
         gm, verified = planner.plan(modes, budget, planner.mode_seconds(modes), spans)
         if verified.predicted_peak_bytes <= room:
             return gm, verified
+        log.debug("schedule verified at %d, composed %d", verified.predicted_peak_bytes, composed)
         overshoot = verified.predicted_peak_bytes - composed + _margin(budget) // 2
-        limit, target = limit - overshoot, target - overshoot
+        limit, target, over = limit - overshoot, target - overshoot, target
     return None
 
 
-_ROUNDS = 4  # schedules tried, each under a limit tightened by what the last one ran over
+_ROUNDS = 8  # schedules tried, each under a limit moved by what the last one gave
 
 
 def _nested(planner: _Planner, budget: int, full_seconds: dict[str, float], limit: int) -> tuple[fx.GraphModule, Plan] | _Lowest:

@@ -55,10 +55,10 @@ def _nested_or_apart(a, b) -> bool:
 
 
 def _ends_inside(spans, count: int) -> bool:
-    for span in spans:
-        enclosing = [o for o in spans if o != span and o[0] <= span[0] and span[1] <= o[1]]
+    for pair in spans:
+        enclosing = [o for o in spans if o != pair and o[0] <= pair[0] and pair[1] <= o[1]]
         end = min((o[1] for o in enclosing), default=count - 1)
-        if span[1] >= end:
+        if pair[1] >= end:
             return False
     return True
 
