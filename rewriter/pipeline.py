@@ -77,6 +77,8 @@ _COMPRESS = compress.KEY
 _ROWS = row_split.KEY
 _ROW_MODES = row_split.MODES  # one profile per tile count, every chain so tiled
 STAGES = 64  # the most stages the schedule solver takes (neighbouring segments join into one)
+DEPTH = 8  # the most spans a segment may be inside: each reruns it once more (and Python's stack has a bottom)
+LOWEST_STAGES = 128  # the same for the lowest peak with every segment in full (one option a stage)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +126,7 @@ class _Planner:
         self.granularity = "coarse"
         self.segments = self._segments("coarse") if "recompute" in strategies else []
         self._tried: list[list] = []  # the segment lists `use` has handed out
-        self._stages = None  # `stages()` of the current segments
+        self._stages: dict[int, tuple] = {}  # `stages(most)` of the current segments, by most
         self._spans: dict[tuple[str, int, int], recompute.Segment | None] = {}
         self._norm_bytes: dict[tuple[str, ...], int] = {}  # segment or span nodes -> its BatchNorm buffers' bytes
         self.segment_profiles: dict[tuple[str, str], Costs] = {}  # (granularity, mode) -> every segment so run, composed
@@ -199,7 +201,7 @@ class _Planner:
         if found in self._tried:
             return False
         self._tried.append(found)
-        self.granularity, self.segments, self.alternatives, self._stages = granularity, found, {}, None
+        self.granularity, self.segments, self.alternatives, self._stages = granularity, found, {}, {}
         return True
 
     def _segments(self, granularity: str) -> list[recompute.Segment]:
@@ -326,9 +328,10 @@ class _Planner:
                     continue
                 others = [s for unit in units[:index] + units[index + 2:] for s in unit[2]]
                 trials = [(self.nested_peak(flat, others + list(held) + [span]), index, tuple(held) + (span,))
-                          for held in dict.fromkeys((left + right, left[:-1] + right[:-1]))]  # around both, over what both hold
-                best = min(trials, key=lambda t: t[0])
-                if best[0] < peak:
+                          for held in dict.fromkeys((left + right, left[:-1] + right[:-1]))  # around both, over what both hold
+                          if _depth(list(held) + [span]) <= DEPTH]
+                best = min(trials, key=lambda t: t[0], default=None)
+                if best is not None and best[0] < peak:
                     merges.append(best)
             if not merges:
                 break
@@ -412,12 +415,12 @@ class _Planner:
     def scheduled(self, limit: int) -> tuple[dict[str, str], list[recompute.Segment], float] | None:
         """Modes and spans of least added seconds under `limit` (`schedule.solve_schedule`
         over `stages`), or None where the schedule finds none."""
-        if self._stages is None:
-            self._stages = self.stages()
-        groups, stages, joined = self._stages
+        if STAGES not in self._stages:
+            self._stages[STAGES] = self.stages()
+        groups, stages, joined = self._stages[STAGES]
         found = schedule.solve_schedule(stages, limit, lambda s, j: (s, j) in joined,
                                         recompute.overhead_seconds("full", self.input_device))
-        if found is None:
+        if found is None or found.depth > DEPTH:
             return None
         modes = {}
         names = ("keep", "selective", "full")
@@ -434,6 +437,34 @@ class _Planner:
         """The seconds each segment adds in its mode in `modes` (output -> mode)."""
         offered = self.offered
         return {out: offered[out].seconds[offered[out].options.index(mode)] for out, mode in modes.items()}
+
+    def lowest_spans(self, modes: dict[str, str], limit: int) -> tuple[list[recompute.Segment], int]:
+        """Spans around every segment recomputed in full (`modes`) of the lowest composed
+        peak found, with that peak: the schedule of least estimated peak with every
+        stage in full (bisected over the limit it is given: with one option the
+        schedule's sums are the composed peaks of nearly every plan), and where the
+        segments are few enough for its replays to be cheap, `nest_greedily`'s, if
+        lower."""
+        if LOWEST_STAGES not in self._stages:
+            self._stages[LOWEST_STAGES] = self.stages(LOWEST_STAGES)
+        groups, stages, joined = self._stages[LOWEST_STAGES]
+        full = [schedule.Stage(s.seconds[2:], s.kept[2:], s.forward[2:], s.backward[2:], (True,), s.output, s.rerun)
+                for s in stages]
+        low, high, found = 0, self.eager_peak, None
+        while high - low > max(4096, self.eager_peak // 2000):
+            middle = (low + high) // 2
+            trial = schedule.solve_schedule(full, middle, lambda s, j: (s, j) in joined)
+            trial = trial if trial is not None and trial.depth <= DEPTH else None
+            low, high, found = (low, middle, trial) if trial is not None else (middle, high, found)
+            if trial is not None and high <= limit:
+                break
+        flat = self.composed(modes)
+        spans = [self.span(groups[s][0], groups[j][-1]) for s, j in found.spans] if found else []
+        best = (spans, self.nested_peak(flat, spans))
+        if len(self.segments) <= LOWEST_STAGES and best[1] > limit:
+            greedy = self.nest_greedily(modes, limit)
+            best = min(best, greedy, key=lambda pair: pair[1])
+        return best
 
     def extreme(self, mode: str) -> dict[str, str]:
         return {s.output: mode if mode in s.modes() else s.modes()[-1] for s in self.segments}
@@ -585,6 +616,15 @@ class _Planner:
             row_granularity=self.row_granularity,
         )
         return gm, plan
+
+
+def _depth(spans: list[recompute.Segment]) -> int:
+    """How many of `spans` (nested or disjoint) the node inside most of them is inside."""
+    counts: dict[str, int] = {}
+    for span in spans:
+        for node in span.nodes:
+            counts[node] = counts.get(node, 0) + 1
+    return max(counts.values(), default=0)
 
 
 def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callable, strategies: tuple[str, ...],
@@ -829,7 +869,7 @@ _ROUNDS = 8  # schedules tried, each under a limit moved by what the last one ga
 
 def _nested(planner: _Planner, budget: int, full_seconds: dict[str, float], limit: int) -> tuple[fx.GraphModule, Plan] | _Lowest:
     """Where no flat plan fits: every segment recomputed in full, with nested
-    checkpoints around them (`_Planner.nest_greedily`); a verified plan under `budget`,
+    checkpoints around them (`_Planner.lowest_spans`); a verified plan under `budget`,
     else the lowest plan the spans reach."""
     modes = {s.output: "full" for s in planner.segments}
     seconds = {out: full_seconds.get(out, 0.0) for out in modes}
@@ -837,7 +877,7 @@ def _nested(planner: _Planner, budget: int, full_seconds: dict[str, float], limi
     state = planner.snapshot()
     lowest = None
     for _ in range(3):
-        spans, composed = planner.nest_greedily(modes, limit)
+        spans, composed = planner.lowest_spans(modes, limit)
         if composed > limit:  # the lowest the spans reach: verified only if needed
 
             def verify(spans=spans) -> tuple[fx.GraphModule, Plan]:

@@ -52,6 +52,11 @@ class Schedule:
     spans: tuple[tuple[int, int], ...]  # (first stage, last stage), outer spans first
     seconds: float
 
+    @property
+    def depth(self) -> int:
+        """How many spans the most deeply nested stage is inside."""
+        return max((sum(1 for s, j in self.spans if s <= i <= j) for i in range(len(self.options))), default=0)
+
 
 def solve_schedule(stages: list[Stage], limit: int, spannable: Callable[[int, int], bool], span_seconds: float = 0.0,
                    cells: int = 256) -> Schedule | None:
