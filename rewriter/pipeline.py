@@ -733,7 +733,7 @@ def _solved(planner: _Planner, budget: int, beat: int | None, choices: list[Choi
     def flat(descend: bool) -> tuple[fx.GraphModule, Plan] | None:
         nonlocal limit, scheduled
         for _ in range(3):
-            solution = _solve_widest(choices, peak, limit, descend=descend)
+            solution = _solve_widest(choices, peak, limit, descend=descend, scheduled=scheduled)
             if not solution.fits:
                 return None
             assignment = planner.widened(solution.assignment, options, lambda a: peak(a) <= limit)
@@ -894,7 +894,7 @@ def _nested(planner: _Planner, budget: int, full_seconds: dict[str, float], limi
     return lowest
 
 
-def _solve_widest(choices: list[Choice], peak: Callable, limit: int, descend: bool = True):
+def _solve_widest(choices: list[Choice], peak: Callable, limit: int, descend: bool = True, scheduled: bool = False):
     """`_solve_families` with the compress groups held to their widest option, then to
     the widest two, and so on: a narrower width is used only where the wider ones do
     not fit (widths cost about the same time; narrower ones err more)."""
@@ -902,12 +902,12 @@ def _solve_widest(choices: list[Choice], peak: Callable, limit: int, descend: bo
     for allowed in range(1, widths + 1):
         held = [dataclasses.replace(c, seconds=c.seconds[: allowed + 1], saved_bytes=c.saved_bytes[: allowed + 1])
                 if c.key.startswith(_COMPRESS) else c for c in choices]
-        solution = _solve_families(held, peak, limit, descend)
+        solution = _solve_families(held, peak, limit, descend, scheduled)
         if solution.fits or allowed == widths:
             return solution
 
 
-def _solve_families(choices: list[Choice], peak: Callable, limit: int, descend: bool = True):
+def _solve_families(choices: list[Choice], peak: Callable, limit: int, descend: bool = True, scheduled: bool = False):
     """`solve` over all choices, and again without the invert chains, without the
     compress groups, and without both: the greedy search takes choices in rank order, so
     a cheap group can block a chain that would have done better, and the memory a group
@@ -915,9 +915,13 @@ def _solve_families(choices: list[Choice], peak: Callable, limit: int, descend: 
     ResNet-50 at 0.5 of its peak, 0.163 s added with two groups against 0.081 s with
     none). The fitting solution that adds the least time. The greedy search's descent
     (its last resort, a pass of evaluations per choice and option) runs only where no
-    family fits without it, over all choices only, and only if `descend`."""
+    family fits without it, over all choices only, and only if `descend`. With
+    `scheduled` (the schedule solver is to search the segments alone, nested too), the
+    family without both is left to it."""
     present = [prefix for prefix in (_INVERT, _COMPRESS) if any(c.key.startswith(prefix) for c in choices)]
     dropped = [(prefix,) for prefix in present] + ([tuple(present)] if len(present) > 1 else [])
+    if scheduled and present:  # the schedule solver searches the recompute segments alone, and nested too
+        dropped = [d for d in dropped if set(d) != set(present)]
     families = [choices] + [rest for prefixes in dropped
                             if (rest := [c for c in choices if not c.key.startswith(prefixes)])]
     solutions = [solve(family, peak, limit, descend=False) for family in families]
