@@ -429,8 +429,9 @@ class _Planner:
                 extreme = self.extreme(names[option])
                 modes.update({self.segments[i].output: extreme[self.segments[i].output] for i in group})
         spans = [self.span(groups[s][0], groups[j][-1]) for s, j in found.spans]
-        if any(span is None for span in spans):
-            raise AssertionError(f"schedule spans {found.spans} were offered but do not enclose their segments")
+        if any(span is None for span in spans):  # `spannable` and `span` disagree: a bug, not the user's
+            log.warning("the schedule's spans %s do not all enclose their segments; planning without it", found.spans)
+            return None
         return modes, spans, found.seconds
 
     def mode_seconds(self, modes: dict[str, str]) -> dict[str, float]:
