@@ -19,6 +19,7 @@ traced through and updates its statistics in the graph). Dropout draws the same 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
 import statistics
 import time
@@ -43,6 +44,13 @@ KEPT_OPS = frozenset({
     aten.convolution.default, aten._convolution.default, aten.mm.default, aten.addmm.default,
     aten.bmm.default, aten.baddbmm.default,
 })
+
+
+# What a selective checkpoint keeps bypasses saved-tensor hooks around it (the profiler
+# counts those outputs as the checkpoint's own): torch 2.14 asks for this choice to be
+# explicit, older versions have no such keyword and always bypass
+_BYPASS_HOOKS = ({"respect_saved_tensors_hooks": False}
+                 if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters else {})
 
 
 def _keep_expensive(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -155,7 +163,8 @@ class RecomputeSegment(nn.Module):
 
             return forward_context, recompute()
 
-        return checkpoint(code, *inputs, use_reentrant=False, preserve_rng_state=True, context_fn=contexts)
+        return checkpoint(code, *inputs, use_reentrant=False, preserve_rng_state=True, context_fn=contexts,
+                          **(_BYPASS_HOOKS if self.mode == "selective" else {}))
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
