@@ -212,7 +212,7 @@ class Plan:
             lines.append(f"  opaque leaves (not rewritten inside): {', '.join(self.opaque)}")
         if self.segments or self.spans or self.inverted or self.compressed or self.row_split:
             added = sum(n.seconds_added for n in self.nodes)
-            lines.append(f"  recomputed segments: {len(self.segments)}, nested checkpoints around them: {len(self.spans)}, "
+            lines.append(f"  recomputed segments: {len(self.segments)}, checkpointed spans of segments: {len(self.spans)}, "
                          f"inverted chains: {len(self.inverted)}, "
                          f"compressed nodes: {len(self.compressed)}, row-split chains: {len(self.row_split)}, "
                          f"est. seconds added per step {added:.4f}")
