@@ -418,9 +418,22 @@ class _Planner:
         if STAGES not in self._stages:
             self._stages[STAGES] = self.stages()
         groups, stages, joined = self._stages[STAGES]
-        found = schedule.solve_schedule(stages, limit, lambda s, j: (s, j) in joined,
-                                        recompute.overhead_seconds("full", self.input_device))
-        if found is None or found.depth > DEPTH:
+        # two shapes of plan, each as the profile predicts it to the byte: flat (every
+        # option, no span), and nested (segments kept or in full, spans only around
+        # segments in full: a selective segment beside spans, or a kept one inside one,
+        # was measured off its prediction)
+        overhead = recompute.overhead_seconds("full", self.input_device)
+        flat = schedule.solve_schedule(stages, limit, lambda s, j: False, overhead)
+        nested_stages = [schedule.Stage((st.seconds[0], st.seconds[2]), (st.kept[0], st.kept[2]),
+                                        (st.forward[0], st.forward[2]), (st.backward[0], st.backward[2]),
+                                        (False, True), st.output, st.rerun) for st in stages]
+        nested = schedule.solve_schedule(nested_stages, limit, lambda s, j: (s, j) in joined, overhead)
+        if nested is not None and nested.depth <= DEPTH:
+            nested = dataclasses.replace(nested, options=tuple(2 * o for o in nested.options))
+        else:
+            nested = None
+        found = min((f for f in (flat, nested) if f is not None), key=lambda f: f.seconds, default=None)
+        if found is None:
             return None
         modes = {}
         names = ("keep", "selective", "full")
