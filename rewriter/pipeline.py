@@ -373,9 +373,10 @@ class _Planner:
         size = -(-count // most)
         groups = [list(range(first, min(first + size, count))) for first in range(0, count, size)]
         options = ("keep", "selective", "full")
+        extremes = {option: {} if option == "keep" else self.extreme(option) for option in options}
         per_segment = {}
         for option in options:
-            modes = {} if option == "keep" else self.extreme(option)
+            modes = extremes[option]
             costs = self.base if option == "keep" else self.composed(modes)
             stage_of = {}
             for index, segment in enumerate(self.segments):
@@ -386,7 +387,7 @@ class _Planner:
         for group in groups:
             seconds, kept, forward, backward = [], [], [], []
             for option in options:
-                modes = {} if option == "keep" else self.extreme(option)
+                modes = extremes[option]
                 costs = per_segment[option]
                 held = high_forward = high_backward = 0
                 for i in group:
@@ -424,9 +425,7 @@ class _Planner:
         # was measured off its prediction)
         overhead = recompute.overhead_seconds("full", self.input_device)
         flat = schedule.solve_schedule(stages, limit, lambda s, j: False, overhead)
-        nested_stages = [schedule.Stage((st.seconds[0], st.seconds[2]), (st.kept[0], st.kept[2]),
-                                        (st.forward[0], st.forward[2]), (st.backward[0], st.backward[2]),
-                                        (False, True), st.output, st.rerun) for st in stages]
+        nested_stages = [st.only((0, 2), (False, True)) for st in stages]
         nested = schedule.solve_schedule(nested_stages, limit, lambda s, j: (s, j) in joined, overhead)
         if nested is not None and nested.depth <= DEPTH:
             nested = dataclasses.replace(nested, options=tuple(2 * o for o in nested.options))
@@ -436,11 +435,10 @@ class _Planner:
         if found is None:
             return None
         modes = {}
-        names = ("keep", "selective", "full")
+        extremes = {option: self.extreme(name) for option, name in ((1, "selective"), (2, "full"))}
         for group, option in zip(groups, found.options):
             if option:
-                extreme = self.extreme(names[option])
-                modes.update({self.segments[i].output: extreme[self.segments[i].output] for i in group})
+                modes.update({self.segments[i].output: extremes[option][self.segments[i].output] for i in group})
         spans = [self.span(groups[s][0], groups[j][-1]) for s, j in found.spans]
         if any(span is None for span in spans):  # `spannable` and `span` disagree: a bug, not the user's
             log.warning("the schedule's spans %s do not all enclose their segments; planning without it", found.spans)
@@ -462,8 +460,7 @@ class _Planner:
         if LOWEST_STAGES not in self._stages:
             self._stages[LOWEST_STAGES] = self.stages(LOWEST_STAGES)
         groups, stages, joined = self._stages[LOWEST_STAGES]
-        full = [schedule.Stage(s.seconds[2:], s.kept[2:], s.forward[2:], s.backward[2:], (True,), s.output, s.rerun)
-                for s in stages]
+        full = [s.only((2,), (True,)) for s in stages]
         low, high, found = 0, self.eager_peak, None
         while high - low > max(4096, self.eager_peak // 2000):
             middle = (low + high) // 2

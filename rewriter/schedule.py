@@ -46,6 +46,12 @@ class Stage:
     rerun: float
 
 
+    def only(self, options: tuple[int, ...], nestable: tuple[bool, ...]) -> "Stage":
+        """This stage with `options` alone (by index, in that order), nestable as said."""
+        return Stage(*(tuple(getattr(self, f)[k] for k in options) for f in ("seconds", "kept", "forward", "backward")),
+                     nestable, self.output, self.rerun)
+
+
 @dataclass(frozen=True)
 class Schedule:
     options: tuple[int, ...]  # per stage, its option
@@ -86,9 +92,8 @@ def solve_schedule(stages: list[Stage], limit: int, spannable: Callable[[int, in
     empty = np.zeros(cells + 1)
 
     def shifted(values: np.ndarray, by: int) -> np.ndarray:
-        if by <= 0:
-            return values if by == 0 else np.concatenate([np.full(-by, values[0]), values[:by]])
-        return np.concatenate([values[by:], np.full(min(by, cells + 1), inf)])[: cells + 1]
+        """values[u + by] at each u (`by` >= 0: bytes are never negative), inf past the end."""
+        return np.concatenate([values[by:], np.full(min(by, cells + 1), inf)])
 
     def best(s: int, t: int, tail: Callable[[int], np.ndarray], inner: bool) -> tuple[np.ndarray, np.ndarray]:
         """Least seconds for stages s..t over held cells, and the choice made."""
@@ -113,10 +118,11 @@ def solve_schedule(stages: list[Stage], limit: int, spannable: Callable[[int, in
             value[better], choice[better] = trial[better], _SPAN + j
         return value, choice
 
-    # inside spans: every range s..t, shortest first
+    # inside spans: every range s..t, shortest first (none where no span may be taken)
     within: dict[tuple[int, int], np.ndarray] = {}
     chosen_within: dict[tuple[int, int], np.ndarray] = {}
-    for length in range(1, count):
+    any_span = any(spannable(s, j) for s in range(count) for j in range(s + 1, count - 1))
+    for length in range(1, count) if any_span else ():
         for s in range(0, count - length):
             t = s + length - 1
             within[(s, t)], chosen_within[(s, t)] = best(s, t, lambda r, t=t: within[(r, t)] if r <= t else empty, True)
