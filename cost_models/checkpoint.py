@@ -22,6 +22,8 @@ from typing import Iterator
 import sympy
 
 from rewriter.cost_models.node_costs import Costs, NodeCost
+from rewriter.cost_models.compose import aliases, redirected
+from rewriter.cost_models.saved import value_storages
 
 __all__ = ["checkpoint_record", "fresh_uids", "owns_output"]
 
@@ -276,7 +278,9 @@ def nest(costs: Costs, spans: list[tuple[str, ...]], uids: Iterator[int] | None 
         record, added = checkpoint_record(current, members, uids=uids, scratch=(scratch or {}).get(covered, 0))
         sizes.update(added)
         numeric.update({uid: int(b) for uid, b in added.items()})
-        nodes = [record if n.name == record.name else n for n in nodes if n.name not in names or n.name == record.name]
+        alias = aliases(value_storages(current), members, (record.name,), current.by_name)
+        nodes = [record if n.name == record.name else redirected(n, alias) for n in nodes
+                 if n.name not in names or n.name == record.name]
     nested = Costs(nodes=nodes, outputs=costs.outputs, sizes=sizes, example_batch=costs.example_batch,
                    input_shapes=costs.input_shapes, opaque=costs.opaque, batch_symbolic=costs.batch_symbolic)
     nested.prime_sizes(costs.example_batch, numeric)

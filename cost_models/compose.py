@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 
 from rewriter.cost_models.node_costs import Costs, NodeCost
+from rewriter.cost_models.saved import value_storages
 
-__all__ = ["Composer", "compose"]
+__all__ = ["Composer", "compose", "aliases", "redirected"]
 
 _SHIFT = 10**7
 
@@ -40,6 +41,32 @@ def _shifted(node: NodeCost, offset: int) -> NodeCost:
     )
 
 
+def aliases(storage: dict[tuple[str, int], int | None], members: tuple[str, ...], outs: tuple[str, ...],
+            by_name: dict[str, NodeCost]) -> dict[tuple[str, int], tuple[str, int]]:
+    """Each output element of the `members` that a unit replaces by its record (all but
+    `outs`) on the same storage as an output of the unit (an in-place activation
+    ending a segment: its consumers' saved tensors name the storage's first owner, the
+    BatchNorm before it) -> that output. Without it a consumer outside the unit would
+    hold a value that no longer exists, and its bytes would be left out."""
+    owner = {storage[(o, 0)]: (o, 0) for o in outs if storage.get((o, 0)) is not None}
+    return {(m, k): owner[storage[(m, k)]] for m in members if m not in outs
+            for k in range(len(by_name[m].outputs)) if storage.get((m, k)) in owner}
+
+
+def redirected(node: NodeCost, alias: dict[tuple[str, int], tuple[str, int]]) -> NodeCost:
+    """`node` with its references to the elements in `alias` moved to what they alias."""
+
+    def ref(r):
+        return ("value", *alias[r[1:]]) if r[0] == "value" and r[1:] in alias else r
+
+    inputs = tuple(alias.get(e, e) for e in node.inputs)
+    outputs, saved = tuple(map(ref, node.outputs)), tuple(map(ref, node.saved))
+    grads = tuple((alias.get(e, e), r) for e, r in node.grad_inputs)
+    if (inputs, outputs, saved, grads) == (node.inputs, node.outputs, node.saved, node.grad_inputs):
+        return node
+    return dataclasses.replace(node, inputs=inputs, outputs=outputs, saved=saved, grad_inputs=grads)
+
+
 class Composer:
     """Composes plans from `base` and `alternatives`. `units[key] = (out, members)`: a
     rewritable unit (a recompute segment, an invert chain) whose nodes `members` in
@@ -61,12 +88,16 @@ class Composer:
                 {uid + offset: b for uid, b in alternative.sizes_at(batch).items()},
             ))
         self._base_numeric = base.sizes_at(batch)
+        storage = value_storages(base)
+        self._aliases = {key: aliases(storage, members, _names(out), base.by_name)
+                         for key, (out, members) in units.items()}
 
     def __call__(self, choice: dict[str, int]) -> Costs:
         """`base` with each unit in `choice` replaced by its record in
         `alternatives[choice[key]]`."""
-        dropped, replaced, used = set(), {}, set()
+        dropped, replaced, used, alias = set(), {}, set(), {}
         for key, index in choice.items():
+            alias.update(self._aliases[key])
             out, members = self.units[key]
             if used & set(members):
                 raise ValueError(f"compose: unit {key!r} shares nodes with another chosen unit")
@@ -74,7 +105,7 @@ class Composer:
             outs = _names(out)
             dropped.update(m for m in members if m not in outs)
             replaced.update((o, self._nodes[index][o]) for o in outs)
-        nodes = [replaced.get(node.name, node) for node in self.base.nodes if node.name not in dropped]
+        nodes = [replaced.get(node.name) or redirected(node, alias) for node in self.base.nodes if node.name not in dropped]
         sizes, numeric = dict(self.base.sizes), dict(self._base_numeric)
         for index in sorted(set(choice.values())):
             symbolic, evaluated = self._sizes[index]

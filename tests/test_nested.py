@@ -9,7 +9,9 @@ from torch import nn
 import rewriter
 from examples.zoo import ZOO
 from rewriter.passes.recompute import SPAN, segments
+from rewriter.measure import default_loss
 from rewriter.passes.registry import Decision
+from rewriter.pipeline import _Planner
 from rewriter.trace import capture
 from tests.test_optimize import assert_trains_like
 
@@ -100,3 +102,24 @@ def test_nested_checkpoints_fit_below_flat_segments_and_train_alike(name, fracti
     assert optimized.plan.spans
     assert rewriter.measure_peak(optimized, x) <= budget
     assert_trains_like(zoo.test_model(), model, optimized, x)
+
+
+def test_spans_around_kept_segments_composed_as_the_profiled_rewrite():
+    """A span over two kept segments: its record replaces their nodes, and the nodes
+    after it hold its output though their saved tensors name its in-place activation's
+    first owner (the BatchNorm before it)."""
+    zoo = ZOO["unet"]
+    model, x = zoo.test_model(), zoo.test_input()
+    planner = _Planner(model, (x,), default_loss, ("recompute",))
+    assert planner.use("fine")
+    planner.profile_modes()
+    checked = 0
+    for first in range(len(planner.segments) - 1):
+        span = planner.span(first, first + 1)
+        if span is None:
+            continue
+        composed = planner.nested_peak(planner.composed({}), [span])
+        _, plan = planner.plan({}, None, {}, [span])
+        assert 0 <= plan.predicted_peak_bytes - composed <= 4, (span.nodes, plan.predicted_peak_bytes, composed)
+        checked += 1
+    assert checked >= 10
