@@ -36,12 +36,13 @@ def fresh_uids(costs: Costs) -> Iterator[int]:
 class _Storages:
     """Reference counts of storages and the events that free them (each storage once)."""
 
-    def __init__(self, events: list, size: dict[int, int], incoming: int | None = None):
+    def __init__(self, events: list, size: dict[int, int], incoming: int | None = None, output: int | None = None):
         self.events = events
         self.size = size
         self.refs: dict[int, int] = {}
         self.dead: set[int] = set()
         self.incoming = incoming  # the gradient the segment receives: freed as ("release_grad", 0)
+        self.output = output  # the segment's output, in its backward: its hold let go as ("release_out", 0)
 
     def hold(self, uid: int | None) -> None:
         if uid is not None:
@@ -61,6 +62,8 @@ class _Storages:
         self.dead.add(uid)
         if uid == self.incoming:
             self.events.append(("release_grad", 0, 0))
+        elif uid == self.output:
+            self.events.append(("release_out", 0, 0))
         else:
             self.events.append(("free", uid, sympy.Integer(self.size[uid])))
 
@@ -140,7 +143,7 @@ def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[st
 
     incoming = next(uids)
     size[incoming] = size[storage[output]]
-    live = _Storages(backward, size, incoming)
+    live = _Storages(backward, size, incoming, storage[output])
     saved_uids = {ref[1] if ref[0] == "new" else storage.get(ref[1:]) for n in nodes for ref in n.saved
                   if ref[0] == "new" or ref[1] in inside} - {None}
     made = [{storage[(n.name, k)] for k in range(len(n.outputs))} | set(n.internal) for n in nodes]
@@ -153,8 +156,6 @@ def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[st
     size[copies] = scratch
     added[copies] = sympy.Integer(scratch)
     backward.append(("alloc", copies, added[copies]))
-    if last.name in kept:  # the output the checkpoint keeps: the caller's to let go
-        live.hold(storage[output])
     for index, node in enumerate(nodes[: stop + 1]):
         if node.name in kept:
             for k in range(len(node.outputs)):
@@ -195,12 +196,15 @@ def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[st
         if not node.has_backward:
             continue
         flops += node.fwd_flops if node.name not in kept and members.index(node.name) <= stop else 0
-        allocated, freed = [], set()
+        allocated, freed, let_go = [], set(), []
         for kind, uid, _ in node.bwd_events:
             if kind == "release_grad":
                 slot = slots.get((node.name, uid))
                 if slot is not None and live.refs.get(slot) == 1:
                     live.free(slot)
+            elif kind == "release_out":  # a member's hold on its own output (its rerun's copy)
+                let_go.append(rerun.get((node.name, uid)))
+                live.release(let_go[-1])
             elif kind == "alloc":
                 allocated.append(fresh(uid))
                 backward.append(("alloc", allocated[-1], sympy.Integer(size[uid])))
@@ -218,7 +222,11 @@ def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[st
         for k in range(len(node.outputs)):
             live.release(slots.pop((node.name, k), None))
         for ref in node.saved:
-            live.release(remap.get(ref[1]) if ref[0] == "new" else rerun.get(ref[1:]) if ref[1] in inside else None)
+            uid = remap.get(ref[1]) if ref[0] == "new" else rerun.get(ref[1:]) if ref[1] in inside else None
+            if uid is not None and uid in let_go:  # let go already
+                let_go.remove(uid)
+            else:
+                live.release(uid)
         for uid in node.internal:
             live.release(remap.get(uid))
         for element, uid in arriving:
@@ -234,7 +242,7 @@ def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[st
         fwd_events=tuple(forward), fwd_flops=sum((n.fwd_flops for n in nodes), sympy.Integer(0)),
         has_backward=any(n.has_backward for n in nodes), bwd_events=tuple(backward),
         grad_inputs=tuple((e, ("grad_out", 0) if uid == incoming else ("new", uid)) for e, uid in handed.items()),
-        bwd_flops=flops,
+        bwd_flops=flops, many_ops=True,
     )
     return record, added
 

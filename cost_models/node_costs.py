@@ -19,7 +19,9 @@ __all__ = ["Ref", "Event", "NodeCost", "Costs", "BATCH"]
 
 Ref = tuple
 Event = tuple  # ("alloc" | "free", uid, bytes expression), or ("release_grad", output index, 0):
-# the gradient this node received for that output is dropped here (inside an opaque leaf)
+# the gradient this node received for that output is dropped here (inside an opaque leaf),
+# or ("release_out", output index, 0): the node's own hold on that output (a selective
+# checkpoint's cache of it, held for its backward) ends here, in its backward
 
 BATCH = sympy.Symbol("batch", positive=True, integer=True)
 
@@ -50,6 +52,7 @@ class NodeCost:
     grad_inputs: tuple[tuple[tuple[str, int], Ref], ...] = ()
     param_grads: tuple[int, ...] = ()
     bwd_flops: sympy.Expr = sympy.Integer(0)
+    many_ops: bool = False  # its backward runs several ops (a checkpointed segment, an opaque leaf)
 
 
 @dataclass

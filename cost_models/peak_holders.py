@@ -45,14 +45,15 @@ class _Snapshots(_Replay):
             self.held = held if held is not None else {u: self.size[u] for u in self.refs}
         super().check(candidate, where)
 
-    def window(self, events, where: str, slot=None) -> None:
+    def window(self, events, where: str, slot=None, own=None) -> None:
         current = highest = 0
         made: set[int] = set()  # this window's storages, alive at the point reached
         gone: set[int] = set()  # storages held before the window, freed by the point reached
         at_highest: tuple[set[int], set[int]] = (set(), set())
         for kind, uid, _ in events:
-            if kind == "release_grad":
-                held = slot(uid) if slot is not None else None
+            if kind in ("release_grad", "release_out"):
+                source = slot if kind == "release_grad" else own
+                held = source(uid) if source is not None else None
                 if held is not None and self.releasable(held) and held not in gone:
                     current -= self.size[held]
                     gone.add(held)

@@ -235,6 +235,7 @@ class _Profiler(OpaqueLeaves):
                 else _as_expr(flops.get_total_flops())
             ),
             opaque=opaque,
+            many_ops=apart,
         ))
         self._leaves[node.name] = leaves
 
@@ -364,8 +365,19 @@ class _Profiler(OpaqueLeaves):
 
                 handles = [leaf.register_hook(capture(e)) for e, leaf in targets]
                 module = self.gm.get_submodule(self._node[cost.name].target)
-                with self._fake_model(*module.codes()):  # a checkpoint's rerun, a chain's inverse: on the fake state too
-                    torch.autograd.backward(source, inputs=[leaf for _, leaf in targets] + params)
+
+                def rerun_ended(segment):  # a selective checkpoint's cache of the output goes (held here)
+                    if segment is module and getattr(module, "keeps_output", False):
+                        self.tracker.poll()
+                        self.tracker.events.append(("release_out", 0, 0))
+
+                observers = getattr(type(module), "rerun_ended", [])
+                observers.append(rerun_ended)
+                try:
+                    with self._fake_model(*module.codes()):  # a checkpoint's rerun, a chain's inverse: on the fake state too
+                        torch.autograd.backward(source, inputs=[leaf for _, leaf in targets] + params)
+                finally:
+                    observers.remove(rerun_ended)
                 for handle in handles:
                     handle.remove()
                 results, param_results = [leaf.grad for _, leaf in targets], []
@@ -382,13 +394,13 @@ class _Profiler(OpaqueLeaves):
             copies = {self.tracker.uid_of(leaf.grad) for e, leaf in targets if leaf.grad is not None} - set(arrived.values())
             handed_on = set(arrived.values())
             events = [(kind, uid, b) for kind, uid, b in events
-                      if uid not in copies and not (kind == "free" and uid in handed_on)]
+                      if kind == "release_out" or uid not in copies and not (kind == "free" and uid in handed_on)]
         if cost.opaque or segment:
             # the stand-in gradients are the incoming ones, already live: drop their
             # allocation, and turn their free into a release of that gradient slot
             stand_ins = dict(zip(_GradientSource.made, indices))
             events = [
-                ("release_grad", stand_ins[uid], 0) if uid in stand_ins else (kind, uid, b)
+                ("release_grad", stand_ins[uid], 0) if kind == "free" and uid in stand_ins else (kind, uid, b)
                 for kind, uid, b in events
                 if not (kind == "alloc" and uid in stand_ins)
             ]
@@ -533,7 +545,7 @@ def _own_events(events, earlier) -> list:
     """The events of one window, less the frees of storages that other nodes allocated
     (they are freed when the harness drops them, not by this node)."""
     own = {uid for kind, uid, _ in earlier if kind == "alloc"} | {uid for kind, uid, _ in events if kind == "alloc"}
-    return [e for e in events if e[0] == "alloc" or e[1] in own]
+    return [e for e in events if e[0] != "free" or e[1] in own]
 
 
 def _example_batch(inputs: tuple) -> int:

@@ -41,13 +41,16 @@ class Simulation:
         return [(label[start], label[end]) for start, end in self.lifetimes.get(node, [])]
 
 
-def window_peak(events, size: dict[int, int], released=lambda index: 0) -> tuple[int, int]:
+def window_peak(events, size: dict[int, int], released=lambda index: 0, let_go=lambda index: 0) -> tuple[int, int]:
     """(highest, final) bytes above the start over one node's events; `released(k)` says
-    how many bytes dropping the gradient of output k frees."""
+    how many bytes dropping the gradient of output k frees, `let_go(k)` how many the
+    node's letting go of output k frees."""
     current = highest = 0
     for kind, uid, _ in events:
         if kind == "release_grad":
             current -= released(uid)
+        elif kind == "release_out":
+            current -= let_go(uid)
         else:
             current += size[uid] if kind == "alloc" else -size[uid]
         highest = max(highest, current)
@@ -73,12 +76,13 @@ class _Replay:
         if candidate > self.peak:
             self.peak, self.peak_at = candidate, where
 
-    def window(self, events, where: str, slot=None) -> None:
+    def window(self, events, where: str, slot=None, own=None) -> None:
         """`check` the highest point of one node's events; `slot(k)` is the storage of
         the gradient of its output k (released by a "release_grad" event where nothing
-        else holds it)."""
+        else holds it), `own(k)` the storage of its output k (let go by a "release_out")."""
         released = (lambda k: 0) if slot is None else (lambda k: self.releasable(slot(k)))
-        highest, _ = window_peak(events, self.size, released)
+        let_go = (lambda k: 0) if own is None else (lambda k: self.releasable(own(k)))
+        highest, _ = window_peak(events, self.size, released, let_go)
         self.check(self.live + highest, where)
 
     def releasable(self, uid: int | None) -> int:
@@ -158,7 +162,9 @@ class _Replay:
         for node in reversed(self.costs.nodes):
             if not node.has_backward:
                 continue
-            self.window(node.bwd_events, f"backward {node.label}", lambda k, name=node.name: slots.get((name, k)))
+            events = self.summed_inside(node, slots) if node.many_ops else node.bwd_events
+            self.window(events, f"backward {node.label}", lambda k, name=node.name: slots.get((name, k)),
+                        lambda k, name=node.name: self.storage.get((name, k)))
             allocated = [uid for kind, uid, _ in node.bwd_events if kind == "alloc"]
             freed = {uid for kind, uid, _ in node.bwd_events if kind == "free"}
             for uid in allocated:
@@ -180,7 +186,7 @@ class _Replay:
                 self.hold(first)
             for k in range(len(node.outputs)):
                 self.release(slots.pop((node.name, k), None))
-            for ref in node.saved:
+            for ref in node.saved:  # (its hold on an output let go inside: here, as the window counted it)
                 self.release(self.resolve(ref))
             for uid in node.internal:
                 self.release(uid)
@@ -190,6 +196,46 @@ class _Replay:
                 if uid not in freed:  # parameter gradients and temporaries die here
                     self.release(uid)
             self.timeline.append((f"backward {node.label}", self.live))
+
+    def summed_inside(self, node, slots) -> list:
+        """The backward events of a node of several ops, with each gradient it hands on
+        for a value that already has one summed where the engine sums it: after the op
+        that makes it has let go of its saved tensors, before its other results (a
+        weight's gradient) are used, and before the next op allocates; not when the
+        whole node ends, when its other ops' memory is gone. The sum's storage stands in
+        under a fresh uid; `accumulate` makes the sum for good."""
+        at: dict[int, list] = {}  # event index -> the sums made before it
+        events = node.bwd_events
+        for element, ref in node.grad_inputs:
+            old = slots.get(element)
+            if ref[0] != "new" or old is None:
+                continue
+            index = next((i for i, e in enumerate(events) if e[0] == "alloc" and e[1] == ref[1]), None)
+            if index is None:
+                continue
+            while index > 0 and events[index - 1][0] == "alloc":
+                index -= 1
+            born = set()  # what the op allocated: its other results (a weight's gradient) die after the sum
+            while index < len(events) and events[index][0] == "alloc":
+                born.add(events[index][1])
+                index += 1
+            while index < len(events) and events[index][0] != "alloc" and events[index][1] not in born:
+                index += 1
+            if index == len(events):  # the node's last op: summed as it ends, as `accumulate` does
+                continue
+            self.fresh -= 1
+            self.summed(self.fresh, element)
+            self.size[self.fresh] = self.value_bytes(element)
+            at.setdefault(index, []).extend([("alloc", self.fresh, 0), ("free", ref[1], 0)]
+                                             + ([("free", old, 0)] if self.refs.get(old) == 1 else []))
+        if not at:
+            return events
+        return [e for i, event in enumerate(events) for e in at.get(i, []) + [event]]
+
+    def value_bytes(self, element: tuple[str, int]) -> int:
+        """The bytes of a value's gradient (the value's own size)."""
+        producer = self.costs.by_name[element[0]]
+        return int(math.ceil(producer.nbytes[element[1]].xreplace({BATCH: self.batch})))
 
     def summed(self, uid: int, element: tuple[str, int]) -> None:
         """`accumulate` made storage `uid` for the summed gradient of `element`."""
@@ -207,8 +253,7 @@ class _Replay:
             return
         self.fresh -= 1
         self.summed(self.fresh, element)
-        producer = self.costs.by_name[element[0]]
-        self.size[self.fresh] = int(math.ceil(producer.nbytes[element[1]].xreplace({BATCH: self.batch})))
+        self.size[self.fresh] = self.value_bytes(element)
         self.live += self.size[self.fresh]
         self.hold(self.fresh)
         self.check(self.live, f"backward {where}")

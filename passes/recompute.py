@@ -101,6 +101,8 @@ class RecomputeSegment(nn.Module):
     rewritten model has the state_dict keys of the original.
     """
 
+    rerun_ended: list = []  # callables, each called with the segment as its rerun ends (stopped early too)
+
     def __init__(self, code, mode: str, buffers: list[torch.Tensor] | None = None, keeps_output: bool = False):
         """`code` runs the segment: a GraphModule over the owner's submodules, or any
         callable (an exported module's method), then with `buffers`, the buffers it
@@ -158,8 +160,12 @@ class RecomputeSegment(nn.Module):
                 forward_context, recompute_context = contextlib.nullcontext(), contextlib.nullcontext()
             @contextlib.contextmanager
             def recompute():  # the restore must run outside the selective-checkpoint mode
-                with _RestoreBatchNormStats(norms), recompute_context:
-                    yield
+                try:
+                    with _RestoreBatchNormStats(norms), recompute_context:
+                        yield
+                finally:  # (stopped early, too) a selective checkpoint lets go of what it kept
+                    for observer in RecomputeSegment.rerun_ended:
+                        observer(self)
 
             return forward_context, recompute()
 

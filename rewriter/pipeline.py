@@ -419,21 +419,16 @@ class _Planner:
         if STAGES not in self._stages:
             self._stages[STAGES] = self.stages()
         groups, stages, joined = self._stages[STAGES]
-        # two shapes of plan, each as the profile predicts it to the byte: flat (every
-        # option, no span), and nested (segments kept or in full, spans only around
-        # segments in full: a selective segment beside spans, or a kept one inside one,
-        # was measured off its prediction)
         overhead = recompute.overhead_seconds("full", self.input_device)
-        flat = schedule.solve_schedule(stages, limit, lambda s, j: False, overhead)
-        nested_stages = [st.only((0, 2), (False, True)) for st in stages]
-        nested = schedule.solve_schedule(nested_stages, limit, lambda s, j: (s, j) in joined, overhead)
-        if nested is not None and nested.depth <= DEPTH:
-            nested = dataclasses.replace(nested, options=tuple(2 * o for o in nested.options))
-        else:
-            nested = None
-        found = min((f for f in (flat, nested) if f is not None), key=lambda f: f.seconds, default=None)
-        if found is None:
-            return None
+        found = schedule.solve_schedule(stages, limit, lambda s, j: (s, j) in joined, overhead)
+        if found is not None and found.depth > DEPTH:  # nested too deep to rerun: flat segments alone
+            found = schedule.solve_schedule(stages, limit, lambda s, j: False, overhead)
+        return None if found is None else self.realised(groups, found)
+
+    def realised(self, groups: list[list[int]], found: schedule.Schedule,
+                 ) -> tuple[dict[str, str], list[recompute.Segment], float] | None:
+        """The modes and spans of a schedule over the stages `groups` (from `stages`), with
+        its estimated seconds; None where its spans do not all enclose their segments."""
         modes = {}
         extremes = {option: self.extreme(name) for option, name in ((1, "selective"), (2, "full"))}
         for group, option in zip(groups, found.options):

@@ -11,7 +11,7 @@ from rewriter.cost_models.profile import profile_graph
 from rewriter.cost_models.simulate import simulate
 from examples.zoo import ZOO
 from rewriter.passes import recompute
-from rewriter.measure import default_loss
+from rewriter.measure import default_loss, measure_peak
 from rewriter.trace import capture
 
 CHECKPOINT_OWN_BYTES = 4  # a scalar the checkpoint holds through each segment's backward, not composed
@@ -83,3 +83,54 @@ def test_a_segment_whose_output_is_outside_memory_is_refused():
     assert view.outputs[0][0] == "value"  # the step's input, seen another way
     with pytest.raises(ValueError, match="outside the segment"):
         checkpoint_record(base, (view.name,))
+
+
+class ForkJoin(torch.nn.Module):
+    """Two maps, each read by a branch inside one segment and by a concat after it:
+    the gradient of the map whose branch the segment's backward reaches first is summed
+    with the concat's while the other branch (its rerun BatchNorm input, its gradient)
+    is still live (as in MONAI's attention gates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem_a, self.stem_b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(3, 64, 3, padding=1)
+        self.conv_a, self.conv_b = torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(64, 4, 1)
+        self.norm_a = torch.nn.BatchNorm2d(4)
+        self.psi = torch.nn.Conv2d(4, 1, 1)
+        self.head = torch.nn.Conv2d(73, 2, 1)
+
+    def forward(self, x):
+        a, b = self.stem_a(x), self.stem_b(x)
+        g = self.psi(torch.relu(self.norm_a(self.conv_a(a)) + self.conv_b(b)))
+        return self.head(torch.cat([a, b, g], 1))
+
+
+def test_a_gradient_summed_inside_a_segments_backward_is_counted_there():
+    model, x = ForkJoin().train(), torch.randn(2, 3, 32, 32)
+    captured = capture(model)
+    base = profile_graph(captured.gm, (x,), default_loss, captured.opaque)
+    segment = recompute.segment_over(captured.gm, ("conv_a", "norm_a", "conv_b", "add", "relu", "psi"))
+    rewritten = recompute.rewrite(captured.gm, {"psi": "full"}, [segment])
+    profiled = simulate(profile_graph(rewritten, (x,), default_loss, captured.opaque)).peak_bytes
+    measured = measure_peak(rewritten, x)
+    assert 0 <= profiled - measured <= CHECKPOINT_OWN_BYTES, (profiled, measured)
+    assert 0 <= profiled - composed_peak(base, captured.gm, [segment], {"psi": "full"}) <= CHECKPOINT_OWN_BYTES
+
+
+def test_selective_segments_that_keep_their_output_let_it_go_as_their_rerun_ends():
+    """Every other segment of the zoo U-Net selective (those ending in a convolution
+    keep its output until their rerun ends, not through their whole backward)."""
+    zoo = ZOO["unet"]
+    model, x = zoo.test_model(), zoo.test_input()
+    captured = capture(model)
+    base = profile_graph(captured.gm, (x,), default_loss, captured.opaque)
+    segments = recompute.segments(captured.gm, captured.opaque, "fine")
+    for parity in (0, 1):
+        chosen = [s for s in segments[parity::2] if "selective" in s.modes()]
+        assert any(s.output in s.expensive for s in chosen)
+        modes = {s.output: "selective" for s in chosen}
+        rewritten = recompute.rewrite(captured.gm, modes, segments)
+        profiled = simulate(profile_graph(rewritten, (x,), default_loss, captured.opaque)).peak_bytes
+        measured = measure_peak(rewritten, x)
+        assert 0 <= profiled - measured <= CHECKPOINT_OWN_BYTES, (parity, profiled, measured)
+        assert 0 <= profiled - composed_peak(base, captured.gm, chosen, modes) <= CHECKPOINT_OWN_BYTES
