@@ -1,5 +1,5 @@
 """Profile every node of a captured graph on fake tensors: what it allocates, what
-autograd saves for it, what its backward allocates, and its FLOPs.
+autograd saves for it, what its backward allocates, and its forward FLOPs.
 
 Each node runs in isolation (its inputs are detached leaves that require grad as the
 originals do) under a StorageTracker and saved-tensor hooks, forward in graph order,
@@ -62,9 +62,12 @@ def _as_expr(value: Any) -> sympy.Expr:
 
 
 class _Profiler(OpaqueLeaves):
-    def __init__(self, gm: fx.GraphModule, inputs: tuple, loss_fn: Callable, opaque: tuple[str, ...], batch: int | None = None):
-        """Static shapes at `batch` (default: the example inputs' own batch)."""
+    def __init__(self, gm: fx.GraphModule, inputs: tuple, loss_fn: Callable, opaque: tuple[str, ...], batch: int | None = None,
+                 flops: bool = True):
+        """Static shapes at `batch` (default: the example inputs' own batch); FLOPs
+        counted unless not `flops` (then 0)."""
         self.gm = gm
+        self.count_flops = flops
         self.inputs = inputs
         self.loss_fn = loss_fn
         self.opaque = set(opaque)
@@ -177,7 +180,8 @@ class _Profiler(OpaqueLeaves):
         apart = opaque or self._is_segment(node.name)
         # the tracker above the FLOP counter: it sees each op as it runs, not the ops the
         # counter decomposes it into (SiLU's backward into six, where the kernel allocates one)
-        with (contextlib.nullcontext() if apart else FlopCounterMode(display=False)) as flops, self.tracker:
+        counted = self.count_flops and not apart
+        with (FlopCounterMode(display=False) if counted else contextlib.nullcontext()) as flops, self.tracker:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 if opaque:
                     out = self._run_opaque(node, prepared)
@@ -231,8 +235,8 @@ class _Profiler(OpaqueLeaves):
             # rerun): FlopCounterMode's module hooks would keep the rerun's tensors alive
             fwd_flops=(
                 self._opaque_flops(node, prepared)[0] if opaque
-                else sympy.Integer(0) if apart
-                else _as_expr(flops.get_total_flops())
+                else _as_expr(flops.get_total_flops()) if counted
+                else sympy.Integer(0)
             ),
             opaque=opaque,
             many_ops=apart,
@@ -347,7 +351,7 @@ class _Profiler(OpaqueLeaves):
                     p.grad = torch.zeros_like(p)
         self.tracker.poll()
         start = len(self.tracker.events)
-        with (contextlib.nullcontext() if cost.opaque or segment else FlopCounterMode(display=False)) as flops, self.tracker:
+        with self.tracker:
             if cost.opaque:  # parameter gradients go into .grad in place, as in a real step
                 with unset_fake_temporarily():
                     torch.autograd.backward(source, inputs=real_inputs + real_params)
@@ -439,11 +443,8 @@ class _Profiler(OpaqueLeaves):
         cost.bwd_events = tuple((kind, uid, _as_expr(b)) for kind, uid, b in events)
         cost.grad_inputs = tuple(grad_inputs)
         cost.param_grads = param_uids
-        cost.bwd_flops = (
-            self._apart_bwd_flops.pop(cost.name) if cost.opaque
-            else sympy.Integer(0) if segment
-            else _as_expr(flops.get_total_flops())
-        )
+        if cost.opaque:  # its backward's FLOPs, counted apart; others' are not counted (nothing reads them)
+            cost.bwd_flops = self._apart_bwd_flops.pop(cost.name)
 
     @contextlib.contextmanager
     def _fake_model(self, *modules: torch.nn.Module):
@@ -604,17 +605,21 @@ def profile_graph(
     opaque: tuple[str, ...] = (),
     held_until: dict[str, str] | None = None,
     over_batch: bool = False,
+    flops: bool = True,
 ) -> Costs:
     """Per-node costs of one training step of `gm` on inputs shaped like `example_inputs`.
 
     From one static trace, the costs hold at the example batch only (`batch_symbolic`
     False). With `over_batch`, byte counts and FLOPs are sympy expressions of `batch`,
     each taken as affine in the batch through two static traces (batch b and b + 1).
+    Without `flops`, FLOPs are not counted (0; the counter takes about a fifth of the
+    time, and a profile made to verify a plan's bytes needs none).
     """
     with _fixed_momentum(gm):
-        costs = _Profiler(gm, example_inputs, loss_fn, opaque).run()
+        costs = _Profiler(gm, example_inputs, loss_fn, opaque, flops=flops).run()
         if over_batch:
-            costs = _affine_fit(costs, _Profiler(gm, example_inputs, loss_fn, opaque, batch=costs.example_batch + 1).run(),
+            costs = _affine_fit(costs, _Profiler(gm, example_inputs, loss_fn, opaque, batch=costs.example_batch + 1,
+                                                 flops=flops).run(),
                                 costs.example_batch)
         else:
             costs.batch_symbolic = False

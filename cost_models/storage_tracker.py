@@ -40,6 +40,20 @@ def tensors_in(tree: Any) -> list[torch.Tensor]:
     return [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
 
 
+def _op_tensors(value: Any, found: list) -> list:
+    """The tensors in an op's arguments or results (tensors, and lists, tuples and dicts
+    of them, at the dispatcher: what `tensors_in` finds, without pytree's generality)."""
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _op_tensors(item, found)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _op_tensors(item, found)
+    return found
+
+
 @dataclass
 class _Live:
     ref: StorageWeakRef
@@ -122,9 +136,9 @@ class StorageTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.poll()
         kwargs = kwargs or {}
-        inputs = {storage_key(t) for t in tensors_in((args, kwargs))}
+        inputs = {storage_key(t) for t in _op_tensors((args, kwargs), [])}
         out = func(*args, **kwargs)
-        for tensor in tensors_in(out):
+        for tensor in _op_tensors(out, []):
             storage = tensor.untyped_storage()
             key = StorageWeakRef(storage).cdata
             if key in inputs or key in self.live:

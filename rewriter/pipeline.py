@@ -192,7 +192,8 @@ class _Planner:
         return any(n in owned for n in chain.nodes if n != chain.output)
 
     def _profile(self, gm: fx.GraphModule, held_until: dict) -> Costs:
-        return profile_model_graph(self.model, gm, self.inputs, self.loss_fn, self.opaque, held_until)
+        """A rewrite's profile: its bytes (its seconds are priced from the one profile's)."""
+        return profile_model_graph(self.model, gm, self.inputs, self.loss_fn, self.opaque, held_until, flops=False)
 
     def use(self, granularity: str) -> bool:
         """Cut the graph into segments this way; False if an earlier `use` gave the same

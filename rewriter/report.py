@@ -66,12 +66,12 @@ def captured_and_profiled(model: nn.Module, inputs: tuple, loss_fn: Callable, ov
 
 
 def profile_model_graph(model: nn.Module, gm, inputs: tuple, loss_fn: Callable, opaque: tuple[str, ...], held_until: dict,
-                        over_batch: bool = False) -> Costs:
+                        over_batch: bool = False, flops: bool = True) -> Costs:
     """Profile `gm` (a graph of `model`), leaving `model` as it was (opaque leaves run for
     real and draw random inputs); inputs that do not fit are an InputError."""
     try:
         with preserved_model_state(model):
-            return profile_graph(gm, inputs, loss_fn, opaque, held_until, over_batch)
+            return profile_graph(gm, inputs, loss_fn, opaque, held_until, over_batch, flops)
     except ProfileError as error:
         raise InputError(str(error)) from error
 
