@@ -939,9 +939,10 @@ def _solve_families(choices: list[Choice], peak: Callable, limit: int, descend: 
 
 
 def _chosen(gm: fx.GraphModule, plan: Plan, budget: int) -> fx.GraphModule:
-    log.info("plan: %d segments recomputed, %d chains inverted, %d nodes compressed, %d chains row-split, "
-             "predicted peak %s for budget %s", len(plan.segments), len(plan.inverted), len(plan.compressed),
-             len(plan.row_split), format_bytes(plan.predicted_peak_bytes), format_bytes(budget))
+    log.info("plan: %d segments recomputed, %d spans checkpointed around segments, %d chains inverted, %d nodes "
+             "compressed, %d chains row-split, predicted peak %s for budget %s", len(plan.segments), len(plan.spans),
+             len(plan.inverted), len(plan.compressed), len(plan.row_split), format_bytes(plan.predicted_peak_bytes),
+             format_bytes(budget))
     gm.plan = plan
     return gm
 

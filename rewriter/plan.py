@@ -192,8 +192,8 @@ class Plan:
                 f"are gradients, which no strategy rewrites (the largest: {kind} of {label}, {format_bytes(nbytes)})")
 
     # ---- the table ----------------------------------------------------------------------
-    def __str__(self) -> str:
-        peak = max(self.predicted_peak_bytes, 1)
+    def summary(self) -> str:
+        """The plan's head: peaks, budget, what holds the peak, what the plan does."""
         lines = [
             f"Plan for inputs {', '.join(str(tuple(s)) for s in self.input_shapes)} (batch {self.batch})",
             f"  predicted peak  {format_bytes(self.predicted_peak_bytes):>12}  ({self.predicted_peak_bytes:,} bytes, at {self.peak_at})",
@@ -220,6 +220,12 @@ class Plan:
             lines.append(f"  row-split chain ending at {self[output].label if output in self else output}: "
                          f"{tiles} {'row' if axis == 'H' else 'column'} tiles, halo recompute +{100 * halo:.1f}% "
                          f"of its forward FLOPs")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        """`summary`, then a row per node that saves memory for the backward, largest first."""
+        peak = max(self.predicted_peak_bytes, 1)
+        lines = [self.summary()]
         rows = sorted((n for n in self.nodes if n.saved_bytes), key=lambda n: (-n.saved_bytes, n.node))
         header = ("node", "op", "shape", "saved", "share", "held by", "strategy", "+seconds", "error x / form")
         table = [header] + [
