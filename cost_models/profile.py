@@ -33,6 +33,7 @@ from rewriter.cost_models.kernel_storage import storage_bytes
 from rewriter.cost_models.node_costs import BATCH, Costs, NodeCost
 from rewriter.cost_models.opaque_leaves import OpaqueLeaves, _GradientSource, _state_items
 from rewriter.cost_models.storage_tracker import StorageTracker, storage_key, tensors_in
+from rewriter.phases import Progress
 
 __all__ = ["profile_graph", "ProfileError", "UnreplayableOp"]
 
@@ -499,7 +500,10 @@ class _Profiler(OpaqueLeaves):
         output_node = None
         with self.mode:
             self._fake_state()
-            for node in self.gm.graph.nodes:
+            nodes = list(self.gm.graph.nodes)
+            progress = Progress("profile: nodes run forward", len(nodes))
+            for index, node in enumerate(nodes):
+                progress.tick(index)
                 if node.op == "placeholder":
                     value = self.inputs[len(self.values)]
                     self._set_value(node.name, self._fake_input(value) if isinstance(value, torch.Tensor) else value)
@@ -531,7 +535,9 @@ class _Profiler(OpaqueLeaves):
                         ) from error
             self._model_outputs = {n.name for n in output_node.all_input_nodes}
             self.loss_node(output_node)
-            for cost in reversed(self.costs):
+            progress = Progress("profile: nodes run backward", len(self.costs))
+            for index, cost in enumerate(reversed(self.costs)):
+                progress.tick(index)
                 self.backward_node(cost)
         sizes = {uid: allocated_bytes(b, self.device_type)
                  for c in self.costs for kind, uid, b in (*c.fwd_events, *c.bwd_events) if kind == "alloc"}

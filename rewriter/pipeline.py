@@ -25,7 +25,7 @@ from rewriter.passes.compressed_ops import BITS
 from rewriter.errors import BudgetError, InputError
 from rewriter.report import captured_and_profiled, keep_all_plan, profile_model_graph
 from rewriter.measure import as_input_tuple, bind_inputs, check_trainable, default_loss, preserved_model_state
-from rewriter.phases import PhaseClock
+from rewriter.phases import PhaseClock, verbose_logging
 from rewriter.plan import Plan, format_bytes
 from rewriter import schedule
 from rewriter.solve import Choice, relaxed, solve
@@ -113,7 +113,7 @@ class _Planner:
         self.inputs = inputs
         self.loss_fn = loss_fn
         self.clock = PhaseClock()
-        with self.clock("profile"):  # the model as Python runs it
+        with self.clock("profile", "the graph as captured"):  # the model as Python runs it
             captured, self.eager = captured_and_profiled(model, inputs, loss_fn, clock=self.clock)
         self.gm = captured.gm
         self.absent = captured.absent
@@ -215,7 +215,7 @@ class _Planner:
         where a segment lacks that mode, its last one), composed from the one profile;
         and profiles of the graph with every chain inverted, every group compressed, and
         every row-split chain at each tile count of `row_modes`."""
-        with self.clock("profile"):
+        with self.clock("profile", f"{self.granularity} segments' alternatives"):
             self._profile_modes(row_modes)
 
     def _profile_modes(self, row_modes: tuple[str, ...]) -> None:
@@ -227,17 +227,20 @@ class _Planner:
                 self.alternatives[mode] = self.segment_profiles[key]
         if self.chains:
             if self.inverted is None:
-                self.inverted = self._profile(invert.rewrite(self.gm, [c.output for c in self.chains], self.chains), {})
+                with self.clock("profile", f"{len(self.chains)} chains inverted"):
+                    self.inverted = self._profile(invert.rewrite(self.gm, [c.output for c in self.chains], self.chains), {})
             self.alternatives["invert"] = self.inverted
         for mode in row_modes if self.tiled else ():
             key = (self.row_granularity, mode)
             if key not in self.tiled_profiles:
                 chosen = {c.output: self.tilings.tiling(c, mode) for c in self.tiled}
-                self.tiled_profiles[key] = self._profile(row_split.rewrite(self.gm, chosen, self.tiled), {})
+                with self.clock("profile", f"{len(self.tiled)} chains row-split, {mode}"):
+                    self.tiled_profiles[key] = self._profile(row_split.rewrite(self.gm, chosen, self.tiled), {})
             self.alternatives[mode] = self.tiled_profiles[key]
         for mode, forms in self.forms.items() if self.groups else ():
             if mode not in self.compressed:
-                self.compressed[mode] = self._profile(compress.rewrite(self.gm, forms), {})
+                with self.clock("profile", f"{len(self.groups)} groups compressed, {mode}"):
+                    self.compressed[mode] = self._profile(compress.rewrite(self.gm, forms), {})
             self.alternatives[mode] = self.compressed[mode]
         with self.clock("price"):
             self.offered = {c.key: c for c in self.candidates()}
@@ -559,7 +562,7 @@ class _Planner:
         """The rewritten graph for `assignment` (with `spans` checkpointed around its
         segments) and its plan, profiled (verified) unless a profile of that very rewrite
         is at hand."""
-        with self.clock("verify"):
+        with self.clock("verify", f"{len(assignment)} rewrites, {len(spans)} spans"):
             return self._plan(assignment, budget, seconds, list(spans))
 
     def span_seconds(self, span: recompute.Segment) -> float:
@@ -714,7 +717,7 @@ def _search(planner: _Planner, budget: int, beat: int | None = None,
     With `cheaper_than` (the estimated seconds of a verified plan found before), a
     solution estimated at no fewer seconds is not verified, and where solving finds no
     plan the extremes are not tried: None, since the plan found before stands."""
-    with planner.clock("solve"):  # less the profiles, pricing and verifications inside it
+    with planner.clock("solve", f"{planner.granularity} segments"):  # less the profiles, pricing and verifications inside it
         planner.profile_modes(row_modes)  # and the candidates priced
         choices, options = planner.choices()
         return _solved(planner, budget, beat, choices, options, cheaper_than)
@@ -989,7 +992,8 @@ class LazyOptimized(nn.Module):
     or without gradients (no backward: nothing to plan), it runs the model itself. It
     has the model's state_dict keys and shares its parameters."""
 
-    def __init__(self, model: nn.Module, budget: int, loss_fn: Callable, strategies: tuple[str, ...], lossy: Lossy = Lossy()):
+    def __init__(self, model: nn.Module, budget: int, loss_fn: Callable, strategies: tuple[str, ...], lossy: Lossy = Lossy(),
+                 verbose: bool = False):
         super().__init__()
         recompute.adopt_structure(self, model)
         object.__setattr__(self, "_model", model)
@@ -998,6 +1002,7 @@ class LazyOptimized(nn.Module):
         self._loss_fn = loss_fn
         self._strategies = strategies
         self._lossy = lossy
+        self._verbose = verbose
         self.plan: Plan | None = None
 
     def forward(self, *args, **kwargs):
@@ -1007,7 +1012,9 @@ class LazyOptimized(nn.Module):
         inputs = bind_inputs(self._model, args, kwargs)
         key = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t) for t in inputs)
         if key not in self._planned:
-            self._planned[key] = _optimize_for(self._model, self.budget_bytes, inputs, self._loss_fn, self._strategies, self._lossy)
+            with verbose_logging(self._verbose):
+                self._planned[key] = _optimize_for(self._model, self.budget_bytes, inputs, self._loss_fn, self._strategies,
+                                                   self._lossy)
         module = self._planned[key]
         self.plan = module.plan
         return module(*inputs)
@@ -1022,6 +1029,7 @@ def optimize(
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     compress_bits: int | None = None,
     compress_error: float | None = None,
+    verbose: bool = False,
 ) -> nn.Module:
     """A module that trains `model`'s own parameters to the same results with a training
     step whose peak activation memory stays under `budget_bytes` (an int, or "512MiB").
@@ -1035,7 +1043,10 @@ def optimize(
     where the budget needs it; `compress_error` (e.g.
     1e-2) gives each such tensor the fewest bits whose rounding error stays under
     that fraction of its largest magnitude. The forward stays exact either way. Raises
-    BudgetError (with `.minimum_bytes`) when no plan fits.
+    BudgetError (with `.minimum_bytes`) when no plan fits. With `verbose`, each phase of
+    planning and its seconds (and how far a long one is) go to standard error, as the
+    "rewriter" logger's INFO records (logging configured by the caller is used as it
+    is). Interrupted (Ctrl-C), it raises KeyboardInterrupt with `model` as it was.
     """
     budget = parse_budget(budget_bytes)
     chosen = _strategies(strategies)
@@ -1045,8 +1056,9 @@ def optimize(
     check_trainable(model)
     loss_fn = loss_fn or default_loss
     if example_inputs is None:
-        return LazyOptimized(model, budget, loss_fn, chosen, lossy)
-    return _optimize_for(model, budget, as_input_tuple(example_inputs, model), loss_fn, chosen, lossy)
+        return LazyOptimized(model, budget, loss_fn, chosen, lossy, verbose)
+    with verbose_logging(verbose):
+        return _optimize_for(model, budget, as_input_tuple(example_inputs, model), loss_fn, chosen, lossy)
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:

@@ -18,6 +18,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable
 
+from rewriter.phases import Progress
+
 __all__ = ["Choice", "Solution", "solve", "relaxed", "EXACT_LIMIT"]
 
 EXACT_LIMIT = 4096
@@ -58,10 +60,12 @@ def solve(choices: list[Choice], peak: Callable[[dict[str, int]], int], limit: i
     fits, instead of descending (a pass of evaluations per choice and option)."""
     calls = 0
     lowest: tuple[int, dict[str, int]] | None = None
+    progress = Progress("solve: plans evaluated")
 
     def evaluate(assignment: dict[str, int]) -> int:
         nonlocal calls, lowest
         calls += 1
+        progress.tick(calls)
         value = peak(assignment)
         if lowest is None or value < lowest[0]:
             lowest = (value, dict(assignment))
