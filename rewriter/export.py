@@ -1,21 +1,29 @@
-"""save and load: a rewritten module as readable Python, its weights and its plan.
+"""save and load: a rewritten module as readable Python, its layers, tensors and plan.
 
 `save(module, folder)` writes
-  module.py   the rewritten forward, and one method per recomputed segment and per
-              unit of an inverted chain, as Python (and the model's graph in eval
-              mode, where it differs: run after `.eval()`)
-  leaves.pt   the leaf layers (Conv2d, BatchNorm2d, ...) by module path
-  weights.pt  the state_dict
-  plan.json   the plan
-`load(folder)` imports module.py and returns a module that trains as the saved one.
-The code imports torch and rewriter only (an opaque leaf of the user's own class
-needs that class importable when leaves.pt is read).
+  module.py      the rewritten forward, and one method per recomputed segment and per
+                 unit of an inverted chain, as Python (and the model's graph in eval
+                 mode, where it differs: run after `.eval()`)
+  leaves.json    the leaf layers (Conv2d, BatchNorm2d, ...) by module path, as data
+                 (`rewriter.leaves`: class import path, plain attributes, tensors by key)
+  tensors.pt     every parameter and buffer, by key (read with weights_only=True)
+  plan.json      the plan
+  manifest.json  the SHA-256 of each file above
+`load(folder)` checks every file against the manifest before reading any, then
+imports module.py and returns a module that trains as the saved one. Importing
+module.py runs it, as importing any Python module does: load folders from a source
+you trust (the manifest catches files changed or damaged since saving, not a folder
+written to deceive). Nothing is unpickled but tensors. The code imports torch and
+rewriter only; a layer of the user's own class (an opaque leaf) is imported by its
+class's module path. A loaded module can be saved again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
+import json
 import operator
 import sys
 import textwrap
@@ -28,6 +36,7 @@ from rewriter.passes import compressed_ops, row_split_ops
 from rewriter.passes.invert import InvertChain, Unit, _Step
 from rewriter.passes.recompute import RecomputeSegment
 from rewriter.errors import InputError
+from rewriter.leaves import decode, encode
 from rewriter.plan import Plan
 
 __all__ = ["save", "load", "build", "segment", "invert_chain"]
@@ -51,7 +60,9 @@ def _imports(globals_: dict) -> list[str]:
         if name in _KNOWN:
             continue
         qualname, module = getattr(value, "__qualname__", ""), getattr(value, "__module__", None)
-        if inspect.ismodule(value):
+        if isinstance(value, str):  # an annotation written as text (`from __future__ import annotations`)
+            lines.append(f"{name} = {value!r}")
+        elif inspect.ismodule(value):
             lines.append(f"import {value.__name__} as {name}")
         elif any(module == ops.__name__ and getattr(ops, qualname, None) is value for ops in (compressed_ops, row_split_ops)):
             short = module.rsplit(".", 1)[-1]
@@ -69,12 +80,19 @@ def _method(gm: fx.GraphModule, name: str) -> tuple[str, dict]:
     return textwrap.indent(source, "    "), code.globals
 
 
-def save(module: fx.GraphModule, folder: str | Path) -> Path:
-    """Write `module` (what `optimize` or `apply_plan` returned) to `folder`."""
+_FILES = ("module.py", "leaves.json", "tensors.pt", "plan.json")
+
+
+def save(module: nn.Module, folder: str | Path) -> Path:
+    """Write `module` (what `optimize`, `apply_plan` or `load` returned) to `folder`."""
+    saved = getattr(module, "_rewriter_saved", None)  # a module `load` made: its code as it was read
+    if saved is not None:
+        leaves = {"modules": {p: module.get_submodule(p) for p in saved["leaves"]},
+                  "parameters": dict(module._parameters), "buffers": dict(module._buffers)}
+        return _write(Path(folder), saved["code"], leaves, getattr(module, "plan", None))
     if not isinstance(module, fx.GraphModule):
-        raise InputError(f"save() takes the module optimize() returns (a GraphModule); got {type(module).__name__}")
+        raise InputError(f"save() takes the module optimize(), apply_plan() or load() returns; got {type(module).__name__}")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     methods, globals_, segments = [], {}, []
     eval_code = module.__dict__.get("eval_code")  # trace.with_eval_path
     forward, used = _method(module, "forward" if eval_code is None else "_train_forward")
@@ -111,11 +129,6 @@ def save(module: fx.GraphModule, folder: str | Path) -> Path:
         and (path in targets or (not list(m.children()) and (m._parameters or m._buffers)))
     }
     leaves = {"modules": modules, "parameters": dict(module._parameters), "buffers": dict(module._buffers)}
-    torch.save(leaves, folder / "leaves.pt")
-    torch.save(module.state_dict(), folder / "weights.pt")
-    plan = getattr(module, "plan", None)
-    if plan is not None:
-        (folder / "plan.json").write_text(plan.to_json())
     class_name = type(module).__name__
     text = "\n".join([
         f'"""{class_name}, rewritten by rewriter. Load it with rewriter.load(this folder)."""',
@@ -134,8 +147,28 @@ def save(module: fx.GraphModule, folder: str | Path) -> Path:
         *("\n" + m for m in methods),
         "",
     ])
-    (folder / "module.py").write_text(text)
+    return _write(folder, text, leaves, getattr(module, "plan", None))
+
+
+def _write(folder: Path, code: str, leaves: dict, plan: Plan | None) -> Path:
+    """The folder's files, the manifest last (described before any is written: a layer
+    that cannot be saved leaves the folder as it was)."""
+    described, tensors = encode(leaves)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in ("leaves.pt", "weights.pt", "plan.json"):  # an earlier save's, or another format's
+        (folder / stale).unlink(missing_ok=True)
+    (folder / "module.py").write_text(code)
+    (folder / "leaves.json").write_text(json.dumps(described, indent=1))
+    torch.save(tensors, folder / "tensors.pt")
+    if plan is not None:
+        (folder / "plan.json").write_text(plan.to_json())
+    files = {name: _digest(folder / name) for name in _FILES if (folder / name).exists()}
+    (folder / "manifest.json").write_text(json.dumps({"format": 2, "files": files}, indent=1))
     return folder
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _step_spec(step: _Step, prefix: str, owner_paths: dict, methods: list, globals_: dict) -> dict:
@@ -231,19 +264,58 @@ def _step_from_spec(owner: nn.Module, spec: dict) -> _Step:
 
 
 def load(folder: str | Path) -> nn.Module:
-    """The module `save` wrote to `folder`, with its weights and (if saved) `.plan`."""
+    """The module `save` wrote to `folder`, with its weights and (if saved) `.plan`.
+    Every file is checked against the folder's manifest before any is read; then
+    module.py is imported (run: load folders you trust)."""
     folder = Path(folder)
-    if not (folder / "module.py").exists():
-        raise InputError(f"{folder} holds no module.py; pass a folder written by rewriter.save")
+    manifest = folder / "manifest.json"
+    if not manifest.exists():
+        if (folder / "leaves.pt").exists():
+            raise InputError(f"{folder} was saved by an earlier rewriter (its layers pickled in leaves.pt, which load no "
+                             "longer unpickles: that runs any code in it); save the module again with this version")
+        raise InputError(f"{folder} holds no manifest.json; pass a folder written by rewriter.save")
+    files = _read(manifest, lambda text: json.loads(text)["files"])
+    for name in ("module.py", "leaves.json", "tensors.pt"):
+        if name not in files:
+            raise InputError(f"{manifest} lists no {name}; pass a folder written by rewriter.save")
+    for name, digest in files.items():
+        if name not in _FILES:
+            raise InputError(f"{manifest} lists {name!r}, which rewriter.save does not write")
+        if not (folder / name).exists():
+            raise InputError(f"{folder / name} is missing (the manifest lists it)")
+        if _digest(folder / name) != digest:
+            raise InputError(f"{folder / name} has changed since it was saved (its SHA-256 is not the manifest's); "
+                             "nothing was loaded")
+    described = _read(folder / "leaves.json", json.loads)
+    tensors = _read(folder / "tensors.pt", lambda _: torch.load(folder / "tensors.pt", weights_only=True), binary=True)
+    plan = _read(folder / "plan.json", Plan.from_json) if "plan.json" in files else None
+    code = (folder / "module.py").read_text()
     name = f"rewriter_saved_{abs(hash(folder.resolve()))}"
     spec = importlib.util.spec_from_file_location(name, folder / "module.py")
-    code = importlib.util.module_from_spec(spec)
-    sys.modules[name] = code
-    spec.loader.exec_module(code)
-    classes = [v for v in vars(code).values() if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == name]
-    leaves = torch.load(folder / "leaves.pt", weights_only=False)
-    module = classes[0](leaves)
-    module.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
-    if (folder / "plan.json").exists():
-        module.plan = Plan.from_json((folder / "plan.json").read_text())
+    imported = importlib.util.module_from_spec(spec)
+    sys.modules[name] = imported
+    try:
+        spec.loader.exec_module(imported)
+    except Exception as error:
+        raise InputError(f"{folder / 'module.py'} fails to import: {type(error).__name__}: {error}") from error
+    classes = [v for v in vars(imported).values() if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == name]
+    if len(classes) != 1:
+        raise InputError(f"{folder / 'module.py'} defines {len(classes)} module classes; rewriter.save writes one")
+    try:
+        module = classes[0](decode(described, tensors))
+    except (KeyError, TypeError, AttributeError, ImportError) as error:
+        raise InputError(f"{folder / 'leaves.json'} does not describe the layers module.py builds: "
+                         f"{type(error).__name__}: {error}") from error
+    if plan is not None:
+        module.plan = plan
+    object.__setattr__(module, "_rewriter_saved", {"code": code, "leaves": list(described["modules"])})
     return module
+
+
+def _read(path: Path, parse, binary: bool = False):
+    """`parse` of the file's text (or of nothing, where it reads the file itself), any
+    failure an InputError naming the file."""
+    try:
+        return parse(None if binary else path.read_text())
+    except Exception as error:
+        raise InputError(f"{path} cannot be read: {type(error).__name__}: {error}") from error
