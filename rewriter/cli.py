@@ -39,6 +39,14 @@ _EXAMPLES = """examples:
 """
 
 
+_OPTIMIZERS = {
+    "adam": lambda params: torch.optim.Adam(params),
+    "adamw": lambda params: torch.optim.AdamW(params),
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.01),
+    "sgd-momentum": lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
+}
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     """(8, 3, 224, 224) from "8x3x224x224"."""
     try:
@@ -102,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                              help="peak activation memory of one training step, such as 2GiB, 500MB or 123456789")
             sub.add_argument("--strategies", nargs="+", choices=STRATEGIES, metavar="STRATEGY",
                              help=f"the strategies to use (default all: {', '.join(STRATEGIES)})")
+            sub.add_argument("--optimizer", choices=sorted(_OPTIMIZERS),
+                             help="make the budget one of device memory: parameters, gradients and this optimizer's "
+                                  "state come off it (default: the budget is of activations)")
         return sub
 
     command("explain", "print each node's activation memory and the predicted peak of a training step", False)
@@ -121,16 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_model(args.model, args.kwargs).to(args.device)
         inputs = tuple(torch.randn(shape, device=args.device) for shape in args.input)
+        optimizer = _OPTIMIZERS[args.optimizer](model.parameters()) if getattr(args, "optimizer", None) else None
         if args.command == "explain":
             print(rewriter.explain(model, inputs))
         elif args.command == "plan":
             optimized = rewriter.optimize(model, args.budget, inputs, strategies=args.strategies,
-                                          compress_bits=args.compress_bits)
+                                          compress_bits=args.compress_bits, optimizer=optimizer)
             print(optimized.plan.summary())
             if args.out:
                 print(f"saved to {rewriter.save(optimized, args.out)}")
         else:
-            _fit(model, inputs, args.budget, args.strategies)
+            _fit(model, inputs, args.budget, args.strategies, optimizer)
     except BudgetError as error:
         print(f"rewriter: {error}", file=sys.stderr)
         return 3
@@ -140,16 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fit(model: nn.Module, inputs: tuple, budget: int, strategies: list[str] | None) -> None:
+def _fit(model: nn.Module, inputs: tuple, budget: int, strategies: list[str] | None,
+         optimizer: torch.optim.Optimizer | None) -> None:
     """Print the largest batch that fits `budget` as the model is (predicted) and with a
     plan (`optimize` finds one: predicted, and verified as every plan is)."""
-    plain = rewriter.largest_batch(model, inputs, budget)
+    plain = rewriter.largest_batch(model, inputs, budget, optimizer=optimizer)
     print(f"as it is:       batch {plain} fits {format_bytes(budget)} (predicted)")
 
     def plans(batch: int) -> bool:
         scaled = tuple(t.new_empty((batch, *t.shape[1:])).normal_() for t in inputs)
         try:
-            rewriter.optimize(model, budget, scaled, strategies=strategies)
+            rewriter.optimize(model, budget, scaled, strategies=strategies, optimizer=optimizer)
         except BudgetError:
             return False
         log.info("batch %d: a plan fits", batch)

@@ -22,6 +22,7 @@ from rewriter.cost_models.simulate import simulate
 from rewriter.cost_models.stage_costs import stage_costs
 from rewriter.passes import compress, invert, recompute, registry, row_split
 from rewriter.passes.compressed_ops import BITS
+from rewriter.device_memory import held_outside_activations
 from rewriter.errors import BudgetError, InputError
 from rewriter.report import captured_and_profiled, keep_all_plan, profile_model_graph
 from rewriter.measure import as_input_tuple, bind_inputs, check_trainable, default_loss, preserved_model_state
@@ -647,6 +648,30 @@ def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callabl
                  extra={"phases": dict(planner.clock.seconds)})
 
 
+def _optimize_within(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callable, strategies: tuple[str, ...],
+                     lossy: Lossy, optimizer: torch.optim.Optimizer | None) -> fx.GraphModule:
+    """`_optimize_for`, where with `optimizer` the budget is of device memory: what
+    parameters, gradients and the optimizer's state hold is taken off it first, and
+    the plan (or the BudgetError's) says so."""
+    if optimizer is None:
+        return _optimize_for(model, budget, inputs, loss_fn, strategies, lossy)
+    split = held_outside_activations(model, optimizer)
+    held = sum(b for _, b in split)
+    parts = ", ".join(f"{what} {format_bytes(b)}" for what, b in split)
+    try:
+        optimized = _optimize_for(model, max(budget - held, 1), inputs, loss_fn, strategies, lossy)
+    except BudgetError as error:
+        minimum = error.minimum_bytes + held
+        said = (f"budget_bytes={budget} ({format_bytes(budget)}) of device memory is below what the step holds besides "
+                f"activations ({parts})" if budget <= held else
+                f"budget_bytes={budget} ({format_bytes(budget)}) of device memory leaves {format_bytes(budget - held)} "
+                f"for activations after {parts}, and {error}")
+        raise BudgetError(f"{said}; the smallest device budget a plan reaches is {minimum} ({format_bytes(minimum)})",
+                          minimum, dataclasses.replace(error.plan, device_split=split) if error.plan else None) from None
+    optimized.plan = dataclasses.replace(optimized.plan, device_split=split)
+    return optimized
+
+
 def _plan_search(planner: _Planner, budget: int, strategies: tuple[str, ...], lossy: Lossy) -> fx.GraphModule:
     """The verified plan that adds the least time over every search, or BudgetError."""
     baseline = planner.eager_peak
@@ -993,7 +1018,7 @@ class LazyOptimized(nn.Module):
     has the model's state_dict keys and shares its parameters."""
 
     def __init__(self, model: nn.Module, budget: int, loss_fn: Callable, strategies: tuple[str, ...], lossy: Lossy = Lossy(),
-                 verbose: bool = False):
+                 verbose: bool = False, optimizer: torch.optim.Optimizer | None = None):
         super().__init__()
         recompute.adopt_structure(self, model)
         object.__setattr__(self, "_model", model)
@@ -1003,6 +1028,7 @@ class LazyOptimized(nn.Module):
         self._strategies = strategies
         self._lossy = lossy
         self._verbose = verbose
+        object.__setattr__(self, "_optimizer", optimizer)
         self.plan: Plan | None = None
 
     def forward(self, *args, **kwargs):
@@ -1013,8 +1039,8 @@ class LazyOptimized(nn.Module):
         key = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t) for t in inputs)
         if key not in self._planned:
             with verbose_logging(self._verbose):
-                self._planned[key] = _optimize_for(self._model, self.budget_bytes, inputs, self._loss_fn, self._strategies,
-                                                   self._lossy)
+                self._planned[key] = _optimize_within(self._model, self.budget_bytes, inputs, self._loss_fn,
+                                                      self._strategies, self._lossy, self._optimizer)
         module = self._planned[key]
         self.plan = module.plan
         return module(*inputs)
@@ -1030,6 +1056,7 @@ def optimize(
     compress_bits: int | None = None,
     compress_error: float | None = None,
     verbose: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> nn.Module:
     """A module that trains `model`'s own parameters to the same results with a training
     step whose peak activation memory stays under `budget_bytes` (an int, or "512MiB").
@@ -1043,7 +1070,11 @@ def optimize(
     where the budget needs it; `compress_error` (e.g.
     1e-2) gives each such tensor the fewest bits whose rounding error stays under
     that fraction of its largest magnitude. The forward stays exact either way. Raises
-    BudgetError (with `.minimum_bytes`) when no plan fits. With `verbose`, each phase of
+    BudgetError (with `.minimum_bytes`) when no plan fits. With `optimizer` (the one
+    that will train `model`), `budget_bytes` is of device memory: parameters, their
+    gradients and the optimizer's state (as it allocates it: Adam's two moments, SGD's
+    momentum) are taken off it, the rest bounds the activation peak, and the plan's
+    `device_split` shows the split. With `verbose`, each phase of
     planning and its seconds (and how far a long one is) go to standard error, as the
     "rewriter" logger's INFO records (logging configured by the caller is used as it
     is). Interrupted (Ctrl-C), it raises KeyboardInterrupt with `model` as it was.
@@ -1056,9 +1087,9 @@ def optimize(
     check_trainable(model)
     loss_fn = loss_fn or default_loss
     if example_inputs is None:
-        return LazyOptimized(model, budget, loss_fn, chosen, lossy, verbose)
+        return LazyOptimized(model, budget, loss_fn, chosen, lossy, verbose, optimizer)
     with verbose_logging(verbose):
-        return _optimize_for(model, budget, as_input_tuple(example_inputs, model), loss_fn, chosen, lossy)
+        return _optimize_within(model, budget, as_input_tuple(example_inputs, model), loss_fn, chosen, lossy, optimizer)
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:

@@ -72,7 +72,10 @@ class Plan:
     predicted peak falls; `peak_held_by` what is live then, as (kind, node label,
     bytes), most bytes first, adding up to the predicted peak (kinds:
     `cost_models.peak_holders`; only "activation" is rewritten by a strategy);
-    `batch` and `input_shapes` the inputs it was made for.
+    `batch` and `input_shapes` the inputs it was made for. Made for a budget of device
+    memory (`optimize(..., optimizer=...)`), `device_split` says what the step holds
+    besides activations (parameters, gradients, optimizer state), and `budget_bytes`
+    is what that leaves for activations.
     """
 
     nodes: tuple[NodePlan, ...]
@@ -89,6 +92,7 @@ class Plan:
     row_granularity: str = "block"  # how row-split chains were found (passes.row_split.chains)
     peak_held_by: tuple[tuple[str, str, int], ...] = ()  # (kind, node label, bytes) live at the peak
     legacy: tuple[tuple[str, tuple], ...] = ()  # a plan written before decisions: (field, its entries)
+    device_split: tuple[tuple[str, int], ...] = ()  # with a device budget: (what, bytes) held besides activations
     _index: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -171,6 +175,7 @@ class Plan:
         legacy["row_split"] = [(*c, "H")[:4] for c in legacy.get("row_split", ())]
         data["legacy"] = tuple((name, tuple(tuple(e) for e in legacy[name])) for name in _LEGACY if legacy.get(name))
         data["peak_held_by"] = tuple(tuple(h) for h in data.get("peak_held_by", ()))  # none in older plans
+        data["device_split"] = tuple(tuple(s) for s in data.get("device_split", ()))
         return cls(nodes=nodes, **data)
 
     def held_by_kind(self) -> dict[str, int]:
@@ -200,6 +205,13 @@ class Plan:
             f"  baseline peak   {format_bytes(self.baseline_peak_bytes):>12}",
             f"  budget          {format_bytes(self.budget_bytes) if self.budget_bytes is not None else 'none':>12}",
         ]
+        if self.device_split:
+            held = sum(b for _, b in self.device_split)
+            parts = " + ".join(f"{what} {format_bytes(b)}" for what, b in self.device_split)
+            lines[3] += " of activations"
+            lines.append(f"  on the device   {format_bytes(held + self.predicted_peak_bytes):>12}  predicted: {parts} "
+                         f"+ the activation peak" + (f", within {format_bytes(held + self.budget_bytes)}"
+                                                     if self.budget_bytes is not None else ""))
         if self.peak_held_by:
             kinds = sorted(self.held_by_kind().items(), key=lambda item: -item[1])
             lines.append("  held at the peak: " + ", ".join(f"{kind} {format_bytes(b)}" for kind, b in kinds))

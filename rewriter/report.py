@@ -15,6 +15,7 @@ from rewriter.cost_models.profile import ProfileError, UnreplayableOp, profile_g
 from rewriter.cost_models.saved import saved_tensors
 from rewriter.cost_models.peak_holders import peak_holders
 from rewriter.cost_models.simulate import Simulation, simulate
+from rewriter.device_memory import held_outside_activations
 from rewriter.errors import InputError
 from rewriter.measure import as_input_tuple, check_trainable, default_loss, preserved_model_state
 from rewriter.plan import NodePlan, Plan
@@ -125,12 +126,19 @@ def largest_batch(
     budget_bytes: int,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     limit: int = 2**20,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> int:
     """The largest batch whose predicted training-step peak fits `budget_bytes`, from two
     traces (at the example batch and one more: byte counts as expressions of the
-    batch). 0 if even a batch of 1 does not fit."""
+    batch). 0 if even a batch of 1 does not fit. With `optimizer`, the budget is of
+    device memory: parameters, gradients and the optimizer's state are taken off it
+    first (`device_memory.held_outside_activations`)."""
     if not isinstance(budget_bytes, int) or budget_bytes <= 0:
         raise InputError(f"budget_bytes={budget_bytes!r} must be a positive number of bytes")
+    if optimizer is not None:
+        budget_bytes -= sum(b for _, b in held_outside_activations(model, optimizer))
+        if budget_bytes <= 0:
+            return 0
     costs = cost_model(model, example_inputs, loss_fn, over_batch=True)
 
     def fits(batch: int) -> bool:

@@ -77,6 +77,12 @@ def test_fit_finds_a_larger_batch_with_rewriting():
     assert planned > plain >= 1
 
 
+def test_plan_takes_an_optimizers_state_off_a_device_budget():
+    done = run("plan", *CHAIN, "--budget", "150KB", "--optimizer", "adam", "--strategies", "recompute", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "on the device" in done.stdout and "optimizer state" in done.stdout
+
+
 def test_a_monai_network_is_explained():
     pytest.importorskip("monai")
     done = run("explain", "monai.networks.nets:UNet", "--kwargs",
