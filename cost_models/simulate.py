@@ -27,13 +27,15 @@ class Simulation:
     """The predicted peak, where it happens, live bytes after every step, and the
     lifetime of every storage a node allocated: node -> (step it was made, step it
     was freed), as indexes into `timeline`; a storage alive at the end of the step
-    (the outputs the caller holds) ends at len(timeline)."""
+    (the outputs the caller holds) ends at len(timeline). `highs`: the highest live
+    bytes during each step of `timeline`."""
 
     peak_bytes: int
     peak_at: str
     timeline: tuple[tuple[str, int], ...]
     batch: int
     lifetimes: dict[str, list[tuple[int, int]]]
+    highs: tuple[int, ...] = ()
 
     def lifetime(self, node: str) -> list[tuple[str, str]]:
         """The lifetimes of `node`'s storages as step labels."""
@@ -67,6 +69,7 @@ class _Replay:
         self.peak = 0
         self.peak_at = "start"
         self.timeline: list[tuple[str, int]] = []
+        self.highest: list[int] = []  # per step: the highest live bytes checked during it
         self.storage = value_storages(costs)
         self.fresh = -1
         self.born: dict[int, tuple[str, int]] = {}  # uid -> (owner node, step)
@@ -75,6 +78,15 @@ class _Replay:
     def check(self, candidate: int, where: str) -> None:
         if candidate > self.peak:
             self.peak, self.peak_at = candidate, where
+        step = len(self.timeline)
+        while len(self.highest) <= step:
+            self.highest.append(0)
+        if candidate > self.highest[step]:
+            self.highest[step] = candidate
+
+    def step_highs(self) -> list[int]:
+        """The highest live bytes during each step so far (at least what is live after it)."""
+        return [max(live, self.highest[k] if k < len(self.highest) else 0) for k, (_, live) in enumerate(self.timeline)]
 
     def window(self, events, where: str, slot=None, own=None) -> None:
         """`check` the highest point of one node's events; `slot(k)` is the storage of
@@ -276,4 +288,5 @@ def simulate(costs: Costs, batch: int | None = None) -> Simulation:
     replay.backward()
     for uid in list(replay.born):
         replay._died(uid, len(replay.timeline))
-    return Simulation(replay.peak, replay.peak_at, tuple(replay.timeline), batch, replay.lifetimes)
+    return Simulation(replay.peak, replay.peak_at, tuple(replay.timeline), batch, replay.lifetimes,
+                      tuple(replay.step_highs()))

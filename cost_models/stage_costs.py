@@ -28,29 +28,11 @@ class StageCosts:
     backward: int  # the same over its backward steps
 
 
-class _Steps(_Replay):
-    """`simulate`'s replay, keeping the highest live bytes of every step."""
-
-    def __init__(self, costs: Costs, batch: int):
-        super().__init__(costs, batch)
-        self.highest: list[int] = []
-
-    def check(self, candidate: int, where: str) -> None:
-        super().check(candidate, where)
-        step = len(self.timeline)
-        while len(self.highest) <= step:
-            self.highest.append(0)
-        self.highest[step] = max(self.highest[step], candidate)
-
-    def step_highs(self) -> list[int]:
-        return [max(live, self.highest[k] if k < len(self.highest) else 0) for k, (_, live) in enumerate(self.timeline)]
-
-
 def stage_costs(costs: Costs, stage_of: dict[str, int], count: int) -> list[StageCosts]:
     """Each of `count` stages' costs in the step `costs` describes; `stage_of` maps the
     names of `costs`' nodes to their stage. A node in no stage belongs, for its steps,
     to the next stage in graph order (or the last one)."""
-    replay = _Steps(costs, costs.example_batch)
+    replay = _Replay(costs, costs.example_batch)
     replay.forward()
     kept = [0] * count
     for uid in replay.refs:

@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="keyword arguments for the factory, as a JSON object")
         sub.add_argument("--device", default="cpu", help="where the model and inputs live (default cpu)")
         sub.add_argument("--quiet", action="store_true", help="no progress on standard error")
+        if name != "fit":
+            sub.add_argument("--plot", metavar="PNG", help="also draw the step's live activation memory there "
+                                                           "(needs matplotlib: pip install 'rewriter[plot]')")
         if budget:
             sub.add_argument("--budget", required=True, type=parse_budget,
                              help="peak activation memory of one training step, such as 2GiB, 500MB or 123456789")
@@ -134,15 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         inputs = tuple(torch.randn(shape, device=args.device) for shape in args.input)
         optimizer = _OPTIMIZERS[args.optimizer](model.parameters()) if getattr(args, "optimizer", None) else None
         if args.command == "explain":
-            print(rewriter.explain(model, inputs))
+            plan = rewriter.explain(model, inputs)
+            print(plan)
         elif args.command == "plan":
             optimized = rewriter.optimize(model, args.budget, inputs, strategies=args.strategies,
                                           compress_bits=args.compress_bits, optimizer=optimizer)
-            print(optimized.plan.summary())
+            plan = optimized.plan
+            print(plan.summary())
             if args.out:
                 print(f"saved to {rewriter.save(optimized, args.out)}")
         else:
             _fit(model, inputs, args.budget, args.strategies, optimizer)
+        if getattr(args, "plot", None):
+            plan.plot(args.plot)
+            print(f"drawn in {args.plot}")
     except BudgetError as error:
         print(f"rewriter: {error}", file=sys.stderr)
         return 3

@@ -24,7 +24,7 @@ from rewriter.passes import compress, invert, recompute, registry, row_split
 from rewriter.passes.compressed_ops import BITS
 from rewriter.device_memory import held_outside_activations
 from rewriter.errors import BudgetError, InputError
-from rewriter.report import captured_and_profiled, keep_all_plan, profile_model_graph
+from rewriter.report import captured_and_profiled, keep_all_plan, profile_model_graph, step_timeline
 from rewriter.measure import as_input_tuple, bind_inputs, check_trainable, default_loss, preserved_model_state
 from rewriter.phases import PhaseClock, verbose_logging
 from rewriter.plan import Plan, format_bytes
@@ -624,6 +624,7 @@ class _Planner:
             baseline_peak_bytes=self.eager_peak, budget_bytes=budget, peak_at=simulation.peak_at,
             peak_held_by=tuple((h.kind, h.node, h.nbytes) for h in peak_holders(rewritten)),
             decisions=tuple(self.decisions(assignment, spans)), granularity=self.granularity, absent=self.absent,
+            timeline=step_timeline(simulation),
             row_granularity=self.row_granularity,
         )
         return gm, plan

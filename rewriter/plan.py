@@ -93,6 +93,8 @@ class Plan:
     peak_held_by: tuple[tuple[str, str, int], ...] = ()  # (kind, node label, bytes) live at the peak
     legacy: tuple[tuple[str, tuple], ...] = ()  # a plan written before decisions: (field, its entries)
     device_split: tuple[tuple[str, int], ...] = ()  # with a device budget: (what, bytes) held besides activations
+    timeline: tuple[tuple[str, int], ...] = ()  # per step ("forward <node>", "backward <node>"): its highest live bytes
+    baseline_timeline: tuple[tuple[str, int], ...] = ()  # the same, every saved tensor kept
     _index: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -175,7 +177,8 @@ class Plan:
         legacy["row_split"] = [(*c, "H")[:4] for c in legacy.get("row_split", ())]
         data["legacy"] = tuple((name, tuple(tuple(e) for e in legacy[name])) for name in _LEGACY if legacy.get(name))
         data["peak_held_by"] = tuple(tuple(h) for h in data.get("peak_held_by", ()))  # none in older plans
-        data["device_split"] = tuple(tuple(s) for s in data.get("device_split", ()))
+        for name in ("device_split", "timeline", "baseline_timeline"):  # none in older plans
+            data[name] = tuple(tuple(s) for s in data.get(name, ()))
         return cls(nodes=nodes, **data)
 
     def held_by_kind(self) -> dict[str, int]:
@@ -197,6 +200,14 @@ class Plan:
                 f"are gradients, which no strategy rewrites (the largest: {kind} of {label}, {format_bytes(nbytes)})")
 
     # ---- the table ----------------------------------------------------------------------
+    def plot(self, path=None):
+        """A picture of the step: live activation bytes over forward and backward, eager
+        against this plan, the budget, the peak named; written to `path` (a PNG) if
+        given. Returns the matplotlib Figure. Needs matplotlib (`pip install
+        'rewriter[plot]'`)."""
+        from rewriter.plot import plot_plan
+        return plot_plan(self, path)
+
     def summary(self) -> str:
         """The plan's head: peaks, budget, what holds the peak, what the plan does."""
         lines = [

@@ -21,7 +21,7 @@ from rewriter.measure import as_input_tuple, check_trainable, default_loss, pres
 from rewriter.plan import NodePlan, Plan
 from rewriter.trace import Captured, capture
 
-__all__ = ["explain", "largest_batch", "cost_model", "keep_all_plan", "profile_model_graph", "captured_and_profiled",
+__all__ = ["explain", "largest_batch", "cost_model", "keep_all_plan", "profile_model_graph", "captured_and_profiled", "step_timeline",
            "absent_inputs"]
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,13 @@ def keep_all_plan(costs: Costs, simulation: Simulation) -> Plan:
         nodes=nodes, predicted_peak_bytes=simulation.peak_bytes, baseline_peak_bytes=simulation.peak_bytes,
         peak_at=simulation.peak_at, batch=batch, input_shapes=shapes, opaque=costs.opaque,
         peak_held_by=tuple((h.kind, h.node, h.nbytes) for h in peak_holders(costs, batch)),
+        timeline=step_timeline(simulation), baseline_timeline=step_timeline(simulation),
     )
+
+
+def step_timeline(simulation: Simulation) -> tuple[tuple[str, int], ...]:
+    """Each step's label and its highest live bytes."""
+    return tuple((where, high) for (where, _), high in zip(simulation.timeline, simulation.highs))
 
 
 def explain(

@@ -77,6 +77,14 @@ def test_fit_finds_a_larger_batch_with_rewriting():
     assert planned > plain >= 1
 
 
+def test_plan_draws_its_picture(tmp_path):
+    pytest.importorskip("matplotlib")
+    done = run("plan", *CHAIN, "--budget", "60KB", "--strategies", "recompute", "--plot", str(tmp_path / "plan.png"),
+               "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_plan_takes_an_optimizers_state_off_a_device_budget():
     done = run("plan", *CHAIN, "--budget", "150KB", "--optimizer", "adam", "--strategies", "recompute", "--quiet")
     assert done.returncode == 0, done.stderr
