@@ -45,7 +45,7 @@ def main() -> None:
         budget = error.minimum_bytes
         optimized = rewriter.optimize(model, budget, images)
     plan = optimized.plan
-    print(f"optimize(model, {budget:,} bytes): {len(plan.segments)} segments recomputed, "
+    print(f"optimize(model, {budget:,} bytes): {len(plan.segments)} segments recomputed, {len(plan.spans)} spans, "
           f"{len(plan.inverted)} chains inverted, {len(plan.compressed)} nodes compressed, "
           f"{len(plan.row_split)} chains row-split")
     print(f"  predicted peak {format_bytes(optimized.plan.predicted_peak_bytes):>12}")
