@@ -80,15 +80,18 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """A bool tensor as bits, 8 per uint8 (padded to a multiple of 8)."""
-    flat = mask.reshape(-1).view(torch.uint8)
+    flat = mask.reshape(-1)
     padded = torch.zeros(flat.numel() + (-flat.numel()) % 8, dtype=torch.uint8, device=mask.device)
-    padded[: flat.numel()] = flat  # padded by copying in (F.pad needs a concrete width)
+    # padded by copying in (F.pad needs a concrete width); the bool bytes read as uint8
+    # (inductor's C++ code cannot reinterpret bool vectors: compiled, it converts them)
+    padded[: flat.numel()] = flat if torch.compiler.is_compiling() else flat.view(torch.uint8)
     return _pack(padded, 1)
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     numel = shape.numel()
-    return _unpack(packed, 1)[:numel].view(torch.bool).view(shape)
+    bits = _unpack(packed, 1)[:numel]
+    return (bits.bool() if torch.compiler.is_compiling() else bits.view(torch.bool)).view(shape)
 
 
 CHUNKS = 16  # quantize and dequantize a large tensor in at most this many channel blocks

@@ -19,6 +19,7 @@ traced through and updates its statistics in the graph). Dropout draws the same 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import operator
 import statistics
@@ -152,6 +153,13 @@ class RecomputeSegment(nn.Module):
         """Checkpoint `code` (the segment's code, or a stand-in with the same signature,
         then with `stat_buffers` the stand-ins of `self.stat_buffers()`)."""
         norms = self.stat_buffers() if stat_buffers is None else stat_buffers
+        if torch.compiler.is_compiling():
+            # traced by torch.compile: dynamo takes a checkpoint whose context is the
+            # selective policy's own (no restore around the rerun: the compiled graph
+            # recomputes values, not the buffers' updates, which run once)
+            selective = functools.partial(create_selective_checkpoint_contexts, _keep_expensive)
+            return checkpoint(code, *inputs, use_reentrant=False, preserve_rng_state=True,
+                              **({"context_fn": selective} if self.mode == "selective" else {}))
 
         def contexts():
             if self.mode == "selective":

@@ -1,0 +1,72 @@
+"""Optimized modules with the rest of PyTorch: torch.compile, float64, channels_last."""
+
+import shutil
+
+import pytest
+import torch
+
+import rewriter
+from examples.zoo import ZOO
+from tests.test_optimize import assert_trains_like, train_step
+
+# (zoo model, strategies, fraction of eager's peak): a plan of each strategy
+PLANS = {
+    "recompute": ("resnet18", "recompute", 0.5),
+    "recompute_nested": ("highres_fcn", "recompute", 0.45),
+    "invert": ("bn_leaky_chain", "invert", 0.6),
+    "compress": ("dropout", "compress", 0.8),
+}
+
+
+def _optimized(kind: str):
+    name, strategies, fraction = PLANS[kind]
+    zoo = ZOO[name]
+    model, x = zoo.test_model(), zoo.test_input()
+    optimized = rewriter.optimize(model, int(fraction * rewriter.measure_peak(model, x)), x, strategies=strategies)
+    return zoo, model, optimized, x
+
+
+@pytest.mark.parametrize("kind", sorted(PLANS))
+def test_a_compiled_plan_trains_like_eager(kind):
+    zoo, model, optimized, x = _optimized(kind)
+    plan = optimized.plan
+    assert plan.segments or plan.spans or plan.inverted or plan.compressed
+    if kind == "recompute_nested":
+        assert plan.spans
+    if kind == "recompute":
+        assert any(mode == "selective" for _, mode in plan.segments) or plan.spans
+    torch._dynamo.reset()
+    compiled = torch.compile(optimized, backend="aot_eager")
+    assert_trains_like(zoo.test_model(), model, compiled, x)  # outputs, grads, BatchNorm statistics (updated once)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.parametrize("kind", sorted(PLANS))
+def test_an_inductor_compiled_plan_trains_like_the_compiled_model(kind):
+    """Inductor fuses and reorders float32 arithmetic (the model compiled alone differs
+    from eager past assert_close's float32 tolerance): the plan compiled is held to the
+    model compiled, step for step."""
+    zoo, model, optimized, x = _optimized(kind)
+    torch._dynamo.reset()
+    reference = torch.compile(zoo.test_model(), backend="inductor")
+    expected = train_step(reference, x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(train_step(torch.compile(optimized, backend="inductor"), x), expected)
+    for (name, p), (_, q) in zip(reference.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    for (name, b), (_, c) in zip(reference.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(c, b, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["float64", "channels_last"])
+@pytest.mark.parametrize("kind", sorted(PLANS))
+def test_a_plan_trains_like_eager_in_float64_and_channels_last(kind, layout):
+    zoo, model, optimized, x = _optimized(kind)
+    reference = zoo.test_model()
+    if layout == "float64":
+        model.double()  # the optimized module shares the model's modules
+        reference.double()
+        x = x.double()
+    else:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert_trains_like(reference, model, optimized, x)
