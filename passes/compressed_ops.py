@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 
+from rewriter.errors import InputError
+
 __all__ = ["GROUP", "BITS", "CHUNKS", "pack_bits", "unpack_bits", "grouped", "group_range", "quantize", "dequantize", "shared_copy",
            "manual_seed", "relu", "leaky_relu", "dropout", "max_pool2d", "avg_pool2d",
            "conv", "linear", "batch_norm", "module_call", "norm_relu_call"]
@@ -508,6 +510,14 @@ def _conv_backward(grad, copy: _Copy, saved, weight, conv_args, has_bias: bool, 
     return grad_in, grad_weight, grad_bias
 
 
+def _refuse_autocast(x: torch.Tensor) -> None:
+    """Lossy copies are dequantized to float32 for PyTorch's backward kernels, which
+    under autocast take the lower precision the forward ran in: refused, by name."""
+    if torch.is_autocast_enabled(x.device.type):
+        raise InputError("a lossy-compressed op (compress_bits / compress_error) ran under torch.autocast, which it "
+                         "does not support; plan without lossy compression to train in mixed precision")
+
+
 def _quantized(x: torch.Tensor, bits: int, packed, low, scale) -> tuple:
     """`x` quantized to `bits`, or the copy of it another op made (`shared_copy`)."""
     return quantize(x, bits) if packed is None else (packed, low, scale)
@@ -517,6 +527,7 @@ def shared_copy(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor,
     """One quantized copy of `x` (see `quantize`) for every lossy op that reads `x` at
     `bits` (their `copy` argument): they keep it once between them. None without
     autograd (the ops then run as they are)."""
+    _refuse_autocast(x)
     return quantize(x, bits) if torch.is_grad_enabled() else None
 
 
@@ -598,6 +609,7 @@ def convs(modules, x: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, ...]:
     for m in modules:
         if not isinstance(m, nn.modules.conv._ConvNd) or m.groups != 1 or m.transposed or m.padding_mode != "zeros":
             raise ValueError(f"convs: {m!r} is not a zero-padded convolution with groups=1")
+    _refuse_autocast(x)
     conv_args = tuple(_module_conv_args(m) for m in modules)
     return _Convs.apply(x, bits, conv_args, *(t for m in modules for t in (m.weight, m.bias)))
 
@@ -828,6 +840,7 @@ def norm_relu_call(norm: nn.Module, consumer: nn.Module, x: torch.Tensor, bits: 
     eval_stats = not norm.training and norm.track_running_stats
     if eval_stats or not _needs_autograd(x, norm, consumer):
         return consumer(F.relu(norm(x)))
+    _refuse_autocast(x)
     if isinstance(consumer, nn.modules.conv._ConvNd):
         conv_args = _module_conv_args(consumer)
     elif isinstance(consumer, nn.Linear):
@@ -865,6 +878,7 @@ def module_call(module: nn.Module, x: torch.Tensor, bits: int | None = None, cop
                           module.count_include_pad, module.divisor_override)
     if bits is None:
         raise ValueError(f"module_call: a {type(module).__name__} is compressed lossy only; pass bits")
+    _refuse_autocast(x)
     if isinstance(module, nn.modules.conv._ConvNd):
         return conv(x, module.weight, module.bias, module.stride, module.padding, module.dilation, module.groups, bits, copy)
     if isinstance(module, nn.Linear):

@@ -220,6 +220,12 @@ class _Step:
         return grad_in, pairs, inp
 
     def inverse(self, out: torch.Tensor, info: tuple, shape: torch.Size) -> torch.Tensor:
+        """The unit's input rebuilt from its output, in the output's dtype (under
+        autocast a BatchNorm's bfloat16 output rebuilt with float32 parameters is
+        float32: its backward kernel takes it in the dtype its gradient has)."""
+        return self._inverse(out, info, shape).to(out.dtype)
+
+    def _inverse(self, out: torch.Tensor, info: tuple, shape: torch.Size) -> torch.Tensor:
         kind, arg = self.unit.kind, self.unit.arg
         if kind == "leaky_relu":  # leaky_relu with the reciprocal slope
             return F.leaky_relu(out, 1.0 / arg[0])

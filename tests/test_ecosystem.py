@@ -70,3 +70,38 @@ def test_a_plan_trains_like_eager_in_float64_and_channels_last(kind, layout):
     else:
         x = x.contiguous(memory_format=torch.channels_last)
     assert_trains_like(reference, model, optimized, x)
+
+
+def _autocast_step(module, x) -> torch.Tensor:
+    torch.manual_seed(7)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = module(x)
+    out.float().sum().backward()
+    return out.float().detach()
+
+
+@pytest.mark.parametrize("kind", sorted(PLANS))
+def test_a_plan_trains_under_autocast_like_the_model(kind):
+    """Under torch.autocast (bfloat16 on CPU): recompute and lossless compress give the
+    model's own mixed-precision step; invert rebuilds inputs from bfloat16 outputs, so
+    its gradients are held to bfloat16's tolerance (assert_close's for bfloat16:
+    rtol 1.6e-2), with an absolute 1e-3 for the convolution biases before BatchNorm,
+    whose gradients are zero but for rounding."""
+    zoo, model, optimized, x = _optimized(kind)
+    reference = zoo.test_model()
+    torch.testing.assert_close(_autocast_step(optimized, x), _autocast_step(reference, x))
+    tolerance = {"rtol": 1.6e-2, "atol": 1e-3} if kind == "invert" else {}
+    for (name, p), (_, q) in zip(reference.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name, **tolerance)
+    for (name, b), (_, c) in zip(reference.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(c, b, msg=name)
+
+
+def test_lossy_compression_under_autocast_is_refused_by_name():
+    zoo = ZOO["resnet18"]
+    model, x = zoo.test_model(), zoo.test_input()
+    optimized = rewriter.optimize(model, int(0.5 * rewriter.measure_peak(model, x)), x, strategies="compress",
+                                  compress_bits=8)
+    assert any(form.endswith("-bit") for _, form in optimized.plan.compressed)
+    with pytest.raises(rewriter.InputError, match="autocast"):
+        _autocast_step(optimized, x)
