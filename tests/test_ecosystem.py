@@ -105,3 +105,57 @@ def test_lossy_compression_under_autocast_is_refused_by_name():
     assert any(form.endswith("-bit") for _, form in optimized.plan.compressed)
     with pytest.raises(rewriter.InputError, match="autocast"):
         _autocast_step(optimized, x)
+
+
+def _distributed_worker(rank: int, world: int, init: str, plan_json: str, kind: str, wrap: str, results: str) -> None:
+    """One process of a two-process data-parallel step (gloo; `wrap`: "ddp" for
+    DistributedDataParallel, "fsdp2" for fully_shard): the model, and the plan applied
+    to it, on this rank's own batch; the averaged gradients saved, by name."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        zoo = ZOO[PLANS[kind][0]]
+        x = zoo.test_input(seed=10 + rank)
+        grads = {}
+        for label in ("model", "plan"):
+            model = zoo.test_model()
+            module = model if label == "model" else rewriter.apply_plan(model, rewriter.Plan.from_json(plan_json))
+            torch.manual_seed(7)
+            if wrap == "ddp":
+                DistributedDataParallel(module)(x).sum().backward()
+            else:
+                from torch.distributed.fsdp import fully_shard
+                fully_shard(module)(x).sum().backward()
+            grads[label] = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+                            for n, p in module.named_parameters()}
+        torch.save(grads, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("kind", ["recompute", "invert", "compress"])
+def test_data_parallel_training_of_a_plan_averages_the_models_gradients(kind, wrap, tmp_path):
+    import time
+
+    import torch.multiprocessing as mp
+
+    if wrap == "fsdp2":
+        pytest.importorskip("torch.distributed.fsdp", reason="this torch has no fully_shard")
+    _, _, optimized, _ = _optimized(kind)
+    results = str(tmp_path / "grads")
+    args = (2, f"file://{tmp_path / 'rendezvous'}", optimized.plan.to_json(), kind, wrap, results)
+    context = mp.spawn(_distributed_worker, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two DDP processes did not end within 240 s")
+    for rank in range(2):
+        grads = torch.load(f"{results}.{rank}", weights_only=True)
+        assert grads["plan"].keys() == grads["model"].keys()
+        for name, expected in grads["model"].items():
+            torch.testing.assert_close(grads["plan"][name], expected, msg=name)
