@@ -98,3 +98,19 @@ def test_a_monai_network_is_explained():
                "--input", "2x1x32x32", "--quiet")
     assert done.returncode == 0, done.stderr
     assert "predicted peak" in done.stdout
+
+
+MONAI_UNET = ["monai.networks.nets:UNet", "--kwargs",
+              '{"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": [8, 16], "strides": [2]}',
+              "--input", "2x1x32x32", "--strategies", "recompute", "--quiet"]
+
+
+def test_a_monai_network_is_planned_and_fitted():
+    pytest.importorskip("monai")
+    planned = run("plan", *MONAI_UNET, "--budget", "220KB")
+    assert planned.returncode == 0, planned.stderr
+    assert "predicted peak" in planned.stdout
+    fitted = run("fit", *MONAI_UNET, "--budget", "400KB")
+    assert fitted.returncode == 0, fitted.stderr
+    lines = dict(line.split(":", 1) for line in fitted.stdout.strip().splitlines())
+    assert int(lines["with rewriter"].split()[1]) >= int(lines["as it is"].split()[1])

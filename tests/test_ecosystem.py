@@ -159,3 +159,28 @@ def test_data_parallel_training_of_a_plan_averages_the_models_gradients(kind, wr
         assert grads["plan"].keys() == grads["model"].keys()
         for name, expected in grads["model"].items():
             torch.testing.assert_close(grads["plan"][name], expected, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_compiled_row_split_plan_trains_like_the_model_in_float64(backend):
+    """Tiles sum in another order than whole tensors: compared in float64 (as the
+    row-split tests do), against eager for aot_eager and against the model compiled
+    alike for inductor."""
+    if backend == "inductor" and shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("inductor needs a C++ compiler")
+    zoo = ZOO["highres_fcn"]
+    model, x = zoo.test_model(), zoo.test_input()
+    optimized = rewriter.optimize(model, int(0.3 * rewriter.measure_peak(model, x)), x)
+    assert optimized.plan.row_split
+    model.double()
+    x = x.double()
+    torch._dynamo.reset()
+    reference = zoo.test_model().double()
+    compiled_reference = reference if backend == "aot_eager" else torch.compile(reference, backend=backend)
+    expected = train_step(compiled_reference, x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(train_step(torch.compile(optimized, backend=backend), x), expected)
+    for (name, p), (_, q) in zip(reference.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    for (name, b), (_, c) in zip(reference.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(c, b, msg=name)
