@@ -21,7 +21,7 @@ from rewriter.measure import as_input_tuple, check_trainable, default_loss, pres
 from rewriter.plan import NodePlan, Plan
 from rewriter.trace import Captured, capture
 
-__all__ = ["explain", "largest_batch", "cost_model", "keep_all_plan", "profile_model_graph", "captured_and_profiled", "step_timeline",
+__all__ = ["explain", "largest_batch", "largest_input", "cost_model", "keep_all_plan", "profile_model_graph", "captured_and_profiled", "step_timeline",
            "absent_inputs"]
 
 log = logging.getLogger(__name__)
@@ -161,3 +161,48 @@ def largest_batch(
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low
+
+
+def largest_input(
+    model: nn.Module,
+    example_inputs: Any,
+    budget_bytes: int,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    multiple: int = 16,
+    limit: int = 4096,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> int:
+    """The largest edge s, a multiple of `multiple` up to `limit`, such that a training
+    step on the example inputs with every spatial size (each dimension after the
+    channels) set to s is predicted within `budget_bytes`: the largest square image,
+    or cubic patch of a volume, that fits. Each size tried is one trace (a capture and
+    a profile on fake tensors). 0 if even `multiple` does not fit. Pick `multiple` so
+    that the network's downsampling divides it (a U-Net of four poolings: 16). With
+    `optimizer`, the budget is of device memory (as in `largest_batch`)."""
+    if not isinstance(budget_bytes, int) or budget_bytes <= 0:
+        raise InputError(f"budget_bytes={budget_bytes!r} must be a positive number of bytes")
+    if not isinstance(multiple, int) or multiple <= 0:
+        raise InputError(f"multiple={multiple!r} must be a positive int (a size the network's strides divide)")
+    inputs = as_input_tuple(example_inputs, model)
+    if not any(isinstance(t, torch.Tensor) and t.dim() > 2 for t in inputs):
+        raise InputError("largest_input needs an input with spatial dimensions (batch, channels, then sizes)")
+    if optimizer is not None:
+        budget_bytes -= sum(b for _, b in held_outside_activations(model, optimizer))
+        if budget_bytes <= 0:
+            return 0
+
+    def fits(edge: int) -> bool:
+        sized = tuple(t.new_zeros((*t.shape[:2], *([edge] * (t.dim() - 2)))).normal_()
+                      if isinstance(t, torch.Tensor) and t.dim() > 2 else t for t in inputs)
+        return simulate(cost_model(model, sized, loss_fn)).peak_bytes <= budget_bytes
+
+    if not fits(multiple):
+        return 0
+    low, high = 1, 2  # in multiples
+    while high * multiple <= limit and fits(high * multiple):
+        low, high = high, high * 2
+    high = min(high, limit // multiple + 1)
+    while high - low > 1:  # fits(low), not fits(high) (or past the limit)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle * multiple) else (low, middle)
+    return low * multiple
