@@ -47,3 +47,9 @@ def test_inputs_without_spatial_sizes_and_bad_arguments_are_refused():
     with pytest.raises(rewriter.InputError, match="multiple"):
         rewriter.largest_input(model, torch.randn(2, 3, 32, 32), 10**6, multiple=0)
     assert rewriter.largest_input(model, torch.randn(2, 3, 32, 32), 1000, multiple=8) == 0
+
+
+def test_largest_batch_answers_for_volumes_too():
+    model = _volume_unet()
+    budget = rewriter.measure_peak(model, torch.randn(3, 1, 16, 16, 16))
+    assert rewriter.largest_batch(model, torch.randn(1, 1, 16, 16, 16), budget) == 3
