@@ -372,11 +372,12 @@ class _Profiler(OpaqueLeaves):
                 module = self.gm.get_submodule(self._node[cost.name].target)
 
                 def rerun_ended(segment):  # a selective checkpoint's cache of the output goes (held here)
-                    if segment is module and getattr(module, "keeps_output", False):
+                    if segment is module:
                         self.tracker.poll()
                         self.tracker.events.append(("release_out", 0, 0))
 
-                observers = getattr(type(module), "rerun_ended", [])
+                # (a segment nested in this one lets go of its own output for real: no event)
+                observers = type(module).rerun_ended if getattr(module, "keeps_output", False) else []
                 observers.append(rerun_ended)
                 try:
                     with self._fake_model(*module.codes()):  # a checkpoint's rerun, a chain's inverse: on the fake state too

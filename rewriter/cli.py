@@ -24,6 +24,7 @@ from torch import nn
 import rewriter
 from rewriter.errors import BudgetError, RewriterError
 from rewriter.plan import format_bytes
+from rewriter.report import largest_fitting
 from rewriter.pipeline import STRATEGIES, parse_budget
 
 __all__ = ["main", "load_model", "parse_shape"]
@@ -176,10 +177,5 @@ def _fit(model: nn.Module, inputs: tuple, budget: int, strategies: list[str] | N
         log.info("batch %d: a plan fits", batch)
         return True
 
-    low, high = max(plain, 0), max(plain, 1)
-    while plans(high):  # double until a batch has no plan
-        low, high = high, 2 * high
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if plans(middle) else (low, middle)
-    print(f"with rewriter:  batch {low} fits {format_bytes(budget)} (planned)")
+    planned = largest_fitting(plans, 2**20, known=plain)  # what fits as it is is planned as it is
+    print(f"with rewriter:  batch {planned} fits {format_bytes(budget)} (planned)")

@@ -21,7 +21,7 @@ from rewriter.measure import as_input_tuple, check_trainable, default_loss, pres
 from rewriter.plan import NodePlan, Plan
 from rewriter.trace import Captured, capture
 
-__all__ = ["explain", "largest_batch", "largest_input", "cost_model", "keep_all_plan", "profile_model_graph", "captured_and_profiled", "step_timeline",
+__all__ = ["explain", "largest_batch", "largest_input", "largest_fitting", "cost_model", "keep_all_plan", "profile_model_graph", "captured_and_profiled", "step_timeline",
            "absent_inputs"]
 
 log = logging.getLogger(__name__)
@@ -139,28 +139,39 @@ def largest_batch(
     batch). 0 if even a batch of 1 does not fit. With `optimizer`, the budget is of
     device memory: parameters, gradients and the optimizer's state are taken off it
     first (`device_memory.held_outside_activations`)."""
-    if not isinstance(budget_bytes, int) or budget_bytes <= 0:
-        raise InputError(f"budget_bytes={budget_bytes!r} must be a positive number of bytes")
-    if optimizer is not None:
-        budget_bytes -= sum(b for _, b in held_outside_activations(model, optimizer))
-        if budget_bytes <= 0:
-            return 0
-    costs = cost_model(model, example_inputs, loss_fn, over_batch=True)
-
-    def fits(batch: int) -> bool:
-        return simulate(costs, batch).peak_bytes <= budget_bytes
-
-    if not fits(1):
+    budget_bytes = _activation_budget(model, budget_bytes, optimizer)
+    if budget_bytes <= 0:
         return 0
-    low, high = 1, 2
+    costs = cost_model(model, example_inputs, loss_fn, over_batch=True)
+    return largest_fitting(lambda batch: simulate(costs, batch).peak_bytes <= budget_bytes, limit)
+
+
+def largest_fitting(fits: Callable[[int], bool], limit: int, known: int = 0) -> int:
+    """The largest n in 1..`limit` with `fits(n)`, where `fits` holds up to some n and
+    not past it; 0 if it holds for none. `known`: an n known to fit, where the search
+    starts (doubling, then bisecting)."""
+    if known <= 0:
+        if limit < 1 or not fits(1):
+            return 0
+        known = 1
+    low, high = known, 2 * known
     while high <= limit and fits(high):
         low, high = high, high * 2
-    if high > limit:
-        return low
-    while high - low > 1:  # fits(low), not fits(high)
+    high = min(high, limit + 1)
+    while high - low > 1:  # fits(low), not fits(high) (or past the limit)
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low
+
+
+def _activation_budget(model: nn.Module, budget_bytes: int, optimizer: torch.optim.Optimizer | None) -> int:
+    """`budget_bytes` (checked positive), less what parameters, gradients and the
+    optimizer's state hold where `optimizer` makes it a budget of device memory."""
+    if not isinstance(budget_bytes, int) or budget_bytes <= 0:
+        raise InputError(f"budget_bytes={budget_bytes!r} must be a positive number of bytes")
+    if optimizer is None:
+        return budget_bytes
+    return budget_bytes - sum(b for _, b in held_outside_activations(model, optimizer))
 
 
 def largest_input(
@@ -179,30 +190,18 @@ def largest_input(
     a profile on fake tensors). 0 if even `multiple` does not fit. Pick `multiple` so
     that the network's downsampling divides it (a U-Net of four poolings: 16). With
     `optimizer`, the budget is of device memory (as in `largest_batch`)."""
-    if not isinstance(budget_bytes, int) or budget_bytes <= 0:
-        raise InputError(f"budget_bytes={budget_bytes!r} must be a positive number of bytes")
     if not isinstance(multiple, int) or multiple <= 0:
         raise InputError(f"multiple={multiple!r} must be a positive int (a size the network's strides divide)")
     inputs = as_input_tuple(example_inputs, model)
     if not any(isinstance(t, torch.Tensor) and t.dim() > 2 for t in inputs):
         raise InputError("largest_input needs an input with spatial dimensions (batch, channels, then sizes)")
-    if optimizer is not None:
-        budget_bytes -= sum(b for _, b in held_outside_activations(model, optimizer))
-        if budget_bytes <= 0:
-            return 0
+    budget_bytes = _activation_budget(model, budget_bytes, optimizer)
+    if budget_bytes <= 0:
+        return 0
 
     def fits(edge: int) -> bool:
         sized = tuple(t.new_zeros((*t.shape[:2], *([edge] * (t.dim() - 2)))).normal_()
                       if isinstance(t, torch.Tensor) and t.dim() > 2 else t for t in inputs)
         return simulate(cost_model(model, sized, loss_fn)).peak_bytes <= budget_bytes
 
-    if not fits(multiple):
-        return 0
-    low, high = 1, 2  # in multiples
-    while high * multiple <= limit and fits(high * multiple):
-        low, high = high, high * 2
-    high = min(high, limit // multiple + 1)
-    while high - low > 1:  # fits(low), not fits(high) (or past the limit)
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle * multiple) else (low, middle)
-    return low * multiple
+    return multiple * largest_fitting(lambda count: fits(count * multiple), limit // multiple)

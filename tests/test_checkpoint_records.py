@@ -31,39 +31,35 @@ def composed_peak(base: Costs, gm, segments: list[recompute.Segment], modes: dic
     return simulate(Composer(base, [alternative], units)({s.output: 0 for s in segments})).peak_bytes
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "densenet_bc", "vgg", "mobilenet_v2", "unet", "highres_fcn"])
-def test_composed_segments_peak_as_the_profiled_rewrite(name):
+def assert_composed_as_profiled(name: str, plans) -> None:
+    """For the zoo model `name` and each granularity, each (label, segments, modes) that
+    `plans(segments)` gives: the peak composed from the one profile is the profiled
+    rewrite's, less the checkpoints' own bytes."""
     zoo = ZOO[name]
     model, x = zoo.test_model(), zoo.test_input()
     captured = capture(model)
     base = profile_graph(captured.gm, (x,), default_loss, captured.opaque)
     for granularity in recompute.GRANULARITIES:
         segments = recompute.segments(captured.gm, captured.opaque, granularity)
-        for mode in recompute.MODES:
-            modes = {s.output: mode if mode in s.modes() else "full" for s in segments}
+        for label, chosen, modes in plans(segments):
             rewritten = recompute.rewrite(captured.gm, modes, segments)
             profiled = simulate(profile_graph(rewritten, (x,), default_loss, captured.opaque)).peak_bytes
-            composed = composed_peak(base, captured.gm, segments, modes)
-            assert 0 <= profiled - composed <= CHECKPOINT_OWN_BYTES, (granularity, mode, profiled, composed)
+            composed = composed_peak(base, captured.gm, chosen, modes)
+            assert 0 <= profiled - composed <= CHECKPOINT_OWN_BYTES, (granularity, label, profiled, composed)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "densenet_bc", "vgg", "mobilenet_v2", "unet", "highres_fcn"])
+def test_composed_segments_peak_as_the_profiled_rewrite(name):
+    assert_composed_as_profiled(name, lambda segments: [
+        (mode, segments, {s.output: mode if mode in s.modes() else "full" for s in segments}) for mode in recompute.MODES])
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "unet"])
 def test_segments_beside_kept_nodes_composed_as_the_profiled_rewrite(name):
     """Every other segment rewritten: the nodes kept after a rewritten segment hold its
     output, though their saved tensors name its in-place activation's first owner."""
-    zoo = ZOO[name]
-    model, x = zoo.test_model(), zoo.test_input()
-    captured = capture(model)
-    base = profile_graph(captured.gm, (x,), default_loss, captured.opaque)
-    for granularity in recompute.GRANULARITIES:
-        segments = recompute.segments(captured.gm, captured.opaque, granularity)
-        for parity in (0, 1):
-            chosen = segments[parity::2]
-            modes = {s.output: "full" for s in chosen}
-            rewritten = recompute.rewrite(captured.gm, modes, segments)
-            profiled = simulate(profile_graph(rewritten, (x,), default_loss, captured.opaque)).peak_bytes
-            composed = composed_peak(base, captured.gm, chosen, modes)
-            assert 0 <= profiled - composed <= CHECKPOINT_OWN_BYTES, (granularity, parity, profiled, composed)
+    assert_composed_as_profiled(name, lambda segments: [
+        (parity, segments[parity::2], {s.output: "full" for s in segments[parity::2]}) for parity in (0, 1)])
 
 
 class ViewThenConv(torch.nn.Module):
