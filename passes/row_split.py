@@ -1,14 +1,15 @@
 """Row-split candidates and the rewrite: chains of spatially local ops run tile by tile.
 
-A chain is a run of graph nodes, each a spatially local op on 4-D tensors
-(convolution, pooling, BatchNorm, activations, elementwise arithmetic, channel
-concatenation, integer upsampling), whose only value used after it is its last node's.
+A chain is a run of graph nodes, each a spatially local op on images (N, C, H, W) or
+volumes (N, C, D, H, W): convolution and transposed convolution, pooling, BatchNorm,
+GroupNorm and InstanceNorm, activations (PReLU too), elementwise arithmetic, channel
+concatenation, integer upsampling; only its last node's value is used after it.
 `apply` replaces each chosen chain by one call of `row_split_ops.tiled_chain`, which
 never holds the chain's intermediates whole: forward and backward run tiles with
-halos along H (rows) or W (columns; `passes/row_split_ops.py`). The chain's external
-inputs are kept for the backward (they are what each tile is recomputed from); its
-output is made whole. `tiling` picks the axis: the one that allows the most tiles,
-then the one with the least halo recompute (W pays on wide, short maps).
+halos along one spatial axis, D, H or W (`passes/row_split_ops.py`). The chain's
+external inputs are kept for the backward (they are what each tile is recomputed
+from); its output is made whole. `tiling` picks the axis: the one that allows the
+most tiles, then the one with the least halo recompute (W pays on wide, short maps).
 
 Granularities: "block" closes a chain where a module call ends once it holds two
 convolutions or poolings (a U-Net's double convolution with the pooling before it or
@@ -41,10 +42,11 @@ GRANULARITIES = ("block", "whole")
 TILES = (4, 16)  # the tile counts offered per chain
 MODES = {f"rows{t}": t for t in TILES}  # a chain's options, by name: its tile count
 KEY = "rows:"  # a chain's candidate key: this prefix and the chain's output
-MAX_NORMS = 8  # BatchNorms per chain: each costs a sweep over the nodes before it
+MAX_NORMS = 8  # normalisations per chain: each costs a sweep over the nodes before it
 MAX_NODES = 48  # nodes per chain: planning profiles every tile's ops
 MIN_TILE_ROWS = 8  # rows (or columns) of the chain's output per tile, at least: thinner tiles are mostly halo
-AXES = {"H": 2, "W": 3}  # the axes a chain can be tiled along, by name, and their dimension
+AXES = {"D": -3, "H": -2, "W": -1}  # the axes a chain can be tiled along, by name, and their dimension
+RANKS = (4, 5)  # images and volumes
 
 _ACTIVATION_MODULES = {
     nn.ReLU: lambda m: ("relu",), nn.ReLU6: lambda m: ("relu6",), nn.LeakyReLU: lambda m: ("leaky_relu", m.negative_slope),
@@ -63,13 +65,18 @@ def tiles_for(rows: int, tiles: int) -> int:
     return max(1, min(tiles, rows // MIN_TILE_ROWS))
 
 
+def axes_of(rank: int) -> dict[str, int]:
+    """The axes a chain of `rank`-dimensional tensors can be tiled along (H, W; D too for volumes)."""
+    return {name: dim for name, dim in AXES.items() if dim >= 2 - rank}
+
+
 def tiling(shape: tuple[int, ...], tiles: int, halo: Callable[[int, str], float]) -> tuple[int, str]:
-    """(tiles, axis name) for a request of `tiles` on a chain whose output has the 4-D
-    `shape`: the axis that allows the most tiles (the lowest peak), then the one whose
-    halo recompute `halo(tiles, axis)` is the least, then H. A 64x2048 map is cut
-    into 16 tiles of 128 columns rather than 8 of 8 rows."""
-    options = [(tiles_for(shape[dim], tiles), axis) for axis, dim in AXES.items()]
-    return min(options, key=lambda option: (-option[0], halo(*option), option[1] != "H"))
+    """(tiles, axis name) for a request of `tiles` on a chain whose output has `shape`
+    (N, C, H, W or N, C, D, H, W): the axis that allows the most tiles (the lowest
+    peak), then the one whose halo recompute `halo(tiles, axis)` is the least, then H,
+    then D. A 64x2048 map is cut into 16 tiles of 128 columns rather than 8 of 8 rows."""
+    options = [(tiles_for(shape[dim], tiles), axis) for axis, dim in axes_of(len(shape)).items()]
+    return min(options, key=lambda option: (-option[0], halo(*option), option[1] != "H", option[1] != "D"))
 
 
 @dataclass(frozen=True)
@@ -95,29 +102,55 @@ def _integer_factor(scale) -> int | None:
 
 def _upsample(scale, size, mode, align_corners) -> tuple | None:
     factor = _integer_factor(scale) if size is None and scale is not None else None
-    if factor is None or mode not in ("nearest", "bilinear") or (mode == "bilinear" and align_corners):
+    if factor is None or mode not in ("nearest", "bilinear", "trilinear") or (mode != "nearest" and align_corners):
         return None
     return ("upsample", None, (factor, mode))
 
 
+_CONVS = (nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose2d, nn.ConvTranspose3d)
+_BATCH_NORMS = (nn.BatchNorm2d, nn.BatchNorm3d)
+_INSTANCE_NORMS = (nn.InstanceNorm2d, nn.InstanceNorm3d)
+_MAX_POOLS = {nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_WINDOWED = {"conv", "conv_t", "max_pool", "avg_pool"}  # the ops that make a chain worth tiling
+_AVG_POOLS = {nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+
+
 def _local(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     """(op, module or None, config) of a spatially local node, or None."""
-    pair = row_split_ops._pair
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         kind = type(module)
-        if kind is nn.Conv2d and module.padding_mode in ("zeros", "reflect", "replicate"):
+        if kind in _CONVS and module.padding_mode in ("zeros", "reflect", "replicate"):
             return ("conv", module, ())
-        if kind is nn.BatchNorm2d:
+        if kind in _TRANSPOSED and module.padding_mode == "zeros":
+            return ("conv_t", module, ())
+        if kind in _BATCH_NORMS:
             return ("bn", module, ())
-        if kind is nn.MaxPool2d and not module.ceil_mode and not module.return_indices:
+        if kind in _INSTANCE_NORMS and not module.track_running_stats:
+            return ("gn", module, (module.num_features, module.eps))
+        if kind is nn.GroupNorm:
+            return ("gn", module, (module.num_groups, module.eps))
+        if kind is nn.PReLU:
+            return ("prelu", module, ())
+        if kind in _MAX_POOLS and not module.ceil_mode and not module.return_indices:
+            n = _MAX_POOLS[kind]
             stride = module.stride or module.kernel_size
-            return ("max_pool", None, (pair(module.kernel_size), pair(stride), pair(module.padding), pair(module.dilation)))
-        if kind is nn.AvgPool2d and not module.ceil_mode and (module.count_include_pad or pair(module.padding) == (0, 0)):
+            return ("max_pool", None, tuple(row_split_ops._tuple(v, n) for v in
+                                            (module.kernel_size, stride, module.padding, module.dilation)))
+        if kind in _AVG_POOLS and not module.ceil_mode:
+            n = _AVG_POOLS[kind]
+            padding = row_split_ops._tuple(module.padding, n)
+            if not module.count_include_pad and any(padding):
+                return None
             stride = module.stride or module.kernel_size
-            return ("avg_pool", None, (pair(module.kernel_size), pair(stride), pair(module.padding), module.divisor_override))
+            return ("avg_pool", None, (row_split_ops._tuple(module.kernel_size, n), row_split_ops._tuple(stride, n),
+                                       padding, module.divisor_override))
         if kind in _ACTIVATION_MODULES:
             return ("act", None, _ACTIVATION_MODULES[kind](module))
+        if kind in _DROPOUTS and module.p == 0:  # MONAI's blocks hold one with p = 0: the identity
+            return ("act", None, ("identity",))
         if kind is nn.Upsample:
             return _upsample(module.scale_factor, module.size, module.mode, module.align_corners)
         return None
@@ -160,10 +193,11 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
            granularity: str = "block") -> list[Chain]:
     """Candidate chains, disjoint, in graph order, of at least two nodes with a
     convolution or pooling among them, at most `MAX_NODES` nodes and `MAX_NORMS`
-    BatchNorms, and an output of at least two tiles of `MIN_TILE_ROWS` rows or columns. `shapes[name]` is each node's output shape
-    (a 4-D tensor's or else anything). A node that changes its input in place joins
-    only where nothing reads that input after it; two-tensor arithmetic needs equal
-    shapes."""
+    normalisations, and an output of at least two tiles of `MIN_TILE_ROWS` rows along
+    some axis. `shapes[name]` is each node's output shape (an image's or a volume's, or
+    else anything); a chain's tensors are all images or all volumes. A node that
+    changes its input in place joins only where nothing reads that input after it;
+    two-tensor arithmetic needs equal shapes."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
     nodes = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
@@ -176,7 +210,8 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
         if found is None or node.op == "call_module" and node.target in opaque:
             return False
         args = _tensor_args(node)
-        if len(shapes.get(node.name, ())) != 4 or not args or any(len(shapes.get(a.name, ())) != 4 for a in args):
+        rank = len(shapes.get(node.name, ()))
+        if rank not in RANKS or not args or any(len(shapes.get(a.name, ())) != rank for a in args):
             return False
         if found[0] in ("add", "sub", "mul") and len(args) == 2 and shapes[args[0].name] != shapes[args[1].name]:
             return False
@@ -193,7 +228,7 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
             continue
         j, closed, norms = i, None, 0
         while j < end and fits(nodes[j]) and j - i < MAX_NODES:
-            norms += local[nodes[j]][0] == "bn"
+            norms += local[nodes[j]][0] in row_split_ops.NORMS
             if norms > MAX_NORMS:
                 break
             run = set(nodes[i:j + 1])
@@ -201,7 +236,7 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
             following = nodes[j + 1] if j + 1 < end else None
             if escaping == {nodes[j]} and (granularity == "whole" or _ends_scope(nodes[j], following)):
                 closed = j
-                windows = sum(local[m][0] in ("conv", "max_pool", "avg_pool") for m in nodes[i:j + 1])
+                windows = sum(local[m][0] in _WINDOWED for m in nodes[i:j + 1])
                 if granularity == "block" and windows >= 2:
                     break  # the first module call's end after two convolutions or poolings
             j += 1
@@ -211,7 +246,7 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
         run = nodes[i:closed + 1]
         kinds = {local[m][0] for m in run}
         out = shapes[run[-1].name]
-        if len(run) >= 2 and kinds & {"conv", "max_pool", "avg_pool"} and max(tiles_for(out[d], 2) for d in AXES.values()) == 2:
+        if len(run) >= 2 and kinds & _WINDOWED and max(tiles_for(out[d], 2) for d in axes_of(len(out)).values()) == 2:
             found.append(Chain(tuple(m.name for m in run), _outside(run)))
         i = closed + 1
     return found
@@ -264,7 +299,8 @@ class Tilings:
         modules = [self.gm.get_submodule(p) for p in paths]
         dim = AXES[axis]
         shapes = self.pricing.shapes
-        computed, rows = rows_computed(steps, modules, [shapes[n][dim] for n in chain.inputs], tiles, dim)
+        computed, rows = rows_computed(steps, modules, [shapes[n][dim] for n in chain.inputs], tiles, dim,
+                                       len(shapes[chain.output]))
         base = self.pricing.base
         flops = [float(base.by_name[n].fwd_flops.xreplace({BATCH: base.example_batch})) for n in chain.nodes]
         return flops, [c / r for c, r in zip(computed, rows)]
@@ -276,12 +312,12 @@ class Tilings:
 
     def seconds(self, chain: Chain, tiles: int, axis: str) -> float:
         """Seconds a tiled chain adds: its halo rows in forward; the whole chain again in
-        backward; per BatchNorm one more sweep of the nodes before it for the batch
+        backward; per normalisation one more sweep of the nodes before it for its
         statistics, and in backward their recompute and backward (about 3x)."""
         flops, factor = self.halo(chain, tiles, axis)
         steps, _ = self.steps(chain)
-        norms = [i for i, step in enumerate(steps) if step[0] == "bn"]
-        # eager: forward 1, backward 2 (x FLOPs); tiled: each x the halo factor, and 4 per later BatchNorm
+        norms = [i for i, step in enumerate(steps) if step[0] in row_split_ops.NORMS]
+        # eager: forward 1, backward 2 (x FLOPs); tiled: each x the halo factor, and 4 per later normalisation
         times = [4 * f - 3 + 4 * f * sum(1 for j in norms if j > i) for i, f in enumerate(factor)]
         return sum(self.pricing.rerun_seconds([n], times=t, move=t) for n, t in zip(chain.nodes, times))
 

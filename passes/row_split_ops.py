@@ -1,38 +1,46 @@
-"""Row-split's runtime: a chain of spatially local ops run tile by tile along H or W.
+"""Row-split's runtime: a chain of spatially local ops run tile by tile along one axis.
 
 A chain is described by `steps`, plain tuples so that it prints in exported code:
 `(op, inputs, module, config)`, where `inputs` index earlier steps (>= 0) or the
 chain's external inputs (-1 - i), `module` indexes the modules handed to
 `tiled_chain` (or is None) and `config` holds the op's constants:
 
-  ("conv", (i,), m, ())                    Conv2d module (zeros, reflect or replicate padding)
-  ("max_pool", (i,), None, (k, s, p, d))   max pooling; pairs (H, W), ceil_mode off
+  ("conv", (i,), m, ())                    Conv2d/3d module (zeros, reflect or replicate padding)
+  ("conv_t", (i,), m, ())                  ConvTranspose2d/3d module (zeros padding)
+  ("max_pool", (i,), None, (k, s, p, d))   max pooling; one entry per spatial axis, ceil_mode off
   ("avg_pool", (i,), None, (k, s, p, divisor))  average pooling counting the padding
-  ("bn", (i,), m, ())                      BatchNorm2d module
+  ("bn", (i,), m, ())                      BatchNorm2d/3d module
+  ("gn", (i,), m, (groups, eps))           GroupNorm, or InstanceNorm (groups = channels) without
+                                           running statistics: per-sample statistics
   ("act", (i,), None, (name, *args))       an elementwise activation (see `_ACTIVATIONS`)
+  ("prelu", (i,), m, ())                   PReLU module
   ("add" | "sub" | "mul", (i, j), None, ())          two tensors of one shape
   ("add" | "sub" | "mul", (i,), None, (scalar, first))  a tensor and a number (first: the tensor is the left operand)
   ("cat", (i, j, ...), None, ())           concatenation along channels
-  ("upsample", (i,), None, (factor, mode)) integer factor, "nearest" or "bilinear" (align_corners off)
+  ("upsample", (i,), None, (factor, mode)) integer factor, "nearest", "bilinear" or "trilinear"
+                                           (align_corners off)
 
-The last step is the chain's output. The chain is tiled along one spatial axis,
-`axis` (2: H, the default; 3: W); "rows" below are slices along that axis (columns
-when it is W). Every op maps a range of output rows to the range of input rows it
-reads (its receptive field along the axis, stride and dilation included); a tile
-evaluates each step on exactly the rows it needs, padding (zeros, reflection,
-replication, -inf for max pooling) only at the true image border along the axis and
-whole along the other, so each tile's rows equal the whole tensor's.
+The last step is the chain's output. Tensors are N, C and two or three spatial axes
+(images: H, W; volumes: D, H, W). The chain is tiled along one spatial axis, `axis`
+(2: H of an image, the default, or D of a volume; negative: from the end, -1 is W);
+"rows" below are slices along that axis. Every op maps a range of output rows to the
+range of input rows it reads (its receptive field along the axis, stride and
+dilation included; a transposed convolution's follows from its kernel and stride);
+a tile evaluates each step on exactly the rows it needs, padding (zeros, reflection,
+replication, -inf for max pooling) only at the true border along the axis and whole
+along the others, so each tile's rows equal the whole tensor's.
 
-BatchNorm in training mode needs statistics over the whole tensor: the forward sweeps
-the tiles once per BatchNorm to sum its input (float64), the running statistics are
+Normalisations need statistics over the whole tensor (BatchNorm per channel over the
+batch; GroupNorm and InstanceNorm per sample and group): the forward sweeps the tiles
+once per normalisation to sum its input (float64), BatchNorm's running statistics are
 updated once, and the normalisation is elementwise with those statistics. The
 backward splits the output's gradient into disjoint row tiles, recomputes each tile's
 chain and backpropagates through it (the statistics as leaves), summing the input
-gradient's overlapping halo rows; then, last BatchNorm first, it sweeps each one's
-statistics gradient back through the rows before it (BatchNorm's two global
-reductions). All of it is one autograd Function whose gradients are summed in place
-in its own buffers: nothing but the chain's inputs and the statistics is kept between
-forward and backward.
+gradient's overlapping halo rows; then, last normalisation first, it sweeps each
+one's statistics gradient back through the rows before it (the two reductions of
+mean and variance). All of it is one autograd Function whose gradients are summed in
+place in its own buffers: nothing but the chain's inputs and the statistics is kept
+between forward and backward.
 """
 
 from __future__ import annotations
@@ -44,9 +52,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["tiled_chain", "TiledPlan", "AXES", "output_rows", "rows_computed", "tile_bounds"]
+__all__ = ["tiled_chain", "TiledPlan", "NORMS", "output_rows", "rows_computed", "tile_bounds"]
 
-AXES = (2, 3)  # the spatial axes of an N, C, H, W tensor a chain can be tiled along
+NORMS = ("bn", "gn")  # the steps that normalise with statistics over the whole tensor
 
 _ACTIVATIONS = {
     "relu": F.relu, "relu6": F.relu6, "leaky_relu": F.leaky_relu, "hardtanh": F.hardtanh, "elu": F.elu,
@@ -54,6 +62,10 @@ _ACTIVATIONS = {
     "sigmoid": torch.sigmoid, "tanh": torch.tanh, "hardswish": F.hardswish, "identity": lambda x: x,
 }
 _BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul}
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}  # by the number of spatial axes
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"}
 
 
@@ -87,25 +99,34 @@ def _narrow(tensor: torch.Tensor, axis: int, start: int, length: int) -> torch.T
     return tensor if start == 0 and length == tensor.shape[axis] else tensor.narrow(axis, start, length)
 
 
+def _tuple(value, n: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
 def _pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    return _tuple(value, 2)
 
 
-def _conv_geometry(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int]]:
-    """Kernel (H, W) and dilation (H, W) of a conv, and its padding (left, right, top, bottom)."""
-    kernel, dilation = _pair(conv.kernel_size), _pair(conv.dilation)
+def _conv_geometry(conv: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """Kernel and dilation of a conv per spatial axis, and its padding (before, after) per spatial axis."""
+    n = conv.weight.dim() - 2
+    kernel, dilation = _tuple(conv.kernel_size, n), _tuple(conv.dilation, n)
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
-            return kernel, dilation, (0, 0, 0, 0)
+            return kernel, dilation, ((0, 0),) * n
         totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
-        return kernel, dilation, (totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2)
-    pad = _pair(conv.padding)
-    return kernel, dilation, (pad[1], pad[1], pad[0], pad[0])
+        return kernel, dilation, tuple((t // 2, t - t // 2) for t in totals)
+    return kernel, dilation, tuple((p, p) for p in _tuple(conv.padding, n))
 
 
-def _check_axis(axis: int) -> None:
-    if axis not in AXES:
-        raise ValueError(f"axis={axis!r} is not a spatial axis of an N, C, H, W tensor; use 2 (H) or 3 (W)")
+def _axis_of(axis: int, ndim: int) -> int:
+    """`axis` as a dimension of an `ndim`-dimensional N, C, spatial... tensor (negative
+    counts from the end); ValueError where it is not a spatial one."""
+    dim = axis + ndim if isinstance(axis, int) and axis < 0 else axis
+    if not isinstance(axis, int) or not 2 <= dim < ndim:
+        raise ValueError(f"axis={axis!r} is not a spatial axis of a {ndim}-dimensional N, C, ... tensor; use one of "
+                         f"{tuple(range(2, ndim))} (or {tuple(range(2 - ndim, 0))} from the end)")
+    return dim
 
 
 def _window(step: tuple, modules, axis: int = 2) -> tuple[int, int, int, int, int] | None:
@@ -115,7 +136,7 @@ def _window(step: tuple, modules, axis: int = 2) -> tuple[int, int, int, int, in
     if op == "conv":
         conv = modules[module]
         kernel, dilation, pad = _conv_geometry(conv)
-        return kernel[i], _pair(conv.stride)[i], dilation[i], pad[2 - 2 * i], pad[3 - 2 * i]
+        return kernel[i], _tuple(conv.stride, len(kernel))[i], dilation[i], *pad[i]
     if op == "max_pool":
         k, s, p, d = config
         return k[i], s[i], d[i], p[i], p[i]
@@ -125,9 +146,15 @@ def _window(step: tuple, modules, axis: int = 2) -> tuple[int, int, int, int, in
     return None
 
 
-def output_rows(steps, modules, heights: list[int], axis: int = 2) -> list[int]:
+def _transposed(conv: nn.Module, axis: int) -> tuple[int, int, int, int, int]:
+    """(kernel, stride, dilation, padding, output padding) of a transposed conv along `axis`."""
+    n, i = conv.weight.dim() - 2, axis - 2
+    return tuple(_tuple(v, n)[i] for v in (conv.kernel_size, conv.stride, conv.dilation, conv.padding, conv.output_padding))
+
+
+def output_rows(steps, modules, heights: list[int], axis: int = 2, ndim: int = 4) -> list[int]:
     """Each step's output size along `axis`, from the external inputs' sizes along it."""
-    _check_axis(axis)
+    axis = _axis_of(axis, ndim)
     rows: list[int] = []
     for step in steps:
         first = step[1][0]
@@ -136,6 +163,9 @@ def output_rows(steps, modules, heights: list[int], axis: int = 2) -> list[int]:
         if window is not None:
             k, s, d, top, bottom = window
             h = (h + top + bottom - d * (k - 1) - 1) // s + 1
+        elif step[0] == "conv_t":
+            k, s, d, p, extra = _transposed(modules[step[2]], axis)
+            h = (h - 1) * s - 2 * p + d * (k - 1) + extra + 1
         elif step[0] == "upsample":
             h = h * step[3][0]
         rows.append(h)
@@ -147,10 +177,11 @@ class TiledPlan:
     which rows each step needs for a range of another step's rows, and the evaluation
     of a step on a range of rows."""
 
-    def __init__(self, steps, modules, heights: list[int], axis: int = 2):
-        self.steps, self.modules, self.heights, self.axis = steps, modules, heights, axis
-        self.rows = output_rows(steps, modules, heights, axis)
-        self.norms = [i for i, step in enumerate(steps) if step[0] == "bn"]
+    def __init__(self, steps, modules, heights: list[int], axis: int = 2, ndim: int = 4):
+        self.axis = _axis_of(axis, ndim)
+        self.steps, self.modules, self.heights, self.ndim = steps, modules, heights, ndim
+        self.rows = output_rows(steps, modules, heights, self.axis, ndim)
+        self.norms = [i for i, step in enumerate(steps) if step[0] in NORMS]
 
     def height(self, ref: int) -> int:
         return self.heights[-1 - ref] if ref < 0 else self.rows[ref]
@@ -169,6 +200,9 @@ class TiledPlan:
                 if hi > size:
                     lo = min(lo, max(lo - s * math.ceil((lo - (2 * size - hi - 1)) / s), -top))
             return [(inputs[0], lo, hi)]
+        if op == "conv_t":  # output row o = i * s - p + j * d: the inputs i whose kernel reaches [a, b)
+            k, s, d, p, _ = _transposed(self.modules[module], self.axis)
+            return [(inputs[0], -((d * (k - 1) - a - p) // s), (b - 1 + p) // s + 1)]
         if op == "upsample":
             factor, mode = config
             size = self.height(inputs[0])
@@ -194,7 +228,7 @@ class TiledPlan:
 
     def evaluate(self, target: int, a: int, b: int, inputs, stats, weights) -> torch.Tensor:
         """Rows [a, b) of step `target`. `inputs[i]`: (tensor, first row it holds) per
-        external input; `stats[j]`: (mean, var) of the j-th BatchNorm; `weights[m]`:
+        external input; `stats[j]`: (mean, var) of the j-th normalisation; `weights[m]`:
         (weight, bias) of module m."""
         needed = self.needs(target, a, b)
         values = {-1 - i: inputs[i] for i in range(len(inputs)) if -1 - i in needed}
@@ -216,16 +250,18 @@ class TiledPlan:
         tensor, start = values[ref]
         return _narrow(tensor, self.axis, lo - start, hi - lo)
 
-    def _padding(self, border: tuple[int, int], across: tuple[int, int]) -> tuple[int, int, int, int]:
-        """F.pad's (left, right, top, bottom) from the padding along the tiled axis
-        (`border`, at the image's edges only) and across it (`across`, whole)."""
-        return (*across, *border) if self.axis == 2 else (*border, *across)
+    def _padding(self, border: tuple[int, int], whole: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
+        """F.pad's pairs (last axis first) from the padding along the tiled axis
+        (`border`, at the tensor's edges only) and along every other spatial axis
+        (`whole[i]` for spatial axis i)."""
+        pairs = [border if 2 + i == self.axis else pair for i, pair in enumerate(whole)]
+        return tuple(p for pair in reversed(pairs) for p in pair)
 
     def _step(self, index: int, a: int, b: int, values, stats, weights) -> torch.Tensor:
         op, inputs, module, config = self.steps[index]
         reads = self._reads(index, a, b)
         window = _window(self.steps[index], self.modules, self.axis)
-        across = 3 - self.axis  # index of the other spatial axis in (H, W) pairs
+        n = self.ndim - 2
         if window is not None:
             ref, lo, hi = reads[0]
             size = self.height(ref)
@@ -234,18 +270,20 @@ class TiledPlan:
             if op == "conv":
                 conv = self.modules[module]
                 _, dilation, pad = _conv_geometry(conv)
-                other = (pad[0], pad[1]) if self.axis == 2 else (pad[2], pad[3])
-                x = F.pad(x, self._padding(border, other), mode=_PAD_MODES[conv.padding_mode])
-                out = F.conv2d(x, *weights[module], _pair(conv.stride), 0, dilation, conv.groups)
+                x = F.pad(x, self._padding(border, pad), mode=_PAD_MODES[conv.padding_mode])
+                out = _CONV[n](x, *weights[module], _tuple(conv.stride, n), 0, dilation, conv.groups)
             elif op == "max_pool":
                 k, s, p, d = config
-                x = F.pad(x, self._padding(border, (p[across], p[across])), value=-math.inf)
-                out = F.max_pool2d(x, k, s, 0, d)
+                x = F.pad(x, self._padding(border, tuple((q, q) for q in p)), value=-math.inf)
+                out = _MAX_POOL[n](x, k, s, 0, d)
             else:
                 k, s, p, divisor = config
-                out = F.avg_pool2d(F.pad(x, self._padding(border, (p[across], p[across]))), k, s, 0, False, True, divisor)
+                x = F.pad(x, self._padding(border, tuple((q, q) for q in p)))
+                out = _AVG_POOL[n](x, k, s, 0, False, True, divisor)
             skip = (a * window[1] - window[3] - lo) // window[1]  # rows before a (reflection reads more)
             return _narrow(out, self.axis, skip, b - a)
+        if op == "conv_t":
+            return self._transposed_rows(reads[0], a, b, values, self.modules[module], *weights[module])
         if op == "upsample":
             ref, lo, hi = reads[0]
             factor, mode = config
@@ -253,23 +291,51 @@ class TiledPlan:
             out = F.interpolate(x, scale_factor=factor, mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
             return _narrow(out, self.axis, a - lo * factor, b - a)
         xs = [self._rows(values, ref, lo, hi) for ref, lo, hi in reads]
-        if op == "bn":
-            bn = self.modules[module]
-            mean, var = stats[self.norms.index(index)]
-            shape = (1, -1, 1, 1)
-            out = (xs[0] - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+        if op in NORMS:
+            mean, var = (per_channel(t, self.steps[index], xs[0]) for t in stats[self.norms.index(index)])
+            out = (xs[0] - mean) * torch.rsqrt(var + _eps(self.steps[index], self.modules))
             weight, bias = weights[module]
             if weight is not None:
+                shape = (1, -1) + (1,) * n
                 out = out * weight.view(shape) + bias.view(shape)
             return out
         if op == "act":
             return _ACTIVATIONS[config[0]](xs[0], *config[1:])
+        if op == "prelu":
+            return F.prelu(xs[0], weights[module][0])
         if op == "cat":
             return torch.cat(xs, dim=1)
         if len(xs) == 2:
             return _BINARY[op](*xs)
         scalar, first = config
         return _BINARY[op](xs[0], scalar) if first else _BINARY[op](torch.as_tensor(scalar, dtype=xs[0].dtype), xs[0])
+
+    def _transposed_rows(self, read: tuple[int, int, int], a: int, b: int, values, conv: nn.Module, weight, bias):
+        """Rows [a, b) of a transposed conv: the input rows that reach them (clipped to
+        the input), transposed without padding along the axis (whole along the others),
+        the rows before a dropped, rows no input reaches (past the last, output padding)
+        zeros, then the bias."""
+        ref, lo, hi = read
+        lo, hi = max(lo, 0), min(hi, self.height(ref))
+        n = self.ndim - 2
+        i = self.axis - 2
+        k, s, d, p, _ = _transposed(conv, self.axis)
+        padding = list(_tuple(conv.padding, n))
+        padding[i] = 0
+        extra = list(_tuple(conv.output_padding, n))
+        extra[i] = 0
+        x = self._rows(values, ref, lo, hi)
+        out = _CONV_T[n](x, weight, None, _tuple(conv.stride, n), tuple(padding), tuple(extra), conv.groups,
+                         _tuple(conv.dilation, n))
+        first = lo * s - p  # the output row of `out`'s first row
+        start, stop = max(a - first, 0), min(b - first, out.shape[self.axis])
+        out = _narrow(out, self.axis, start, max(stop - start, 0))
+        before, after = first + start - a, b - (first + max(stop, start))
+        if before or after:
+            pad = [0, 0] * n
+            pad[2 * (n - 1 - i):2 * (n - i)] = [before, after]
+            out = F.pad(out, pad)
+        return out if bias is None else out + bias.view((1, -1) + (1,) * n)
 
     def flops_rows(self, target: int, bounds: list[tuple[int, int]]) -> list[int]:
         """Rows of each step computed over all tiles of `target` (halos counted each time)."""
@@ -281,9 +347,9 @@ class TiledPlan:
         return computed
 
 
-def rows_computed(steps, modules, heights: list[int], tiles: int, axis: int = 2) -> tuple[list[int], list[int]]:
+def rows_computed(steps, modules, heights: list[int], tiles: int, axis: int = 2, ndim: int = 4) -> tuple[list[int], list[int]]:
     """Per step: rows (along `axis`) computed by one tiled forward of the whole chain, and its size along `axis`."""
-    plan = TiledPlan(steps, modules, heights, axis)
+    plan = TiledPlan(steps, modules, heights, axis, ndim)
     return plan.flops_rows(len(steps) - 1, tile_bounds(plan.rows[-1], tiles)), plan.rows
 
 
@@ -364,25 +430,48 @@ class _Sweep:
         return True
 
 
+def _eps(step: tuple, modules) -> float:
+    return step[3][1] if step[0] == "gn" else modules[step[2]].eps
+
+
+def _sums(step: tuple, z: torch.Tensor) -> torch.Tensor:
+    """`z` summed per statistic: per channel over the batch and space (BatchNorm), or per
+    sample and group over the group's channels and space (GroupNorm, InstanceNorm)."""
+    if step[0] == "bn":
+        return z.sum([0, *range(2, z.dim())])
+    return z.reshape(z.shape[0], step[3][0], -1).sum(2)
+
+
+def per_channel(stat: torch.Tensor, step: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A statistic of normalisation `step` shaped to broadcast over `like` (N, C, ...)."""
+    space = (1,) * (like.dim() - 2)
+    if step[0] == "bn":
+        return stat.view(1, -1, *space)
+    return stat.repeat_interleave(like.shape[1] // step[3][0], dim=1).view(*stat.shape[:1], -1, *space)
+
+
 def _statistics(plan: TiledPlan, norm: int, tiles: int, inputs, stats, weights) -> tuple:
-    """(mean, biased variance, values per channel) of BatchNorm step `norm`'s input,
-    summed over tiles in float64 (`stats`: those of the BatchNorms before it); in
-    training mode with running statistics, those are updated here, once."""
-    target = plan.steps[norm][1][0]
+    """(mean, biased variance, values per statistic) of normalisation step `norm`'s
+    input, summed over tiles in float64 (`stats`: those of the normalisations before
+    it); for a BatchNorm in training mode with running statistics, those are updated
+    here, once."""
+    step = plan.steps[norm]
+    target = step[1][0]
     total = squares = None
     for _, _, z in _Sweep.forward_tiles(plan, target, tiles, inputs, stats, weights):
         z = z.double()
-        total = z.sum((0, 2, 3)) if total is None else total + z.sum((0, 2, 3))
-        squares = (z * z).sum((0, 2, 3)) if squares is None else squares + (z * z).sum((0, 2, 3))
-        across = z.shape[5 - plan.axis]  # the other spatial axis, whole in every tile
+        total = _sums(step, z) if total is None else total + _sums(step, z)
+        squares = _sums(step, z * z) if squares is None else squares + _sums(step, z * z)
+        shape = list(z.shape)  # every axis but the tiled one whole in every tile
         del z  # not alive while the next tile is computed (see `backward_tiles`)
-    count = inputs[0].shape[0] * plan.height(target) * across  # values per channel
+    shape[plan.axis] = plan.height(target)
+    count = math.prod(shape) // total.numel()  # values per statistic
     mean = total / count
     var = (squares / count - mean * mean).clamp_min(0)
-    bn = plan.modules[plan.steps[norm][2]]
-    if bn.training and bn.running_mean is not None:
-        _update_running(bn, mean.to(inputs[0].dtype), var.to(inputs[0].dtype), count)
+    module = plan.modules[step[2]]
     dtype = inputs[0].dtype
+    if step[0] == "bn" and module.training and module.running_mean is not None:
+        _update_running(module, mean.to(dtype), var.to(dtype), count)
     return mean.to(dtype), var.to(dtype), count
 
 
@@ -396,11 +485,11 @@ class _TiledChain(torch.autograd.Function):
         inputs, weights = list(tensors[:inputs_n]), list(tensors[inputs_n:])
         stats, counts = [], []
         for index in plan.norms:
-            bn = plan.modules[plan.steps[index][2]]
-            if bn.training or bn.running_mean is None:
+            module = plan.modules[plan.steps[index][2]]
+            if plan.steps[index][0] == "gn" or module.training or module.running_mean is None:
                 mean, var, count = _statistics(plan, index, tiles, inputs, stats, weights)
-            else:  # eval mode: the running statistics, constants
-                mean, var, count = bn.running_mean, bn.running_var, None
+            else:  # a BatchNorm in eval mode: the running statistics, constants
+                mean, var, count = module.running_mean, module.running_var, None
             stats.append((mean, var))
             counts.append(count)
         target = len(plan.steps) - 1
@@ -434,14 +523,15 @@ class _TiledChain(torch.autograd.Function):
         grads_w = [torch.zeros_like(w) if w.requires_grad else None for w in weights]
         _Sweep.backward_tiles(plan, len(plan.steps) - 1, tiles, inputs, stats, weights, pairs,
                               lambda out, a, b: grad.narrow(plan.axis, a, b - a), grads_in, grads_stats + grads_w)
-        shape = (1, -1, 1, 1)
         for j in reversed(range(len(counts))):
             if counts[j] is None:
                 continue
             gm, gv, mean, count = grads_stats[2 * j], grads_stats[2 * j + 1], stats[j][0].detach(), counts[j]
+            step = plan.steps[plan.norms[j]]
 
-            def grad_of_tile(z, a, b, gm=gm, gv=gv, mean=mean, count=count):
-                return (gm.view(shape) + 2 * gv.view(shape) * (z.detach() - mean.view(shape))) / count
+            def grad_of_tile(z, a, b, gm=gm, gv=gv, mean=mean, count=count, step=step):
+                at = lambda t: per_channel(t, step, z)  # noqa: E731
+                return (at(gm) + 2 * at(gv) * (z.detach() - at(mean))) / count
 
             _Sweep.backward_tiles(plan, plan.steps[plan.norms[j]][1][0], tiles, inputs, stats[:j], weights, pairs,
                                   grad_of_tile, grads_in, grads_stats[:2 * j] + grads_w)
@@ -450,10 +540,12 @@ class _TiledChain(torch.autograd.Function):
 
 
 def tiled_chain(steps: tuple, tiles: int, inputs: tuple, modules: tuple, axis: int = 2) -> torch.Tensor:
-    """The chain's output, computed `tiles` tiles at a time along `axis` (2: rows of H,
-    3: columns of W; see the module doc)."""
-    _check_axis(axis)
-    plan = TiledPlan(steps, modules, [x.shape[axis] for x in inputs], axis)
+    """The chain's output, computed `tiles` tiles at a time along spatial `axis` (a
+    dimension of the inputs: 2 is H of an image, D of a volume; -1 is W; see the module
+    doc)."""
+    ndim = inputs[0].dim()
+    axis = _axis_of(axis, ndim)
+    plan = TiledPlan(steps, modules, [x.shape[axis] for x in inputs], axis, ndim)
     _, weights = _weights(plan)
     return _TiledChain.apply(plan, tiles, len(inputs), *inputs, *weights)
 

@@ -26,14 +26,16 @@ def train_step(model: nn.Module, x: torch.Tensor, seed: int = 7) -> torch.Tensor
     return out.detach()
 
 
-def assert_trains_like(reference: nn.Module, model: nn.Module, optimized: nn.Module, x: torch.Tensor) -> None:
+def assert_trains_like(reference: nn.Module, model: nn.Module, optimized: nn.Module, x: torch.Tensor,
+                       **tolerance) -> None:
     """One step of each: outputs, every .grad, and every buffer (BatchNorm running
-    statistics and num_batches_tracked) equal."""
-    torch.testing.assert_close(train_step(optimized, x), train_step(reference, x))
+    statistics and num_batches_tracked) equal (to assert_close's defaults, or to
+    `tolerance`: its rtol and atol)."""
+    torch.testing.assert_close(train_step(optimized, x), train_step(reference, x), **tolerance)
     for (name, p), (_, q) in zip(reference.named_parameters(), model.named_parameters()):
-        torch.testing.assert_close(q.grad, p.grad, msg=name)
+        torch.testing.assert_close(q.grad, p.grad, msg=name, **tolerance)
     for (name, b), (_, c) in zip(reference.named_buffers(), model.named_buffers()):
-        torch.testing.assert_close(c, b, msg=name)
+        torch.testing.assert_close(c, b, msg=name, **tolerance)
 
 
 def optimized_within(model: nn.Module, x: torch.Tensor, fraction: float) -> tuple[nn.Module, int]:

@@ -82,12 +82,22 @@ def test_monai_matrix(name, dims):
     reference = _monai(name, dims).train()
     optimized, budget = optimized_within(model, x, 0.5)
     assert rewriter.measure_peak(optimized, x) <= budget
+    tolerance = {}
+    if optimized.plan.row_split:
+        # tiles sum in another order than eager: compared in float64 (the plan shares the
+        # model's modules), with an absolute 1e-5 for the conv biases before InstanceNorm,
+        # whose gradients are zero up to rounding (7e-7 in float64 where the other
+        # gradients reach 3e7 after the SGD step)
+        model.double()
+        reference.double()
+        x = x.double()
+        tolerance = {"rtol": 1e-7, "atol": 1e-5}
     for step in range(2):
         if step:
             for module in (reference, model):
                 torch.optim.SGD(module.parameters(), lr=0.1).step()
                 module.zero_grad()
-        assert_trains_like(reference, model, optimized, x)
+        assert_trains_like(reference, model, optimized, x, **tolerance)
     optimized.eval(), reference.eval()
     with torch.no_grad():
         torch.testing.assert_close(optimized(x), reference(x))
