@@ -44,7 +44,8 @@ MODES = {f"rows{t}": t for t in TILES}  # a chain's options, by name: its tile c
 KEY = "rows:"  # a chain's candidate key: this prefix and the chain's output
 MAX_NORMS = 8  # normalisations per chain: each costs a sweep over the nodes before it
 MAX_NODES = 48  # nodes per chain: planning profiles every tile's ops
-MIN_TILE_ROWS = 8  # rows (or columns) of the chain's output per tile, at least: thinner tiles are mostly halo
+MIN_TILE_ROWS = 8  # rows (or columns) of an image chain's output per tile, at least: thinner tiles are mostly halo
+MIN_SLAB_ROWS = 4  # slices of a volume chain's output per tile, at least: a slab of a 48³ map is 4 x 48 x 48
 AXES = {"D": -3, "H": -2, "W": -1}  # the axes a chain can be tiled along, by name, and their dimension
 RANKS = (4, 5)  # images and volumes
 
@@ -60,9 +61,9 @@ _BINARY = {operator.add: "add", torch.add: "add", operator.iadd: "add", operator
            operator.mul: "mul", torch.mul: "mul", operator.imul: "mul"}
 
 
-def tiles_for(rows: int, tiles: int) -> int:
-    """The tile count used for `tiles` on a chain whose output has `rows` rows."""
-    return max(1, min(tiles, rows // MIN_TILE_ROWS))
+def tiles_for(rows: int, tiles: int, rank: int = 4) -> int:
+    """The tile count used for `tiles` on a chain whose output (of `rank` dimensions) has `rows` rows."""
+    return max(1, min(tiles, rows // (MIN_SLAB_ROWS if rank == 5 else MIN_TILE_ROWS)))
 
 
 def axes_of(rank: int) -> dict[str, int]:
@@ -75,7 +76,7 @@ def tiling(shape: tuple[int, ...], tiles: int, halo: Callable[[int, str], float]
     (N, C, H, W or N, C, D, H, W): the axis that allows the most tiles (the lowest
     peak), then the one whose halo recompute `halo(tiles, axis)` is the least, then H,
     then D. A 64x2048 map is cut into 16 tiles of 128 columns rather than 8 of 8 rows."""
-    options = [(tiles_for(shape[dim], tiles), axis) for axis, dim in axes_of(len(shape)).items()]
+    options = [(tiles_for(shape[dim], tiles, len(shape)), axis) for axis, dim in axes_of(len(shape)).items()]
     return min(options, key=lambda option: (-option[0], halo(*option), option[1] != "H", option[1] != "D"))
 
 
@@ -194,7 +195,7 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
     """Candidate chains, disjoint, in graph order, of at least two nodes with a
     convolution or pooling among them, at most `MAX_NODES` nodes and `MAX_NORMS`
     normalisations, and an output of at least two tiles of `MIN_TILE_ROWS` rows along
-    some axis. `shapes[name]` is each node's output shape (an image's or a volume's, or
+    some axis (`MIN_SLAB_ROWS` for volumes). `shapes[name]` is each node's output shape (an image's or a volume's, or
     else anything); a chain's tensors are all images or all volumes. A node that
     changes its input in place joins only where nothing reads that input after it;
     two-tensor arithmetic needs equal shapes."""
@@ -246,7 +247,7 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
         run = nodes[i:closed + 1]
         kinds = {local[m][0] for m in run}
         out = shapes[run[-1].name]
-        if len(run) >= 2 and kinds & _WINDOWED and max(tiles_for(out[d], 2) for d in axes_of(len(out)).values()) == 2:
+        if len(run) >= 2 and kinds & _WINDOWED and max(tiles_for(out[d], 2, len(out)) for d in axes_of(len(out)).values()) == 2:
             found.append(Chain(tuple(m.name for m in run), _outside(run)))
         i = closed + 1
     return found
