@@ -4,8 +4,9 @@ their output for the backward.
 `rewrite` (and `apply`, from a plan's decisions) replaces each chosen chain by one
 `InvertChain` call, an autograd Function
 that saves the chain's output (and per-channel statistics). Its backward walks the
-units in reverse, from each unit's output: BatchNorm rebuilds its input in one op and
-calls PyTorch's own backward kernel, leaky_relu and ELU take their gradients straight
+units in reverse, from each unit's output: BatchNorm (InstanceNorm, GroupNorm: with
+per-sample statistics) rebuilds its input in one op and calls PyTorch's own backward
+kernel, leaky_relu and ELU take their gradients straight
 from the output, rearrangements and scalar maps undo themselves, and a coupling runs
 G then F once each on rebuilt inputs (the RevNet order), each graph freed before the
 next. A stack of couplings so keeps memory flat in depth. BatchNorm running
@@ -28,7 +29,7 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from rewriter.passes.invert_chains import MAX_AMPLIFICATION, Chain, Unit, calibrate, chain_between, chains
+from rewriter.passes.invert_chains import MAX_AMPLIFICATION, NORM_KINDS, Chain, Unit, calibrate, chain_between, chains
 from rewriter.cost_models.in_place import mutates_an_input as _mutates_an_input
 from rewriter.passes.recompute import _RestoreBatchNormStats
 from rewriter.passes.registry import Candidate, Decision, Pricing
@@ -107,7 +108,7 @@ class _Step:
         for branch in self.branches:
             found.append([])
             for step in branch:
-                count = 2 if step.unit.kind == "batch_norm" else 0
+                count = 2 if step.unit.kind in NORM_KINDS else 0
                 found[-1].append(tuple(rest[:count]))
                 rest = rest[count:]
         return found
@@ -133,6 +134,17 @@ class _Step:
                     infos.extend(info)
                 outs.append(piece)
             return torch.cat(outs, self.unit.arg[2]), tuple(infos)
+        if self.unit.kind == "instance_norm":  # as torch.instance_norm runs it: a batch norm of one sample
+            norm, (n, c) = self.module, inp.shape[:2]
+            out, mean, invstd = torch.native_batch_norm(
+                inp.contiguous().view(1, n * c, *inp.shape[2:]), _repeated(norm.weight, n), _repeated(norm.bias, n),
+                None, None, True, 0.0, norm.eps)
+            return out.view(inp.shape), (mean, invstd)
+        if self.unit.kind == "group_norm":
+            norm, (n, c) = self.module, inp.shape[:2]
+            out, mean, rstd = torch.native_group_norm(inp.contiguous(), norm.weight, norm.bias, n, c, inp[0, 0].numel(),
+                                                      norm.num_groups, norm.eps)
+            return out, (mean, rstd)
         if self.unit.kind != "batch_norm":
             return self.code(inp), ()
         bn = self.module
@@ -186,6 +198,23 @@ class _Step:
             grad_in, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
                 grad, inp, bn.weight, None, None, mean, invstd, True, bn.eps, wanted)
             params = [(p, g) for p, g in ((bn.weight, grad_weight), (bn.bias, grad_bias)) if g is not None]
+            return grad_in, params, inp if rebuild else None
+        if kind in ("instance_norm", "group_norm"):
+            inp = self.inverse(out, info, shape)
+            norm, (n, c), (mean, invstd) = self.module, out.shape[:2], info
+            wanted = [True, norm.weight is not None and norm.weight.requires_grad,
+                      norm.bias is not None and norm.bias.requires_grad]
+            if kind == "group_norm":
+                grad_in, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
+                    grad.contiguous(), inp, mean, invstd, norm.weight, n, c, out[0, 0].numel(), norm.num_groups, wanted)
+            else:
+                flat = (1, n * c, *out.shape[2:])
+                grad_in, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                    grad.contiguous().view(flat), inp.view(flat), _repeated(norm.weight, n), None, None, mean, invstd, True,
+                    norm.eps, wanted)
+                grad_in = grad_in.view(out.shape)
+                grad_weight, grad_bias = (None if g is None else g.view(n, c).sum(0) for g in (grad_weight, grad_bias))
+            params = [(p, g) for p, g in ((norm.weight, grad_weight), (norm.bias, grad_bias)) if g is not None]
             return grad_in, params, inp if rebuild else None
         # affine maps and rearrangements: the gradient goes back through the same linear map
         if kind == "affine":
@@ -243,6 +272,13 @@ class _Step:
             scale = 1.0 / (invstd if bn.weight is None else bn.weight * invstd)
             shift = mean if bn.bias is None else mean - bn.bias * scale
             return torch.mul(out, scale.reshape(view)).add_(shift.reshape(view))  # (addcmul: no symbolic-shape meta)
+        if kind in ("instance_norm", "group_norm"):  # the same, per sample and channel
+            norm, (n, c) = self.module, out.shape[:2]
+            mean, invstd = _per_channel(info, n, c)
+            view = (n, c) + (1,) * (out.dim() - 2)
+            scale = 1.0 / (invstd if norm.weight is None else norm.weight * invstd)
+            shift = mean if norm.bias is None else mean - norm.bias * scale
+            return torch.mul(out, scale.reshape(view)).add_(shift.reshape(view)).contiguous()
         if kind == "affine":
             op, value, side = arg
             if op == "mul":
@@ -279,8 +315,8 @@ class _Step:
                     growth = growth * (step.factor(piece, infos[j]) if step.unit.kind != "elu" or j == len(branch) - 1 else step.unit.factor)
                 worst = torch.maximum(torch.as_tensor(worst, dtype=torch.float32), torch.as_tensor(growth, dtype=torch.float32))
             return worst
-        if kind == "batch_norm":
-            std = 1.0 / info[1]
+        if kind in NORM_KINDS:
+            std = 1.0 / (info[1] if kind == "batch_norm" else _per_channel(info, *out.shape[:2])[1])
             if self.module.weight is not None:
                 std = std / self.module.weight.detach().abs()
             return std.max().clamp(min=1.0)
@@ -291,6 +327,18 @@ class _Step:
             alpha = self.unit.arg[0]
             return (alpha / (out.detach().min() + alpha)).clamp(min=1.0)
         return self.unit.factor
+
+
+def _repeated(tensor: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """A per-channel parameter for `n` samples laid side by side (torch.instance_norm's view)."""
+    return None if tensor is None else tensor.repeat(n)
+
+
+def _per_channel(info: tuple, n: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An InstanceNorm's or GroupNorm's (mean, inverse std), per sample and channel (n, c)."""
+    mean, invstd = info
+    groups = mean.numel() // n
+    return tuple(t.reshape(n, groups).repeat_interleave(c // groups, dim=1) for t in (mean, invstd))
 
 
 class _InvertFunction(torch.autograd.Function):

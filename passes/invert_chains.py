@@ -6,7 +6,9 @@ used only by the next unit:
 - elementwise bijections: leaky_relu and PReLU with slope > 0, ELU, `x * a + b` with
   scalars (a != 0);
 - BatchNorm in training mode: its input is rebuilt from its output and the batch mean
-  and inverse std the forward computed (In-Place ABN);
+  and inverse std the forward computed (In-Place ABN); InstanceNorm without running
+  statistics and GroupNorm the same, from their per-sample statistics;
+- dropout with p = 0 (MONAI's blocks hold one): the identity;
 - lossless rearrangements: view/reshape/flatten, permute, pixel_shuffle/unshuffle;
 - fork-joins: `chunk` or `split` into pieces, elementwise units on each piece, `cat`
   of the pieces back along the same dimension;
@@ -35,10 +37,12 @@ from torch import fx, nn
 
 from rewriter.cost_models.in_place import mutates_an_input as _mutates_an_input
 
-__all__ = ["Unit", "Chain", "chains", "chain_between", "calibrate", "MAX_AMPLIFICATION"]
+__all__ = ["Unit", "Chain", "chains", "chain_between", "calibrate", "MAX_AMPLIFICATION", "NORM_KINDS"]
 
 MAX_AMPLIFICATION = 100.0  # fp32 rounding (6e-8) x 100 stays well inside a 1e-4 gradient tolerance
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+NORM_KINDS = ("batch_norm", "instance_norm", "group_norm")  # units that keep (mean, inverse std) for backward
 _RESHAPES = {"view", "reshape", "flatten"}
 _ARITHMETIC = {operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.add: "add",
                operator.sub: "sub", torch.sub: "sub", operator.truediv: "div", torch.div: "div"}
@@ -107,6 +111,12 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node) -> tuple[str, tuple] | None:
             return "prelu", ()
         if type(module) in _BATCH_NORMS and module.training:
             return "batch_norm", ()
+        if type(module) in _INSTANCE_NORMS and not module.track_running_stats:
+            return "instance_norm", ()
+        if isinstance(module, nn.GroupNorm):
+            return "group_norm", ()
+        if isinstance(module, _RANDOM_MODULES) and module.p == 0:
+            return "affine", ("mul", 1.0, "left")
         if isinstance(module, nn.Flatten):
             return "rearrange", ("reshape",)
         if isinstance(module, nn.PixelShuffle):
@@ -364,6 +374,14 @@ def _runtime_factor(kind: str, module: nn.Module | None, inp: torch.Tensor, out:
             return float(std.max().clamp(min=1.0))
         ratio = std / module.weight.detach().abs().clamp(min=1e-30)
         return float(ratio.max().clamp(min=1.0))
+    if kind in ("instance_norm", "group_norm"):  # per sample and group, against each channel's |gamma|
+        n, c = inp.shape[:2]
+        groups = module.num_groups if kind == "group_norm" else c
+        std = torch.sqrt(inp.detach().reshape(n, groups, -1).var(dim=2, unbiased=False) + module.eps)
+        std = std.repeat_interleave(c // groups, dim=1)
+        if module.weight is not None:
+            std = std / module.weight.detach().abs().clamp(min=1e-30)
+        return float(std.max().clamp(min=1.0))
     if kind == "prelu":
         weight = module.weight.detach()
         return math.inf if bool((weight <= 0).any()) else float((1.0 / weight).max().clamp(min=1.0))
@@ -383,7 +401,7 @@ def calibrate(gm: fx.GraphModule, inputs: tuple) -> dict[str, float]:
         def run_node(self, node):
             result = super().run_node(node)
             found = _elementwise(gm, node) if node.op != "placeholder" else None
-            if found and found[0] in ("batch_norm", "prelu", "elu") and isinstance(result, torch.Tensor):
+            if found and found[0] in (*NORM_KINDS, "prelu", "elu") and isinstance(result, torch.Tensor):
                 module = gm.get_submodule(node.target) if node.op == "call_module" else None
                 inp = self.env[node.args[0]] if isinstance(node.args[0], fx.Node) else None
                 if inp is not None:
