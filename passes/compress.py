@@ -10,7 +10,7 @@ candidate, offered only where that frees something, and the solver takes or leav
 each group whole.
 
 Lossless kinds (used by default): relu, leaky_relu, hardtanh (ReLU6 too), dropout,
-max_pool2d, avg_pool2d.
+max_pool2d, avg_pool2d and their 3-D forms.
 Lossy kinds (only with `bits`): conv, linear, batch_norm (training mode). A BatchNorm
 whose output only a ReLU reads, and whose ReLU only a convolution or Linear reads, is
 grouped with both and the three run as one op that keeps one copy (`fusable`). Lossy
@@ -42,26 +42,29 @@ from rewriter.passes.registry import Candidate, Decision, Pricing
 __all__ = ["LOSSLESS", "LOSSY", "KEY", "Group", "kind", "groups", "candidates", "mode_bits", "fusable", "calibrate_bits",
            "bits_for", "lossy_nodes", "sensitivity", "apply", "rewrite", "form_of"]
 
-LOSSLESS = ("relu", "leaky_relu", "hardtanh", "relu6", "dropout", "max_pool2d", "avg_pool2d")
+LOSSLESS = ("relu", "leaky_relu", "hardtanh", "relu6", "dropout", "max_pool2d", "avg_pool2d", "max_pool3d", "avg_pool3d")
+_MAX_POOLS = ("max_pool2d", "max_pool3d")
 LOSSY = ("conv", "linear", "batch_norm")
 KEY = "compress:"  # a group's candidate key: this prefix and its first node
 
 _MODULE_KINDS = {
     nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Hardtanh: "hardtanh", nn.ReLU6: "hardtanh",
-    nn.Dropout: "dropout", nn.MaxPool2d: "max_pool2d",
+    nn.Dropout: "dropout", nn.MaxPool2d: "max_pool2d", nn.MaxPool3d: "max_pool3d", nn.AvgPool3d: "avg_pool3d",
     nn.AvgPool2d: "avg_pool2d", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv", nn.Linear: "linear",
     nn.BatchNorm1d: "batch_norm", nn.BatchNorm2d: "batch_norm", nn.BatchNorm3d: "batch_norm",
 }
 _FUNCTION_KINDS = {
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.leaky_relu: "leaky_relu", F.hardtanh: "hardtanh",
     F.relu6: "relu6", F.dropout: "dropout",
-    F.max_pool2d: "max_pool2d", F.avg_pool2d: "avg_pool2d", F.conv1d: "conv", F.conv2d: "conv",
+    F.max_pool2d: "max_pool2d", F.avg_pool2d: "avg_pool2d", F.max_pool3d: "max_pool3d", F.avg_pool3d: "avg_pool3d",
+    F.conv1d: "conv", F.conv2d: "conv",
     F.conv3d: "conv", F.linear: "linear",
 }
 _COMPRESSED = {
     "relu": compressed_ops.relu, "leaky_relu": compressed_ops.leaky_relu, "hardtanh": compressed_ops.hardtanh,
     "relu6": compressed_ops.relu6, "dropout": compressed_ops.dropout,
     "max_pool2d": compressed_ops.max_pool2d, "avg_pool2d": compressed_ops.avg_pool2d,
+    "max_pool3d": compressed_ops.max_pool3d, "avg_pool3d": compressed_ops.avg_pool3d,
     "conv": compressed_ops.conv, "linear": compressed_ops.linear,
 }
 
@@ -69,9 +72,9 @@ _COMPRESSED = {
 def _module_ok(module: nn.Module, kind: str) -> bool:
     if kind == "dropout":
         return 0.0 < module.p < 1.0 and not module.inplace
-    if kind == "max_pool2d":
-        kernel = compressed_ops._pair(module.kernel_size)
-        return not module.return_indices and kernel[0] * kernel[1] <= 256
+    if kind in _MAX_POOLS:
+        kernel = (compressed_ops._pair if kind == "max_pool2d" else compressed_ops._triple)(module.kernel_size)
+        return not module.return_indices and math.prod(kernel) <= 256
     if kind == "conv":
         return module.padding_mode == "zeros" and not isinstance(module.padding, str)
     if kind == "batch_norm":
@@ -88,7 +91,7 @@ def _function_ok(node: fx.Node, kind: str) -> bool:
         training = kwargs.get("training", args[2] if len(args) > 2 else True)
         inplace = kwargs.get("inplace", args[3] if len(args) > 3 else False)
         return isinstance(p, float) and 0.0 < p < 1.0 and training is True and inplace is False
-    if kind == "max_pool2d":
+    if kind in _MAX_POOLS:
         return not kwargs.get("return_indices", args[6] if len(args) > 6 else False)
     if kind in ("leaky_relu", "hardtanh", "relu6"):
         return all(not isinstance(a, fx.Node) for a in (*args[1:], *kwargs.values()))
@@ -444,7 +447,7 @@ def rewrite(gm: fx.GraphModule, chosen: dict[str, str]) -> fx.GraphModule:
             if found == "dropout":
                 kwargs = {k: v for k, v in kwargs.items() if k not in ("training", "inplace")}
                 args = args[:2]
-            if found == "max_pool2d":
+            if found in _MAX_POOLS:
                 kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
                 args = args[:6]
             call = graph.create_node("call_function", _COMPRESSED[found], args, {**kwargs, **extra}, name=node.name)

@@ -4,9 +4,9 @@ whose saved state for the backward is smaller.
 Lossless (gradients bit-for-bit equal to eager):
   relu, leaky_relu   a 1-bit mask of where the input passed (packed 8 per byte)
   dropout            its mask, 1 bit per element (eager CPU keeps a float noise tensor)
-  max_pool2d         the argmax as an offset within its window, one byte per output
-                     element (eager keeps int64 indices into the whole plane)
-  avg_pool2d         nothing but the input's shape (eager keeps the input)
+  max_pool2d/3d      the argmax as an offset within its window, one byte per output
+                     element (eager keeps int64 indices into the whole plane or volume)
+  avg_pool2d/3d      nothing but the input's shape (eager keeps the input)
 Lossy, opt-in (`bits` in 8, 4, 2; the forward stays exact):
   conv, linear, batch_norm   the activation input quantized per group of `GROUP`
                      values to `bits` with stochastic (unbiased) rounding, min and
@@ -36,7 +36,7 @@ from torch.autograd import Function
 from rewriter.errors import InputError
 
 __all__ = ["GROUP", "BITS", "CHUNKS", "pack_bits", "unpack_bits", "grouped", "group_range", "quantize", "dequantize", "shared_copy",
-           "manual_seed", "relu", "leaky_relu", "dropout", "max_pool2d", "avg_pool2d",
+           "manual_seed", "relu", "leaky_relu", "dropout", "max_pool2d", "avg_pool2d", "max_pool3d", "avg_pool3d",
            "conv", "linear", "batch_norm", "module_call", "norm_relu_call"]
 
 GROUP = 64  # values per quantization group: min and scale (4 bytes: bfloat16) per group
@@ -395,6 +395,84 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     kernel = _pair(kernel_size)
     stride = kernel if stride is None or stride == [] else _pair(stride)
     return _AvgPool2d.apply(x, kernel, stride, _pair(padding), bool(ceil_mode), bool(count_include_pad), divisor_override)
+
+
+def _triple(value) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * 3
+
+
+class _MaxPool3d(Function):
+    """`_MaxPool2d` for volumes: the argmax as one byte, its offset within a window of at
+    most 256 positions (depth, then row, then column)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel: list[int], stride: list[int], padding: list[int], dilation: list[int], ceil_mode: bool):
+        out, indices = torch.ops.aten.max_pool3d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
+        height, width = x.shape[-2:]
+        depths, rows, cols = _volume_origins(out.shape[-3:], stride, padding, x.device)
+        depth = torch.div(indices, height * width, rounding_mode="floor")
+        rest = indices.remainder_(height * width)
+        row = torch.div(rest, width, rounding_mode="floor")
+        col = rest.remainder_(width)
+        depth.sub_(depths).div_(dilation[0], rounding_mode="floor").mul_(kernel[1] * kernel[2])
+        row.sub_(rows).div_(dilation[1], rounding_mode="floor").mul_(kernel[2])
+        col.sub_(cols).div_(dilation[2], rounding_mode="floor")
+        offsets = depth.add_(row).add_(col).to(torch.uint8)
+        ctx.save_for_backward(offsets)
+        ctx.args = (kernel, stride, padding, dilation, ceil_mode)
+        ctx.shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (offsets,) = ctx.saved_tensors
+        kernel, stride, padding, dilation, ceil_mode = ctx.args
+        height, width = ctx.shape[-2:]
+        depths, rows, cols = _volume_origins(offsets.shape[-3:], stride, padding, grad.device)
+        offsets = offsets.long()
+        depth = torch.div(offsets, kernel[1] * kernel[2], rounding_mode="floor")
+        rest = offsets.sub_(depth * (kernel[1] * kernel[2]))
+        row = torch.div(rest, kernel[2], rounding_mode="floor")
+        col = rest.sub_(row * kernel[2]).mul_(dilation[2]).add_(cols)
+        indices = depth.mul_(dilation[0]).add_(depths).mul_(height * width)
+        indices.add_(row.mul_(dilation[1]).add_(rows).mul_(width)).add_(col)
+        grad_in = torch.ops.aten.max_pool3d_with_indices_backward(
+            grad, _stand_in(ctx.shape, grad), kernel, stride, padding, dilation, ceil_mode, indices)
+        return grad_in, None, None, None, None, None
+
+
+def _volume_origins(shape, stride: list[int], padding: list[int], device) -> tuple[torch.Tensor, ...]:
+    """Each output position's window origin along depth, rows and columns, shaped to broadcast."""
+    views = ((-1, 1, 1), (1, -1, 1), (1, 1, -1))
+    return tuple((torch.arange(size, device=device) * s - p).view(view)
+                 for size, s, p, view in zip(shape, stride, padding, views))
+
+
+def max_pool3d(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False) -> torch.Tensor:
+    kernel = _triple(kernel_size)
+    if kernel[0] * kernel[1] * kernel[2] > 256:
+        raise ValueError(f"max_pool3d: kernel_size={kernel_size} has more than 256 positions; offsets need one byte")
+    stride = kernel if stride is None or stride == [] else _triple(stride)
+    return _MaxPool3d.apply(x, kernel, stride, _triple(padding), _triple(dilation), bool(ceil_mode))
+
+
+class _AvgPool3d(Function):
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        ctx.args = (kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+        ctx.shape = x.shape
+        return F.avg_pool3d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_in = torch.ops.aten.avg_pool3d_backward(grad, _stand_in(ctx.shape, grad), *ctx.args)
+        return grad_in, None, None, None, None, None, None
+
+
+def avg_pool3d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+    kernel = _triple(kernel_size)
+    stride = kernel if stride is None or stride == [] else _triple(stride)
+    return _AvgPool3d.apply(x, kernel, stride, _triple(padding), bool(ceil_mode), bool(count_include_pad), divisor_override)
 
 
 # ---- lossy -----------------------------------------------------------------------------
@@ -875,6 +953,11 @@ def module_call(module: nn.Module, x: torch.Tensor, bits: int | None = None, cop
         return max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
     if isinstance(module, nn.AvgPool2d):
         return avg_pool2d(x, module.kernel_size, module.stride, module.padding, module.ceil_mode,
+                          module.count_include_pad, module.divisor_override)
+    if isinstance(module, nn.MaxPool3d):
+        return max_pool3d(x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+    if isinstance(module, nn.AvgPool3d):
+        return avg_pool3d(x, module.kernel_size, module.stride, module.padding, module.ceil_mode,
                           module.count_include_pad, module.divisor_override)
     if bits is None:
         raise ValueError(f"module_call: a {type(module).__name__} is compressed lossy only; pass bits")
