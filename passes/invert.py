@@ -19,6 +19,7 @@ factors have grown past `MAX_AMPLIFICATION` keeps its input instead, with a warn
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import operator
@@ -35,7 +36,7 @@ from rewriter.passes.recompute import _RestoreBatchNormStats
 from rewriter.passes.registry import Candidate, Decision, Pricing
 
 __all__ = ["Unit", "Chain", "InvertChain", "chains", "chain_between", "calibrate", "candidates", "apply", "rewrite", "KEY",
-           "MAX_AMPLIFICATION"]
+           "MAX_AMPLIFICATION", "assuming_fallback"]
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +158,11 @@ class _Step:
             inp, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, momentum, bn.eps)
         return out, (mean, invstd)
 
-    def backward(self, out: torch.Tensor, grad: torch.Tensor, info: tuple, shape: torch.Size, rebuild: bool):
+    def backward(self, out: torch.Tensor, grad: torch.Tensor, info: tuple, shape: torch.Size, rebuild: bool,
+                 given: torch.Tensor | None = None):
         """From the unit's output alone: the gradient of its input, its parameters'
-        gradients [(parameter, gradient)], and (if `rebuild`) its input."""
+        gradients [(parameter, gradient)], and (if `rebuild`) its input; `given`: the
+        input, kept (an anchor, for a unit whose rebuild would err too much), not rebuilt."""
         kind, arg = self.unit.kind, self.unit.arg
         if kind == "fork_join":  # each piece back through its branch, then joined again
             grads, inputs, pairs = [], [], []
@@ -177,9 +180,9 @@ class _Step:
             return grad_in, [], F.leaky_relu(out, 1.0 / arg[0]) if rebuild else None
         if kind == "elu":
             grad_in = torch.ops.aten.elu_backward(grad, arg[0], 1, 1, True, out)
-            return grad_in, [], self.inverse(out, info, shape) if rebuild else None
+            return grad_in, [], (self.inverse(out, info, shape) if given is None else given) if rebuild else None
         if kind == "prelu":
-            inp = self.inverse(out, info, shape)
+            inp = self.inverse(out, info, shape) if given is None else given
             weight = self.module.weight
             slope = weight.reshape(1, -1, *([1] * (out.dim() - 2))) if weight.numel() > 1 else weight
             grad_in = grad * slope
@@ -192,7 +195,7 @@ class _Step:
                 params.append((weight, contribution.sum(dims).reshape(weight.shape)))
             return grad_in, params, inp
         if kind == "batch_norm":  # rebuild the input in one pass, then BatchNorm's own backward kernel
-            inp = self.inverse(out, info, shape)
+            inp = self.inverse(out, info, shape) if given is None else given
             bn, (mean, invstd) = self.module, info
             wanted = [True, bn.weight is not None and bn.weight.requires_grad, bn.bias is not None and bn.bias.requires_grad]
             grad_in, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
@@ -200,7 +203,7 @@ class _Step:
             params = [(p, g) for p, g in ((bn.weight, grad_weight), (bn.bias, grad_bias)) if g is not None]
             return grad_in, params, inp if rebuild else None
         if kind in ("instance_norm", "group_norm"):
-            inp = self.inverse(out, info, shape)
+            inp = self.inverse(out, info, shape) if given is None else given
             norm, (n, c), (mean, invstd) = self.module, out.shape[:2], info
             wanted = [True, norm.weight is not None and norm.weight.requires_grad,
                       norm.bias is not None and norm.bias.requires_grad]
@@ -329,6 +332,49 @@ class _Step:
         return self.unit.factor
 
 
+_FALLBACK = [False]  # whether chains run on fake tensors act as fallen back (`assuming_fallback`)
+
+
+def _moves(step: _Step) -> bool:
+    """Whether the step's error factor can grow with training (`Chain.can_fall_back`)."""
+    return Chain((step.unit,)).can_fall_back
+
+
+def _anchors(steps: list[_Step], factors: list[float]) -> list[int] | None:
+    """The steps whose inputs to keep (anchors) so that no rebuilt tensor's error grows
+    past `MAX_AMPLIFICATION`: walking back from the output, where the product of the
+    factors since the last anchor passes the bound, the nearest step after it whose
+    factor moves with training (its input kept, the product starts again below it;
+    the steps between have fixed factors, whose product the chain's cut bounds).
+    None where that cannot hold (a fork-join's own branches past the bound): the
+    chain's input is kept and the chain rerun instead."""
+    anchors, product, nearest = [], 1.0, None
+    for index in reversed(range(len(steps))):
+        product *= factors[index]
+        if _moves(steps[index]):
+            nearest = index
+        if product > MAX_AMPLIFICATION:
+            if nearest is None or steps[nearest].unit.kind == "fork_join":
+                return None
+            anchors.append(nearest)
+            product = math.prod(factors[index:nearest])
+            nearest = None
+    return sorted(anchors)
+
+
+@contextlib.contextmanager
+def assuming_fallback():
+    """Inside, chains run on fake tensors (the cost model's profile) as they run when
+    their weights have moved past the error bound (those that can: `can_fall_back`):
+    keeping their input instead of their output, so that a plan can promise its
+    budget after training too."""
+    _FALLBACK[0] = True
+    try:
+        yield
+    finally:
+        _FALLBACK[0] = False
+
+
 def _repeated(tensor: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """A per-channel parameter for `n` samples laid side by side (torch.instance_norm's view)."""
     return None if tensor is None else tensor.repeat(n)
@@ -345,23 +391,34 @@ class _InvertFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chain: "InvertChain", x: torch.Tensor, *params):
         ctx.chain = chain
-        infos, shapes, amplification, inp = [], [], 1.0, x
-        for step in chain.steps:
+        infos, shapes, factors, held, inp = [], [], [], {}, x
+        for index, step in enumerate(chain.steps):
+            if _moves(step):  # a possible anchor: held until the factors are known
+                held[index] = inp
             out, info = step.forward(inp)
             infos.append(info)
             shapes.append(inp.shape)
-            amplification = amplification * step.factor(out, info)
+            factors.append(step.factor(out, info))
             inp = out
-        # values are unknown while the cost model traces on fake tensors: the plan's check holds
-        fake = isinstance(out, FakeTensor)
-        ctx.fallback = not fake and float(amplification) > MAX_AMPLIFICATION
+        # values are unknown while the cost model traces on fake tensors: the plan's check
+        # holds, and the plan is profiled once more with every chain fallen back
+        if isinstance(out, FakeTensor):
+            anchors = (sorted(held) if not any(s.unit.kind == "fork_join" for s in chain.steps if _moves(s)) else None
+                       ) if _FALLBACK[0] and chain.can_fall_back else []
+        else:
+            anchors = _anchors(chain.steps, [float(f) for f in factors])
+            if anchors != []:
+                log.warning("invert chain ending at %s: rebuilding would amplify rounding error past %g-fold with the "
+                            "current weights; %s is kept instead this step (within the plan's budget: its fallback peak)",
+                            chain.steps[-1].unit.output, MAX_AMPLIFICATION,
+                            "its input" if anchors is None else
+                            "the input of each of " + ", ".join(chain.steps[i].unit.output for i in anchors))
+        ctx.fallback = anchors is None
+        ctx.anchors = [] if anchors is None else anchors
         if ctx.fallback:
-            log.warning("invert chain ending at %s: rebuilding would amplify rounding error %.3g-fold "
-                        "(bound %g) with the current weights; its input is kept instead this step",
-                        chain.steps[-1].unit.output, float(amplification), MAX_AMPLIFICATION)
             ctx.save_for_backward(x)
         else:
-            ctx.save_for_backward(out, *(t for info in infos for t in info))
+            ctx.save_for_backward(out, *(t for info in infos for t in info), *(held[i] for i in ctx.anchors))
         ctx.counts = [len(info) for info in infos]
         ctx.shapes = shapes
         return out
@@ -386,13 +443,15 @@ class _InvertFunction(torch.autograd.Function):
             for count in ctx.counts:
                 infos.append(tuple(rest[:count]))
                 rest = rest[count:]
+            kept = dict(zip(ctx.anchors, rest))  # the anchors' inputs
             for index in reversed(range(len(chain.steps))):
                 step = chain.steps[index]
                 if step.unit.kind == "coupling":
                     grad, pairs, inp = step.coupling_backward(out, grad, rebuild=index > 0)
                     del out
                 else:  # elementwise units: the gradient straight from the output
-                    grad, pairs, inp = step.backward(out, grad, infos[index], ctx.shapes[index], rebuild=index > 0)
+                    grad, pairs, inp = step.backward(out, grad, infos[index], ctx.shapes[index], rebuild=index > 0,
+                                                     given=kept.pop(index, None))
                     del out
                 for p, g in pairs:
                     if g is not None:
@@ -423,6 +482,14 @@ class InvertChain(nn.Module):
 
     def code_parameters(self) -> list[nn.Parameter]:
         return self.params
+
+    @property
+    def can_fall_back(self) -> bool:
+        """Whether training can move this chain's error factors past the bound: a unit
+        whose factor depends on weights or values (a normalisation's std / |gamma|,
+        PReLU's slope, ELU's range); couplings, fixed slopes and rearrangements cannot
+        (`Chain.can_fall_back`)."""
+        return Chain(tuple(step.unit for step in self.steps)).can_fall_back
 
     def stat_buffers(self) -> list[torch.Tensor]:
         return [b for step in self.steps for m in step.norms() for b in m.buffers()]

@@ -37,12 +37,13 @@ from torch import fx, nn
 
 from rewriter.cost_models.in_place import mutates_an_input as _mutates_an_input
 
-__all__ = ["Unit", "Chain", "chains", "chain_between", "calibrate", "MAX_AMPLIFICATION", "NORM_KINDS"]
+__all__ = ["Unit", "Chain", "chains", "chain_between", "calibrate", "MAX_AMPLIFICATION", "NORM_KINDS", "MOVING"]
 
 MAX_AMPLIFICATION = 100.0  # fp32 rounding (6e-8) x 100 stays well inside a 1e-4 gradient tolerance
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 NORM_KINDS = ("batch_norm", "instance_norm", "group_norm")  # units that keep (mean, inverse std) for backward
+MOVING = (*NORM_KINDS, "prelu", "elu")  # units whose error factor depends on weights or values
 _RESHAPES = {"view", "reshape", "flatten"}
 _ARITHMETIC = {operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.add: "add",
                operator.sub: "sub", torch.sub: "sub", operator.truediv: "div", torch.div: "div"}
@@ -87,6 +88,15 @@ class Chain:
     def amplification(self) -> float:
         """The error growth of the chain's first rebuilt tensor (the largest)."""
         return math.prod(u.factor for u in self.units)
+
+    @property
+    def can_fall_back(self) -> bool:
+        """Whether training can move the chain's error factors past the bound (a unit in
+        `MOVING`, a fork-join's branches included): then it keeps its input instead."""
+        def moving(units) -> bool:
+            return any(u.kind in MOVING or moving([v for branch in u.branches for v in branch]) for u in units)
+
+        return moving(self.units)
 
     def saves_anything(self) -> bool:
         """Whether eager autograd saves a tensor inside the chain (else inverting gains nothing)."""

@@ -588,6 +588,11 @@ class _Planner:
         simulation = simulate(rewritten)
         by_output = {s.output: s for s in self.segments if s.output in assignment}
         chains = {c.output: c for c in self.chains if _INVERT + c.output in assignment}
+        fallback = None
+        if any(c.can_fall_back for c in chains.values()):
+            # the plan must hold after training too, when chains may keep their inputs instead
+            with invert.assuming_fallback():
+                fallback = simulate(self._profile(gm, {})).peak_bytes
         strategy: dict[str, tuple] = {}  # node -> (strategy, seconds, error factor[, compressed form])
         for out, segment in by_output.items():
             kept = segment.expensive if assignment[out] == "selective" else ()
@@ -625,7 +630,7 @@ class _Planner:
             peak_held_by=tuple((h.kind, h.node, h.nbytes) for h in peak_holders(rewritten)),
             decisions=tuple(self.decisions(assignment, spans)), granularity=self.granularity, absent=self.absent,
             timeline=step_timeline(simulation),
-            row_granularity=self.row_granularity,
+            row_granularity=self.row_granularity, fallback_peak_bytes=fallback,
         )
         return gm, plan
 
@@ -715,13 +720,13 @@ def _plan_search(planner: _Planner, budget: int, strategies: tuple[str, ...], lo
         return _chosen(gm, plan, budget)
     verified: list[tuple[fx.GraphModule, Plan]] = []  # least composed peak first, until none can be lower
     for candidate in sorted(lowest, key=lambda c: c.peak):
-        if verified and min(p.predicted_peak_bytes for _, p in verified) <= candidate.peak:
+        if verified and min(p.promised_peak_bytes for _, p in verified) <= candidate.peak:
             break
         verified.append(candidate.verify())
-    if verified and min(p.predicted_peak_bytes for _, p in verified) <= budget - _margin(budget) // 2:
-        return _chosen(*min(verified, key=lambda pair: pair[1].predicted_peak_bytes), budget)  # composed ran high
-    witness = min((p for _, p in verified), key=lambda plan: plan.predicted_peak_bytes) if verified else None
-    reachable = witness.predicted_peak_bytes if witness else simulate(planner.base).peak_bytes
+    if verified and min(p.promised_peak_bytes for _, p in verified) <= budget - _margin(budget) // 2:
+        return _chosen(*min(verified, key=lambda pair: pair[1].promised_peak_bytes), budget)  # composed ran high
+    witness = min((p for _, p in verified), key=lambda plan: plan.promised_peak_bytes) if verified else None
+    reachable = witness.promised_peak_bytes if witness else simulate(planner.base).peak_bytes
     minimum = min(_smallest_budget(reachable), baseline)
     if witness is None or minimum == baseline:  # at the baseline, the graph unchanged
         witness = planner.plan({}, budget, {})[1]
@@ -783,9 +788,9 @@ def _solved(planner: _Planner, budget: int, beat: int | None, choices: list[Choi
                 if found is not None:
                     return found
             gm, plan = planner.plan(modes_of(assignment), budget, seconds)
-            if plan.predicted_peak_bytes <= room:
+            if plan.promised_peak_bytes <= room:
                 return gm, plan
-            limit -= plan.predicted_peak_bytes - solution.peak_bytes + _margin(budget) // 2  # composed ran low: tighten
+            limit -= plan.promised_peak_bytes - solution.peak_bytes + _margin(budget) // 2  # composed ran low: tighten
         return None
 
     found = None
@@ -834,16 +839,16 @@ def _solved(planner: _Planner, budget: int, beat: int | None, choices: list[Choi
             gm, plan = planner.plan(modes_of(extreme), budget, seconds_of(extreme))
             if cheaper != extreme:
                 gm2, plan2 = planner.plan(modes_of(cheaper), budget, seconds_of(cheaper))
-                if plan2.predicted_peak_bytes <= plan.predicted_peak_bytes:
+                if plan2.promised_peak_bytes <= plan.promised_peak_bytes:
                     gm, plan = gm2, plan2
         return gm, plan
 
     lowest = _Lowest(ceiling, flat)
     if ceiling <= room:  # it may fit: verify it now
         gm, plan = flat()
-        if plan.predicted_peak_bytes <= room:
+        if plan.promised_peak_bytes <= room:
             return gm, plan
-        lowest = _Lowest(plan.predicted_peak_bytes, lambda: (gm, plan))
+        lowest = _Lowest(plan.promised_peak_bytes, lambda: (gm, plan))
     if beat is None and planner.segments:
         nested = _nested(planner, budget, {c.key: c.seconds[-1] for c in choices}, limit)
         if isinstance(nested, tuple):
@@ -892,10 +897,10 @@ def _scheduled(planner: _Planner, budget: int, limit: int, cheaper_than: float |
             target = max(target - (composed - limit) - _margin(budget) // 2, (infeasible + target) // 2)
             continue
         gm, verified = planner.plan(modes, budget, planner.mode_seconds(modes), spans)
-        if verified.predicted_peak_bytes <= room:
+        if verified.promised_peak_bytes <= room:
             return gm, verified
-        log.debug("schedule verified at %d, composed %d", verified.predicted_peak_bytes, composed)
-        overshoot = verified.predicted_peak_bytes - composed + _margin(budget) // 2
+        log.debug("schedule verified at %d, composed %d", verified.promised_peak_bytes, composed)
+        overshoot = verified.promised_peak_bytes - composed + _margin(budget) // 2
         limit, target, over = limit - overshoot, target - overshoot, target
     return None
 
@@ -922,11 +927,11 @@ def _nested(planner: _Planner, budget: int, full_seconds: dict[str, float], limi
 
             return lowest if lowest is not None and lowest.peak <= composed else _Lowest(composed, verify)
         gm, verified = planner.plan(modes, budget, seconds, spans)
-        if verified.predicted_peak_bytes <= room:
+        if verified.promised_peak_bytes <= room:
             return gm, verified
-        if lowest is None or verified.predicted_peak_bytes < lowest.peak:
-            lowest = _Lowest(verified.predicted_peak_bytes, lambda pair=(gm, verified): pair)
-        limit -= verified.predicted_peak_bytes - composed + _margin(budget) // 2
+        if lowest is None or verified.promised_peak_bytes < lowest.peak:
+            lowest = _Lowest(verified.promised_peak_bytes, lambda pair=(gm, verified): pair)
+        limit -= verified.promised_peak_bytes - composed + _margin(budget) // 2
     return lowest
 
 

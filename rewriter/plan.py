@@ -67,6 +67,9 @@ class Plan:
     """A strategy per node, with the predicted and baseline peaks of one training step.
 
     `predicted_peak_bytes` is the cost model's peak under this plan;
+    `fallback_peak_bytes`, with inverted chains, its peak if every chain falls back
+    to keeping its input (when training moves weights past the rebuild's error bound;
+    the plan fits its budget either way: `promised_peak_bytes`);
     `baseline_peak_bytes` its peak with every saved tensor kept; `budget_bytes` the
     budget the plan was made for (None for `explain`); `peak_at` the step where the
     predicted peak falls; `peak_held_by` what is live then, as (kind, node label,
@@ -95,6 +98,7 @@ class Plan:
     device_split: tuple[tuple[str, int], ...] = ()  # with a device budget: (what, bytes) held besides activations
     timeline: tuple[tuple[str, int], ...] = ()  # per step ("forward <node>", "backward <node>"): its highest live bytes
     baseline_timeline: tuple[tuple[str, int], ...] = ()  # the same, every saved tensor kept
+    fallback_peak_bytes: int | None = None  # with inverted chains: the peak if all of them keep their inputs
     _index: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -149,6 +153,12 @@ class Plan:
         each row-split chain."""
         return dict(self.legacy).get("row_split") or tuple(
             (d.output, d.detail[0], d.detail[2], d.detail[1]) for d in self._of("row_split"))
+
+    @property
+    def promised_peak_bytes(self) -> int:
+        """The peak this plan stays within: its predicted peak, or with inverted chains
+        the larger of that and the peak with every chain fallen back."""
+        return max(self.predicted_peak_bytes, self.fallback_peak_bytes or 0)
 
     @property
     def saved_bytes(self) -> int:
@@ -216,10 +226,14 @@ class Plan:
             f"  baseline peak   {format_bytes(self.baseline_peak_bytes):>12}",
             f"  budget          {format_bytes(self.budget_bytes) if self.budget_bytes is not None else 'none':>12}",
         ]
+        if self.fallback_peak_bytes is not None:
+            lines.insert(2, f"  if chains fall back {format_bytes(self.fallback_peak_bytes):>8}  (inverted chains keeping their "
+                            "inputs, as when training moves weights past the rebuild's error bound)")
         if self.device_split:
             held = sum(b for _, b in self.device_split)
             parts = " + ".join(f"{what} {format_bytes(b)}" for what, b in self.device_split)
-            lines[3] += " of activations"
+            budget_line = next(i for i, line in enumerate(lines) if line.startswith("  budget "))
+            lines[budget_line] += " of activations"
             lines.append(f"  on the device   {format_bytes(held + self.predicted_peak_bytes):>12}  predicted: {parts} "
                          f"+ the activation peak" + (f", within {format_bytes(held + self.budget_bytes)}"
                                                      if self.budget_bytes is not None else ""))

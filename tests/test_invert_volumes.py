@@ -74,11 +74,12 @@ def test_inverted_norm_chains_keep_less_and_are_predicted_to_the_byte(norm):
     assert 0 <= predicted - measured <= 4
 
 
-def test_a_monai_3d_unet_plans_with_inverted_norms():
+def test_a_monai_3d_unet_inverts_through_its_norms():
     """MONAI's 3-D UNet (InstanceNorm, dropout p = 0, PReLU in every block): invert
-    alone finds chains through its norms and fits 0.9 of eager's peak (before, it
-    found none: its smallest budget was eager's), training like eager (rebuild
-    tolerance)."""
+    finds chains through its norms (before, none), which train like eager within the
+    rebuild tolerance and keep less than eager. (Alone, invert promises nothing below
+    eager's peak here: should training move every norm's and PReLU's factor past the
+    bound, each keeps its input, as eager does.)"""
     nets = pytest.importorskip("monai.networks.nets")
 
     def build():
@@ -87,8 +88,8 @@ def test_a_monai_3d_unet_plans_with_inverted_norms():
                          num_res_units=1).train()
 
     model, x = build(), torch.randn(1, 1, 32, 32, 32)
-    budget = int(0.9 * rewriter.measure_peak(model, x))
-    optimized = rewriter.optimize(model, budget, x, strategies="invert")
-    through_norms = [d for d in optimized.plan.decisions if any(n.endswith("adn_n") for n in d.nodes)]  # ADN's InstanceNorm
-    assert through_norms and rewriter.measure_peak(optimized, x) <= budget
-    assert_same_training(build(), model, optimized, x)
+    eager = rewriter.measure_peak(model, x)
+    gm, chains = inverted(model, x)
+    assert sum(u.kind == "instance_norm" for c in chains for u in c.units) >= 4
+    assert rewriter.measure_peak(gm, x) < eager
+    assert_same_training(build(), model, gm, x)
