@@ -345,8 +345,11 @@ class _Profiler(OpaqueLeaves):
         layout = {k: None if g is None or g.is_contiguous() else tuple(g.stride()) for k, g in zip(indices, grad_outs)}
         if cost.opaque:
             source, real_inputs, real_params = self._opaque_source(cost, layout)
+            with unset_fake_temporarily():
+                seed = torch.ones_like(source)  # the harness's own: made before the node's events start
         elif segment:
             source = _GradientSource.apply(self.tracker, tuple(layout[k] for k in indices), *outs)
+            seed = torch.ones_like(source)  # the harness's own: made before the node's events start
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -355,7 +358,7 @@ class _Profiler(OpaqueLeaves):
         with self.tracker:
             if cost.opaque:  # parameter gradients go into .grad in place, as in a real step
                 with unset_fake_temporarily():
-                    torch.autograd.backward(source, inputs=real_inputs + real_params)
+                    torch.autograd.backward(source, seed, inputs=real_inputs + real_params)
                 results, param_results = [t.grad for t in real_inputs], []
             elif segment:
                 # the input gradients as autograd hands them on (a concat's are slices of
@@ -381,7 +384,7 @@ class _Profiler(OpaqueLeaves):
                 observers.append(rerun_ended)
                 try:
                     with self._fake_model(*module.codes()):  # a checkpoint's rerun, a chain's inverse: on the fake state too
-                        torch.autograd.backward(source, inputs=[leaf for _, leaf in targets] + params)
+                        torch.autograd.backward(source, seed, inputs=[leaf for _, leaf in targets] + params)
                 finally:
                     observers.remove(rerun_ended)
                 for handle in handles:

@@ -34,16 +34,16 @@ def basic_unet() -> torch.nn.Module:
     return nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(8, 8, 16, 16, 32, 8)).train()
 
 
-@pytest.mark.parametrize("make, exact", [(deep_dynunet, True), (basic_unet, False)])
-def test_monai_networks_are_predicted_as_measured(make, exact):
+@pytest.mark.parametrize("make", [deep_dynunet, basic_unet])
+def test_monai_networks_are_predicted_as_measured(make):
     """Issue 21: DynUNet's in-place LeakyReLU on InstanceNorm's views was predicted 9%
     low; BasicUNet's skip connections were traced out (torch.jit.isinstance of a
     traced value) and its profile failed. BasicUNet's UpCats stay opaque leaves (they
-    branch on shapes), run for real: 4 bytes over."""
+    branch on shapes), run for real: predicted to the byte since the profile's own seed
+    gradient is made outside the leaf's events (it was 4 bytes over)."""
     model, x = make(), torch.randn(2, 1, 64, 64)
     measured = rewriter.measure_peak(model, x)
-    predicted = rewriter.explain(model, x).predicted_peak_bytes
-    assert predicted == measured if exact else 0 <= predicted - measured <= 4
+    assert rewriter.explain(model, x).predicted_peak_bytes == measured
     optimized, budget = optimized_within(model, x, 0.5)
     assert rewriter.measure_peak(optimized, x) <= budget
     assert_trains_like(make(), model, optimized, x)
@@ -71,14 +71,13 @@ MONAI = ["UNet", "BasicUNet", "SegResNet", "DynUNet", "AttentionUnet", "DenseNet
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("name", MONAI)
 def test_monai_matrix(name, dims):
-    """Issue 21's CI matrix: predicted as measured (never under; an opaque leaf's real run
-    may leave a scalar over), optimized at 0.5 of eager fitting when measured (or the
-    honest minimum's plan), two training steps with an optimizer step between like
-    eager's, and `.eval()` inference the model's own."""
+    """Issue 21's CI matrix: predicted as measured, optimized at 0.5 of eager fitting
+    when measured (or the honest minimum's plan), two training steps with an optimizer
+    step between like eager's, and `.eval()` inference the model's own."""
     model = _monai(name, dims).train()
     x = torch.randn(2, 1, *((64, 64) if dims == 2 else (32, 32, 32)))
     measured = rewriter.measure_peak(model, x)
-    assert 0 <= rewriter.explain(model, x).predicted_peak_bytes - measured <= 4
+    assert rewriter.explain(model, x).predicted_peak_bytes == measured
     reference = _monai(name, dims).train()
     optimized, budget = optimized_within(model, x, 0.5)
     assert rewriter.measure_peak(optimized, x) <= budget
