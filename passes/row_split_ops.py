@@ -507,10 +507,10 @@ class _TiledChain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        """The output's gradient swept over the output's row tiles; then, last BatchNorm
-        first, each one's statistics gradient (complete once every later step has
-        added to it) swept over its input's row tiles, through d mean / dz = 1/N and
-        d var / dz = 2 (z - mean) / N."""
+        """The output's gradient swept over the output's row tiles; then, last
+        normalisation first, each one's statistics gradient (complete once every later
+        step has added to it) swept over its input's row tiles, through d mean / dz =
+        1/N and d var / dz = 2 (z - mean) / N (N: the values per statistic)."""
         plan, tiles, counts = ctx.plan, ctx.tiles, ctx.counts
         saved = ctx.saved_tensors
         split = len(saved) - 2 * len(counts)

@@ -60,6 +60,7 @@ class NodePlan:
 
 _LEGACY = ("segments", "spans", "inverted", "compressed", "row_split")  # a plan's rewrites before decisions
 _GRADIENT_KINDS = ("gradient", "parameter gradient")  # kinds of peak holders no strategy rewrites
+_TILE_NAMES = {"H": "row", "W": "column", "D": "slab"}  # a row-split chain's tiles, by the axis they cut
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,7 @@ class Plan:
                          f"est. seconds added per step {added:.4f}")
         for output, tiles, halo, axis in self.row_split:
             lines.append(f"  row-split chain ending at {self[output].label if output in self else output}: "
-                         f"{tiles} {'row' if axis == 'H' else 'column'} tiles, halo recompute +{100 * halo:.1f}% "
+                         f"{tiles} {_TILE_NAMES.get(axis, axis)} tiles, halo recompute +{100 * halo:.1f}% "
                          f"of its forward FLOPs")
         return "\n".join(lines)
 
