@@ -119,6 +119,7 @@ def _distributed_worker(rank: int, world: int, init: str, plan_json: str, kind: 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    torch.set_num_threads(1)  # two processes per test, beside another test on the other worker: no oversubscription
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         zoo = ZOO[PLANS[kind][0]]
