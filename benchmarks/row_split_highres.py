@@ -17,7 +17,6 @@ writes benchmarks/results/row_split_highres_cpu.md (or _cuda.md with --device cu
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import platform
 import statistics
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rewriter  # noqa: E402
 from examples.zoo import ZOO  # noqa: E402
+from benchmarks.timing import gradient_error  # noqa: E402
 from rewriter.plan import format_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,20 +48,6 @@ def _step_seconds(model, x, steps: int) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def _gradient_error(model, optimized, x) -> float:
-    """||g - g_eager|| / ||g_eager|| over all parameter gradients together, after one
-    step from equal states (per parameter it would be noise over noise for a conv bias
-    before BatchNorm, whose gradient is zero up to rounding)."""
-    eager = copy.deepcopy(model)
-    for m in (eager, model):
-        m.zero_grad(set_to_none=True)
-    eager(x).sum().backward()
-    optimized(x).sum().backward()
-    ours = torch.cat([q.grad.flatten() for q in model.parameters()])
-    reference = torch.cat([p.grad.flatten() for p in eager.parameters()])
-    return float((ours - reference).norm() / reference.norm())
 
 
 def _chains(plan) -> str:
@@ -99,7 +85,7 @@ def _case(name: str, size: tuple[int, int], budget_of, steps: int, device: str) 
     ours_time = _step_seconds(optimized, x, steps)
     row["time_ratio"] = ours_time / eager_time
     row["eager_seconds"] = eager_time
-    row["grad_error"] = _gradient_error(model, optimized, x)
+    row["grad_error"] = gradient_error(model, optimized, x)
     if any(axis == "W" for *_, axis in plan.row_split):  # the same chains along H, for comparison
         along_h = dataclasses.replace(plan, decisions=tuple(
             dataclasses.replace(d, detail=(d.detail[0], "H", d.detail[2])) if d.strategy == "row_split" else d

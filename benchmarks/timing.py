@@ -1,5 +1,7 @@
-"""Step timing shared by the benchmarks: the variants take turns, so drift hits all alike."""
+"""Step timing and gradient error shared by the benchmarks: the variants take turns, so
+drift hits all alike."""
 
+import copy
 import statistics
 import time
 
@@ -26,3 +28,18 @@ def step_seconds(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 9,
         for name, model in models.items():
             times[name].append(step(model))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def gradient_error(model: nn.Module, optimized: nn.Module, x: torch.Tensor) -> float:
+    """||g - g_eager|| / ||g_eager|| over all parameter gradients together, after one
+    step from equal states (`optimized` runs `model`'s parameters; per parameter it would
+    be noise over noise for a conv bias before a normalisation, whose gradient is zero
+    up to rounding)."""
+    eager = copy.deepcopy(model)
+    for m in (eager, model):
+        m.zero_grad(set_to_none=True)
+    eager(x).sum().backward()
+    optimized(x).sum().backward()
+    ours = torch.cat([q.grad.flatten() for q in model.parameters()])
+    reference = torch.cat([p.grad.flatten() for p in eager.parameters()])
+    return float((ours - reference).norm() / reference.norm())

@@ -73,7 +73,7 @@ def _module_ok(module: nn.Module, kind: str) -> bool:
     if kind == "dropout":
         return 0.0 < module.p < 1.0 and not module.inplace
     if kind in _MAX_POOLS:
-        kernel = (compressed_ops._pair if kind == "max_pool2d" else compressed_ops._triple)(module.kernel_size)
+        kernel = compressed_ops._ntuple(module.kernel_size, 2 if kind == "max_pool2d" else 3)
         return not module.return_indices and math.prod(kernel) <= 256
     if kind == "conv":
         return module.padding_mode == "zeros" and not isinstance(module.padding, str)

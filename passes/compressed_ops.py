@@ -324,8 +324,9 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return _Dropout.apply(x, p)
 
 
-def _pair(value) -> list[int]:
-    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * 2
+def _ntuple(value, n: int) -> list[int]:
+    """A pooling argument per spatial axis (`n` of them)."""
+    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * n
 
 
 def _stand_in(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
@@ -370,35 +371,45 @@ class _MaxPool2d(Function):
         return grad_in, None, None, None, None, None
 
 
+def _max_pool_args(n: int, kernel_size, stride, padding, dilation) -> tuple[list[int], ...]:
+    """Kernel, stride, padding and dilation of an `n`-D max pooling, per axis; the
+    window must have at most 256 positions (offsets in one byte)."""
+    kernel = _ntuple(kernel_size, n)
+    if math.prod(kernel) > 256:
+        raise ValueError(f"max_pool{n}d: kernel_size={kernel_size} has more than 256 positions; offsets need one byte")
+    stride = kernel if stride is None or stride == [] else _ntuple(stride, n)
+    return kernel, stride, _ntuple(padding, n), _ntuple(dilation, n)
+
+
 def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False) -> torch.Tensor:
-    kernel = _pair(kernel_size)
-    if kernel[0] * kernel[1] > 256:
-        raise ValueError(f"max_pool2d: kernel_size={kernel_size} has more than 256 positions; offsets need one byte")
-    stride = kernel if stride is None or stride == [] else _pair(stride)
-    return _MaxPool2d.apply(x, kernel, stride, _pair(padding), _pair(dilation), bool(ceil_mode))
+    return _MaxPool2d.apply(x, *_max_pool_args(2, kernel_size, stride, padding, dilation), bool(ceil_mode))
 
 
-class _AvgPool2d(Function):
+class _AvgPool(Function):
+    """Average pooling (2-D or 3-D, by the kernel's length) keeping only its input's shape."""
+
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
         ctx.args = (kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
         ctx.shape = x.shape
-        return F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+        pool = F.avg_pool2d if len(kernel) == 2 else F.avg_pool3d
+        return pool(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
     @staticmethod
     def backward(ctx, grad):
-        grad_in = torch.ops.aten.avg_pool2d_backward(grad, _stand_in(ctx.shape, grad), *ctx.args)
+        backward = torch.ops.aten.avg_pool2d_backward if len(ctx.args[0]) == 2 else torch.ops.aten.avg_pool3d_backward
+        grad_in = backward(grad, _stand_in(ctx.shape, grad), *ctx.args)
         return grad_in, None, None, None, None, None, None
 
 
+def _avg_pool(n: int, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override) -> torch.Tensor:
+    kernel = _ntuple(kernel_size, n)
+    stride = kernel if stride is None or stride == [] else _ntuple(stride, n)
+    return _AvgPool.apply(x, kernel, stride, _ntuple(padding, n), bool(ceil_mode), bool(count_include_pad), divisor_override)
+
+
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
-    kernel = _pair(kernel_size)
-    stride = kernel if stride is None or stride == [] else _pair(stride)
-    return _AvgPool2d.apply(x, kernel, stride, _pair(padding), bool(ceil_mode), bool(count_include_pad), divisor_override)
-
-
-def _triple(value) -> list[int]:
-    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * 3
+    return _avg_pool(2, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
 
 class _MaxPool3d(Function):
@@ -449,30 +460,11 @@ def _volume_origins(shape, stride: list[int], padding: list[int], device) -> tup
 
 
 def max_pool3d(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False) -> torch.Tensor:
-    kernel = _triple(kernel_size)
-    if kernel[0] * kernel[1] * kernel[2] > 256:
-        raise ValueError(f"max_pool3d: kernel_size={kernel_size} has more than 256 positions; offsets need one byte")
-    stride = kernel if stride is None or stride == [] else _triple(stride)
-    return _MaxPool3d.apply(x, kernel, stride, _triple(padding), _triple(dilation), bool(ceil_mode))
-
-
-class _AvgPool3d(Function):
-    @staticmethod
-    def forward(ctx, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
-        ctx.args = (kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
-        ctx.shape = x.shape
-        return F.avg_pool3d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_in = torch.ops.aten.avg_pool3d_backward(grad, _stand_in(ctx.shape, grad), *ctx.args)
-        return grad_in, None, None, None, None, None, None
+    return _MaxPool3d.apply(x, *_max_pool_args(3, kernel_size, stride, padding, dilation), bool(ceil_mode))
 
 
 def avg_pool3d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
-    kernel = _triple(kernel_size)
-    stride = kernel if stride is None or stride == [] else _triple(stride)
-    return _AvgPool3d.apply(x, kernel, stride, _triple(padding), bool(ceil_mode), bool(count_include_pad), divisor_override)
+    return _avg_pool(3, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
 
 # ---- lossy -----------------------------------------------------------------------------

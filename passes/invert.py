@@ -72,6 +72,7 @@ class _Step:
         self.unit, self.code, self.modules, self.module = unit, code, modules, module
         self.inplace, self.f, self.g, self.inverse_dims = inplace, f, g, inverse_dims
         self.branches = branches or []
+        self.moves = Chain((unit,)).can_fall_back  # its error factor can grow with training: a possible anchor
 
     @classmethod
     def from_graph(cls, gm: fx.GraphModule, unit: Unit) -> "_Step":
@@ -335,11 +336,6 @@ class _Step:
 _FALLBACK = [False]  # whether chains run on fake tensors act as fallen back (`assuming_fallback`)
 
 
-def _moves(step: _Step) -> bool:
-    """Whether the step's error factor can grow with training (`Chain.can_fall_back`)."""
-    return Chain((step.unit,)).can_fall_back
-
-
 def _anchors(steps: list[_Step], factors: list[float]) -> list[int] | None:
     """The steps whose inputs to keep (anchors) so that no rebuilt tensor's error grows
     past `MAX_AMPLIFICATION`: walking back from the output, where the product of the
@@ -351,7 +347,7 @@ def _anchors(steps: list[_Step], factors: list[float]) -> list[int] | None:
     anchors, product, nearest = [], 1.0, None
     for index in reversed(range(len(steps))):
         product *= factors[index]
-        if _moves(steps[index]):
+        if steps[index].moves:
             nearest = index
         if product > MAX_AMPLIFICATION:
             if nearest is None or steps[nearest].unit.kind == "fork_join":
@@ -393,7 +389,7 @@ class _InvertFunction(torch.autograd.Function):
         ctx.chain = chain
         infos, shapes, factors, held, inp = [], [], [], {}, x
         for index, step in enumerate(chain.steps):
-            if _moves(step):  # a possible anchor: held until the factors are known
+            if step.moves:  # a possible anchor: held until the factors are known
                 held[index] = inp
             out, info = step.forward(inp)
             infos.append(info)
@@ -403,7 +399,7 @@ class _InvertFunction(torch.autograd.Function):
         # values are unknown while the cost model traces on fake tensors: the plan's check
         # holds, and the plan is profiled once more with every chain fallen back
         if isinstance(out, FakeTensor):
-            anchors = (sorted(held) if not any(s.unit.kind == "fork_join" for s in chain.steps if _moves(s)) else None
+            anchors = (sorted(held) if not any(s.unit.kind == "fork_join" for s in chain.steps if s.moves) else None
                        ) if _FALLBACK[0] and chain.can_fall_back else []
         else:
             anchors = _anchors(chain.steps, [float(f) for f in factors])
@@ -489,7 +485,7 @@ class InvertChain(nn.Module):
         whose factor depends on weights or values (a normalisation's std / |gamma|,
         PReLU's slope, ELU's range); couplings, fixed slopes and rearrangements cannot
         (`Chain.can_fall_back`)."""
-        return Chain(tuple(step.unit for step in self.steps)).can_fall_back
+        return any(step.moves for step in self.steps)
 
     def stat_buffers(self) -> list[torch.Tensor]:
         return [b for step in self.steps for m in step.norms() for b in m.buffers()]
