@@ -5,7 +5,9 @@ A segment that runs under non-reentrant `torch.utils.checkpoint` saves nothing b
 inputs (and, in selective mode, the outputs of the ops it keeps). Its forward is its
 nodes' forward with every saved tensor let go; its backward reruns its nodes up to the
 last one whose output or own memory some node saves (the checkpoint stops early
-there), then runs their backwards in reverse order. `checkpoint_record` writes both as
+there), then runs their backwards in reverse order; its frame, which holds its inputs,
+goes as the first member that saved a tensor ends its backward (a "release_in" event),
+not when the whole segment's backward does. `checkpoint_record` writes both as
 the event lists of one `NodeCost`, replaying the nodes' own records by the simulator's
 rules (reference-counted storages, gradients summed out of place where they meet), so
 that the simulator prices a plan of any segments from the one profile of the graph.
@@ -192,9 +194,15 @@ def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[st
     live.hold(incoming)
     handed: dict[tuple[str, int], int] = {}  # gradients for the segment's inputs
     flops = sum((n.bwd_flops for n in nodes), sympy.Integer(0))
-    for node in reversed(nodes):
+    # the checkpoint's frame, which holds its inputs, goes with the last tensor saved for
+    # its rerun: as the first member that saves one ends its backward (or, a nested
+    # checkpoint, as that one lets go of its own inputs)
+    first_saver = next((i for i, n in enumerate(nodes) if n.has_backward and n.saved), None)
+    for index in reversed(range(len(nodes))):
+        node = nodes[index]
         if not node.has_backward:
             continue
+        frame_ends = index == first_saver
         flops += node.fwd_flops if node.name not in kept and members.index(node.name) <= stop else 0
         allocated, freed, let_go = [], set(), []
         for kind, uid, _ in node.bwd_events:
@@ -205,6 +213,14 @@ def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[st
             elif kind == "release_out":  # a member's hold on its own output (its rerun's copy)
                 let_go.append(rerun.get((node.name, uid)))
                 live.release(let_go[-1])
+            elif kind == "release_in":  # a nested checkpoint's holds on its inputs (the rerun's copies)
+                for element in node.held_inputs():
+                    if element[0] in inside and rerun.get(element) is not None:
+                        let_go.append(rerun[element])
+                        live.release(let_go[-1])
+                if frame_ends:
+                    backward.append(("release_in", 0, 0))
+                    frame_ends = False
             elif kind == "alloc":
                 allocated.append(fresh(uid))
                 backward.append(("alloc", allocated[-1], sympy.Integer(size[uid])))
@@ -229,6 +245,8 @@ def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[st
                 live.release(uid)
         for uid in node.internal:
             live.release(remap.get(uid))
+        if frame_ends:
+            backward.append(("release_in", 0, 0))
         for element, uid in arriving:
             _accumulate(slots if element[0] in inside else handed, element, uid, live, costs, uids, added)
         for uid in allocated:

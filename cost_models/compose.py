@@ -25,7 +25,7 @@ def _shift_ref(ref, offset: int):
 
 
 def _shift_events(events, offset: int):
-    return tuple((kind, uid if kind in ("release_grad", "release_out") else uid + offset, b) for kind, uid, b in events)
+    return tuple((kind, uid if kind in ("release_grad", "release_out", "release_in") else uid + offset, b) for kind, uid, b in events)
 
 
 def _shifted(node: NodeCost, offset: int) -> NodeCost:

@@ -21,7 +21,9 @@ Ref = tuple
 Event = tuple  # ("alloc" | "free", uid, bytes expression), or ("release_grad", output index, 0):
 # the gradient this node received for that output is dropped here (inside an opaque leaf),
 # or ("release_out", output index, 0): the node's own hold on that output (a selective
-# checkpoint's cache of it, held for its backward) ends here, in its backward
+# checkpoint's cache of it, held for its backward) ends here, in its backward; or
+# ("release_in", 0, 0): its holds on the inputs it saves end here (a checkpoint's frame
+# lets them go as the last op that saved a tensor for its rerun ends its backward)
 
 BATCH = sympy.Symbol("batch", positive=True, integer=True)
 
@@ -53,6 +55,12 @@ class NodeCost:
     param_grads: tuple[int, ...] = ()
     bwd_flops: sympy.Expr = sympy.Integer(0)  # an opaque leaf's (counted apart); 0 for others, not counted
     many_ops: bool = False  # its backward runs several ops (a checkpointed segment, an opaque leaf)
+
+    def held_inputs(self) -> list[tuple[str, int]]:
+        """The inputs it saves (a checkpoint's frame holds them, and lets them go at its
+        "release_in" event)."""
+        inputs = set(self.inputs)
+        return [tuple(ref[1:]) for ref in self.saved if ref[0] == "value" and tuple(ref[1:]) in inputs]
 
 
 @dataclass

@@ -45,7 +45,7 @@ class _Snapshots(_Replay):
             self.held = held if held is not None else {u: self.size[u] for u in self.refs}
         super().check(candidate, where)
 
-    def window(self, events, where: str, slot=None, own=None) -> None:
+    def window(self, events, where: str, slot=None, own=None, inputs=()) -> None:
         current = highest = 0
         made: set[int] = set()  # this window's storages, alive at the point reached
         gone: set[int] = set()  # storages held before the window, freed by the point reached
@@ -57,6 +57,10 @@ class _Snapshots(_Replay):
                 if held is not None and self.releasable(held) and held not in gone:
                     current -= self.size[held]
                     gone.add(held)
+            elif kind == "release_in":
+                for uid in set(self.freed_by(inputs)) - gone:
+                    current -= self.size[uid]
+                    gone.add(uid)
             elif kind == "alloc":
                 current += self.size[uid]
                 made.add(uid)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import operator
+import weakref
 from typing import Any, Callable
 
 import sympy
@@ -84,6 +85,7 @@ class _Profiler(OpaqueLeaves):
         self.grads: dict[tuple[str, int], torch.Tensor] = {}
         self.fake_of: dict[int, torch.Tensor] = {}
         self.costs: list[NodeCost] = []
+        self._in_backward: str | None = None  # the node whose backward runs now
 
     # ---- fake copies of parameters, buffers and inputs -------------------------------
     def _fake_state(self) -> None:
@@ -173,6 +175,13 @@ class _Profiler(OpaqueLeaves):
             saved.append(storage_key(t))
             return t
 
+        unpack = _unpack
+        if node.op == "call_module" and hasattr(self.gm.get_submodule(node.target), "checkpointed_code"):
+            # the only tensors saved under this hook are the checkpoint's inputs (its own
+            # hooks take its ops'), kept by its frame: they go when the frame goes, as
+            # the last op that saved a tensor for its rerun ends its backward
+            pack, unpack = self._frame_hooks(node.name, saved)
+
         prepared = self._prepare_opaque(node, args, kwargs) if opaque else None
         self.tracker.poll()
         start = len(self.tracker.events)
@@ -183,7 +192,7 @@ class _Profiler(OpaqueLeaves):
         # counter decomposes it into (SiLU's backward into six, where the kernel allocates one)
         counted = self.count_flops and not apart
         with (FlopCounterMode(display=False) if counted else contextlib.nullcontext()) as flops, self.tracker:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
                 if opaque:
                     out = self._run_opaque(node, prepared)
                 else:
@@ -243,6 +252,25 @@ class _Profiler(OpaqueLeaves):
             many_ops=apart,
         ))
         self._leaves[node.name] = leaves
+
+    def _frame_hooks(self, name: str, saved: list[int]):
+        """Saved-tensor hooks for checkpointed segment `name` that record a "release_in"
+        event in its backward where its checkpoint lets go of its inputs: they are
+        packed with one token, which dies with the last of them."""
+        token = _Token()
+
+        def died():
+            if self._in_backward == name:
+                self.tracker.poll()
+                self.tracker.events.append(("release_in", 0, 0))
+
+        weakref.finalize(token, died)
+
+        def pack(t):
+            saved.append(storage_key(t))
+            return token, t
+
+        return pack, _unpack_held
 
     def _run(self, node: fx.Node, args, kwargs):
         if node.op == "call_module":
@@ -382,11 +410,13 @@ class _Profiler(OpaqueLeaves):
                 # (a segment nested in this one lets go of its own output for real: no event)
                 observers = type(module).rerun_ended if getattr(module, "keeps_output", False) else []
                 observers.append(rerun_ended)
+                self._in_backward = cost.name
                 try:
                     with self._fake_model(*module.codes()):  # a checkpoint's rerun, a chain's inverse: on the fake state too
                         torch.autograd.backward(source, seed, inputs=[leaf for _, leaf in targets] + params)
                 finally:
                     observers.remove(rerun_ended)
+                    self._in_backward = None
                 for handle in handles:
                     handle.remove()
                 results, param_results = [leaf.grad for _, leaf in targets], []
@@ -403,7 +433,7 @@ class _Profiler(OpaqueLeaves):
             copies = {self.tracker.uid_of(leaf.grad) for e, leaf in targets if leaf.grad is not None} - set(arrived.values())
             handed_on = set(arrived.values())
             events = [(kind, uid, b) for kind, uid, b in events
-                      if kind == "release_out" or uid not in copies and not (kind == "free" and uid in handed_on)]
+                      if kind in ("release_out", "release_in") or uid not in copies and not (kind == "free" and uid in handed_on)]
         if cost.opaque or segment:
             # the stand-in gradients are the incoming ones, already live: drop their
             # allocation, and turn their free into a release of that gradient slot
@@ -550,6 +580,18 @@ class _Profiler(OpaqueLeaves):
             nodes=self.costs, outputs=outputs, sizes=sizes, example_batch=self.example_batch,
             input_shapes=_shapes(self.inputs), opaque=tuple(sorted(self.opaque)),
         )
+
+
+class _Token:
+    """What a checkpoint's saved inputs are packed with (weakly referenceable)."""
+
+
+def _unpack(t):
+    return t
+
+
+def _unpack_held(packed):
+    return packed[1]
 
 
 def _own_events(events, earlier) -> list:

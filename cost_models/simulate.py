@@ -13,6 +13,7 @@ consumers count once.
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass
 
@@ -43,16 +44,20 @@ class Simulation:
         return [(label[start], label[end]) for start, end in self.lifetimes.get(node, [])]
 
 
-def window_peak(events, size: dict[int, int], released=lambda index: 0, let_go=lambda index: 0) -> tuple[int, int]:
+def window_peak(events, size: dict[int, int], released=lambda index: 0, let_go=lambda index: 0,
+                let_in=lambda: 0) -> tuple[int, int]:
     """(highest, final) bytes above the start over one node's events; `released(k)` says
     how many bytes dropping the gradient of output k frees, `let_go(k)` how many the
-    node's letting go of output k frees."""
+    node's letting go of output k frees, `let_in()` how many its letting go of its
+    inputs frees."""
     current = highest = 0
     for kind, uid, _ in events:
         if kind == "release_grad":
             current -= released(uid)
         elif kind == "release_out":
             current -= let_go(uid)
+        elif kind == "release_in":
+            current -= let_in()
         else:
             current += size[uid] if kind == "alloc" else -size[uid]
         highest = max(highest, current)
@@ -88,18 +93,24 @@ class _Replay:
         """The highest live bytes during each step so far (at least what is live after it)."""
         return [max(live, self.highest[k] if k < len(self.highest) else 0) for k, (_, live) in enumerate(self.timeline)]
 
-    def window(self, events, where: str, slot=None, own=None) -> None:
+    def window(self, events, where: str, slot=None, own=None, inputs=()) -> None:
         """`check` the highest point of one node's events; `slot(k)` is the storage of
         the gradient of its output k (released by a "release_grad" event where nothing
-        else holds it), `own(k)` the storage of its output k (let go by a "release_out")."""
+        else holds it), `own(k)` the storage of its output k (let go by a "release_out"),
+        `inputs` the storages of the inputs it holds (let go by a "release_in")."""
         released = (lambda k: 0) if slot is None else (lambda k: self.releasable(slot(k)))
         let_go = (lambda k: 0) if own is None else (lambda k: self.releasable(own(k)))
-        highest, _ = window_peak(events, self.size, released, let_go)
+        highest, _ = window_peak(events, self.size, released, let_go, lambda: sum(map(self.size.get, self.freed_by(inputs))))
         self.check(self.live + highest, where)
 
     def releasable(self, uid: int | None) -> int:
         """The bytes dropping one hold of `uid` frees: its size if that is the last hold."""
         return self.size[uid] if uid is not None and self.refs.get(uid) == 1 else 0
+
+    def freed_by(self, holds) -> list[int]:
+        """The storages that dropping `holds` (one hold each, a storage may repeat) frees."""
+        counts = collections.Counter(uid for uid in holds if uid is not None)
+        return [uid for uid, count in counts.items() if self.refs.get(uid) == count]
 
     def hold(self, uid: int | None, owner: str | None = None) -> None:
         if uid is not None:
@@ -175,8 +186,9 @@ class _Replay:
             if not node.has_backward:
                 continue
             events = self.summed_inside(node, slots) if node.many_ops else node.bwd_events
+            held = [self.storage.get(e) for e in node.held_inputs()] if node.many_ops else []
             self.window(events, f"backward {node.label}", lambda k, name=node.name: slots.get((name, k)),
-                        lambda k, name=node.name: self.storage.get((name, k)))
+                        lambda k, name=node.name: self.storage.get((name, k)), held)
             allocated = [uid for kind, uid, _ in node.bwd_events if kind == "alloc"]
             freed = {uid for kind, uid, _ in node.bwd_events if kind == "free"}
             for uid in allocated:
@@ -231,7 +243,7 @@ class _Replay:
             while index < len(events) and events[index][0] == "alloc":
                 born.add(events[index][1])
                 index += 1
-            while index < len(events) and events[index][0] != "alloc" and events[index][1] not in born:
+            while index < len(events) and events[index][0] != "alloc" and (events[index][0] != "free" or events[index][1] not in born):
                 index += 1
             if index == len(events):  # the node's last op: summed as it ends, as `accumulate` does
                 continue
