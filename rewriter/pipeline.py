@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import math
 import re
@@ -1101,7 +1102,7 @@ def optimize(
 def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
     """Rewrite `model` as a stored `plan` says, without solving again."""
     check_trainable(model)
-    captured = capture(model, plan.opaque, plan.absent)
+    captured = capture(model, plan.opaque, plan.absent, _inputs_shaped_as(model, plan))
     decisions = plan.decisions or _legacy_decisions(captured, plan)
     try:
         rewritten = _rewritten(captured.gm, decisions, model, captured.eval_gm)
@@ -1109,6 +1110,16 @@ def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
         raise InputError(f"{error}; was the plan made for another model?") from None
     rewritten.plan = plan
     return rewritten
+
+
+def _inputs_shaped_as(model: nn.Module, plan: Plan) -> tuple | None:
+    """Inputs of the plan's shapes (float32, on the meta device) for a forward that
+    branches on sizes; None where the plan's shapes do not give each of forward's inputs."""
+    names = list(inspect.signature(model.forward).parameters)
+    if len(names) - len([n for n in names if n in plan.absent]) != len(plan.input_shapes):
+        return None
+    shapes = iter(plan.input_shapes)
+    return tuple(None if n in plan.absent else torch.empty(next(shapes), device="meta") for n in names)
 
 
 def _rewritten(gm: fx.GraphModule, decisions, model: nn.Module, eval_gm: fx.GraphModule | None) -> fx.GraphModule:

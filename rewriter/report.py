@@ -53,7 +53,7 @@ def captured_and_profiled(model: nn.Module, inputs: tuple, loss_fn: Callable, ov
     absent = absent_inputs(model, inputs)
     while True:
         with clock("capture") if clock else contextlib.nullcontext():
-            captured = capture(model, opaque, absent)
+            captured = capture(model, opaque, absent, inputs)
         try:
             return captured, profile_model_graph(model, captured.gm, inputs, loss_fn, captured.opaque,
                                                  captured.held_until, over_batch)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import types
 
 import torch
@@ -32,6 +33,7 @@ from torch.utils._pytree import tree_flatten
 from rewriter.passes.recompute import RecomputeSegment, adopt_structure
 from rewriter.passes.row_split_ops import tiled_chain
 from rewriter.errors import CaptureError, InputError
+from rewriter.example_values import ExampleValues, UnknownValue
 
 __all__ = ["capture", "Captured", "with_eval_path"]
 
@@ -80,6 +82,34 @@ class _ModuleTracer(fx.Tracer):
         for value in tree_flatten((args, kwargs))[0]:
             if isinstance(value, fx.Proxy) and last is not None and value.node is not last:
                 self.held_until[value.node.name] = last.name
+
+
+class _BranchingTracer(_ModuleTracer):
+    """A tracer for a forward that branches on sizes (`if x.shape[-1] % 32:`): each
+    traced value also takes its value on fake example inputs, a branch is taken as those
+    inputs take it, and the graph asserts the condition it took (`torch._assert`), so
+    that inputs which would take the other branch stop with an error instead of
+    running the wrong code. A branch on tensor data is still untraceable."""
+
+    def __init__(self, opaque: frozenset[str], root: nn.Module, inputs: list):
+        super().__init__(opaque)
+        self.values = ExampleValues(root, inputs)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        self.values.record(proxy.node)
+        return proxy
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        try:
+            taken = self.values.truth(obj.node)
+        except UnknownValue as unknown:
+            raise fx.proxy.TraceError(f"the forward branches on a value the input sizes do not give: {unknown}") from None
+        condition = obj if taken else self.create_proxy("call_function", operator.not_, (obj,), {})
+        message = (f"the model was captured for inputs on which `{obj.node.name}` is {taken} (a branch of its "
+                   "forward); these inputs take the other branch: optimize the model for them")
+        self.create_proxy("call_function", torch._assert, (condition, message), {})
+        return taken
 
 
 @contextlib.contextmanager
@@ -131,11 +161,13 @@ def with_eval_path(module: fx.GraphModule, eval_gm: fx.GraphModule | None) -> fx
     return module
 
 
-def _eval_graph(model: nn.Module, opaque: tuple[str, ...], absent: tuple[str, ...], graph: fx.Graph) -> fx.GraphModule | None:
+def _eval_graph(model: nn.Module, opaque: tuple[str, ...], absent: tuple[str, ...], graph: fx.Graph,
+                inputs: list | None) -> fx.GraphModule | None:
     """`model` traced with every module in eval mode (put back after), where that graph's
-    code differs from `graph`'s; None where it does not, or cannot be traced (logged)."""
+    code differs from `graph`'s; None where it does not, or cannot be traced (logged).
+    `inputs`: the example inputs a branching forward was traced on (None: not branching)."""
     modes = [(m, m.training) for m in model.modules()]
-    tracer = _ModuleTracer(frozenset(opaque))
+    tracer = _tracer(frozenset(opaque), model, inputs)
     try:
         for module, _ in modes:
             module.training = False
@@ -153,20 +185,34 @@ def _eval_graph(model: nn.Module, opaque: tuple[str, ...], absent: tuple[str, ..
     return adopt_structure(fx.GraphModule(tracer.root, traced, class_name=type(model).__name__), model)
 
 
-def capture(model: nn.Module, opaque: tuple[str, ...] = (), absent: tuple[str, ...] = ()) -> Captured:
+def _tracer(opaque: frozenset[str], model: nn.Module, inputs: list | None) -> _ModuleTracer:
+    return _ModuleTracer(opaque) if inputs is None else _BranchingTracer(opaque, model, inputs)
+
+
+def capture(model: nn.Module, opaque: tuple[str, ...] = (), absent: tuple[str, ...] = (),
+            inputs: tuple | None = None) -> Captured:
     """Trace `model` into a GraphModule, making untraceable submodules opaque leaves, and
     the modules named in `opaque` (paths) too. `absent`: forward's parameters given as
-    None, traced as None (`if mask is None` takes its branch; the graph asserts None)."""
+    None, traced as None (`if mask is None` takes its branch; the graph asserts None).
+    `inputs` (forward's arguments, None where absent): where the model's own forward
+    branches on sizes, it is traced again taking the branches these inputs take, and
+    the graph asserts them (`_BranchingTracer`)."""
     if not isinstance(model, nn.Module):
         raise InputError(f"model={type(model).__name__} is not a torch.nn.Module; pass the model object")
     opaque: list[str] = list(opaque)
-    for _ in range(sum(1 for _ in model.modules()) + 1):
-        tracer = _ModuleTracer(frozenset(opaque))
+    branching: list | None = None  # the example inputs, once the plain trace of forward failed
+    for _ in range(sum(1 for _ in model.modules()) + 2):
+        tracer = _tracer(frozenset(opaque), model, branching)
         try:
             with _traced_values_as_tensors():
                 graph = tracer.trace(model, concrete_args=dict.fromkeys(absent) or None)
         except Exception as error:
             failed = tracer.failed_in
+            if not failed and branching is None and inputs is not None:
+                log.info("%s's own forward() is not symbolically traceable (%s: %s); tracing it on the example "
+                         "inputs' sizes", type(model).__name__, type(error).__name__, error)
+                branching = list(inputs)
+                continue
             if not failed:
                 raise CaptureError(
                     f"cannot capture {type(model).__name__}: its own forward() is not symbolically "
@@ -182,5 +228,6 @@ def capture(model: nn.Module, opaque: tuple[str, ...] = (), absent: tuple[str, .
             opaque.append(name)
             continue
         gm = adopt_structure(fx.GraphModule(tracer.root, graph, class_name=type(model).__name__), model)
-        return Captured(gm, tuple(opaque), tracer.held_until, _eval_graph(model, tuple(opaque), absent, graph), absent)
+        eval_gm = _eval_graph(model, tuple(opaque), absent, graph, branching)
+        return Captured(gm, tuple(opaque), tracer.held_until, eval_gm, absent)
     raise CaptureError(f"cannot capture {type(model).__name__}: tracing did not converge")  # pragma: no cover

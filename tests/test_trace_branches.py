@@ -1,0 +1,82 @@
+"""A model whose own forward branches on sizes is traced on the example inputs' sizes,
+asserts the branches it took, and is optimized like any other."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rewriter
+from rewriter import CaptureError
+from rewriter.trace import capture
+from tests.test_optimize import assert_trains_like
+
+
+class PaddedToSixteen(nn.Module):
+    """Pads its input to a multiple of 16 where it is not one: a branch on sizes in its
+    own forward, which symbolic tracing cannot follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(*(layer for c_in in (3, 8, 8, 8) for layer in
+                                    (nn.Conv2d(c_in, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())))
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x, mask=None):
+        h, w = x.shape[-2:]
+        if h % 16 or w % 16:
+            x = F.pad(x, (0, -w % 16, 0, -h % 16))
+        y = self.body(x)
+        if mask is not None:
+            y = y * mask
+        return self.head(y)
+
+
+class BranchesOnData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x) if x.sum() > 0 else x
+
+
+def test_a_forward_branching_on_sizes_is_traced_on_the_inputs_sizes(unchanged):
+    torch.manual_seed(0)
+    model, x = PaddedToSixteen().train(), torch.randn(2, 3, 30, 30)
+    snapshot, assert_unchanged = unchanged
+    before = snapshot(model)
+    with pytest.raises(CaptureError, match="PaddedToSixteen"):
+        capture(model)  # without example inputs: refused, as before
+    captured = capture(model, absent=("mask",), inputs=(x, None))
+    assert_unchanged(model, before)
+    torch.manual_seed(1)
+    expected = model(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(captured.gm(x), expected)
+    # 32x32 needs no padding: the other branch, which the graph did not trace
+    with pytest.raises(AssertionError, match="captured for inputs on which .* is True"):
+        captured.gm(torch.randn(2, 3, 32, 32))
+
+
+def test_a_forward_branching_on_sizes_is_optimized_exactly():
+    torch.manual_seed(0)
+    model, x = PaddedToSixteen().train(), torch.randn(2, 3, 30, 30)
+    reference = copy.deepcopy(model)
+    eager = rewriter.measure_peak(model, x)
+    optimized = rewriter.optimize(model, int(0.6 * eager), x, strategies="recompute")
+    assert any(n.strategy != "keep" for n in optimized.plan.nodes)
+    assert rewriter.measure_peak(optimized, x) == optimized.plan.predicted_peak_bytes <= 0.6 * eager
+    assert_trains_like(reference, model, optimized, x)
+    again = rewriter.apply_plan(model, optimized.plan)  # retraced at the plan's input shapes
+    for p in model.parameters():
+        p.grad = None
+    reference = copy.deepcopy(model)
+    assert_trains_like(reference, model, again, x)
+
+
+def test_a_forward_branching_on_data_is_refused_with_the_reason():
+    with pytest.raises(CaptureError, match="BranchesOnData.*input sizes do not give"):
+        capture(BranchesOnData(), inputs=(torch.randn(1, 3, 4, 4),))
