@@ -171,16 +171,17 @@ class _Profiler(OpaqueLeaves):
         (args, kwargs), leaves = self._isolate((args, kwargs), element_of, id(written) if written is not None else None)
         saved: list[int] = []
 
-        def pack(t):  # PyTorch keeps this hook as long as the saved tensor: hold no tensor here
-            saved.append(storage_key(t))
-            return t
-
-        unpack = _unpack
         if node.op == "call_module" and hasattr(self.gm.get_submodule(node.target), "checkpointed_code"):
             # the only tensors saved under this hook are the checkpoint's inputs (its own
             # hooks take its ops'), kept by its frame: they go when the frame goes, as
             # the last op that saved a tensor for its rerun ends its backward
             pack, unpack = self._frame_hooks(node.name, saved)
+        else:
+            def pack(t):  # PyTorch keeps this hook as long as the saved tensor: hold no tensor here
+                saved.append(storage_key(t))
+                return t
+
+            unpack = _unpack
 
         prepared = self._prepare_opaque(node, args, kwargs) if opaque else None
         self.tracker.poll()

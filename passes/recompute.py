@@ -359,11 +359,30 @@ def _rerun_inputs(run: list[fx.Node], start: int, mutated_at: dict[fx.Node, list
     return outside
 
 
+def input_sizes(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes that compute from the sizes of the graph's inputs alone (`h, w =
+    x.shape[-2:]`, arithmetic on them, assertions of them): no memory, and any segment
+    may read them from outside, wherever they sit (torchvision's segmentation models
+    read the input's size at the start and upsample to it at the end)."""
+    found: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        inputs = n.all_input_nodes
+        if n.op != "call_function" or not inputs:
+            continue
+        if n.target is getattr and n.args[1] == "shape" and inputs[0].op == "placeholder":
+            found.add(n)
+        elif (n.target is torch._assert or getattr(n.target, "__module__", None) in ("_operator", "operator")) \
+                and all(a in found for a in inputs):
+            found.add(n)
+    return found
+
+
 def _order(gm: fx.GraphModule):
-    """The compute nodes in order, each one's position, the position of its last use
-    (past the end: used by the output), and the positions that change its memory in
-    place (directly, or through identities and views of it)."""
-    nodes = [n for n in gm.graph.nodes if n.op in _COMPUTE]
+    """The compute nodes in order (less `input_sizes`), each one's position, the
+    position of its last use (past the end: used by the output), and the positions that
+    change its memory in place (directly, or through identities and views of it)."""
+    sizes = input_sizes(gm)
+    nodes = [n for n in gm.graph.nodes if n.op in _COMPUTE and n not in sizes]
     position = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max([position.get(u, len(nodes)) for u in n.users] or [position[n]]) for n in nodes}
     mutated_at: dict[fx.Node, list[int]] = {}

@@ -15,8 +15,9 @@ from tests.test_optimize import assert_trains_like
 
 
 class PaddedToSixteen(nn.Module):
-    """Pads its input to a multiple of 16 where it is not one: a branch on sizes in its
-    own forward, which symbolic tracing cannot follow."""
+    """Pads its input to a multiple of 16 where it is not one, and crops back to the
+    input's size: a branch on sizes in its own forward, which symbolic tracing cannot
+    follow, and sizes read at the start and used at the end."""
 
     def __init__(self):
         super().__init__()
@@ -31,7 +32,7 @@ class PaddedToSixteen(nn.Module):
         y = self.body(x)
         if mask is not None:
             y = y * mask
-        return self.head(y)
+        return self.head(y)[..., :h, :w]
 
 
 class BranchesOnData(nn.Module):
@@ -80,3 +81,29 @@ def test_a_forward_branching_on_sizes_is_optimized_exactly():
 def test_a_forward_branching_on_data_is_refused_with_the_reason():
     with pytest.raises(CaptureError, match="BranchesOnData.*input sizes do not give"):
         capture(BranchesOnData(), inputs=(torch.randn(1, 3, 4, 4),))
+
+
+class UpsampledToInput(nn.Module):
+    """torchvision's segmentation models: the input's size read first, the logits
+    upsampled to it last."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(*(layer for c_in in (3, 8, 8, 8) for layer in
+                                        (nn.Conv2d(c_in, 8, 3, stride=2 if c_in == 3 else 1, padding=1),
+                                         nn.BatchNorm2d(8), nn.ReLU())))
+        self.classifier = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        return F.interpolate(self.classifier(self.backbone(x)), size=size, mode="bilinear", align_corners=False)
+
+
+def test_sizes_of_the_input_used_at_the_end_leave_recompute_its_segments():
+    torch.manual_seed(0)
+    model, x = UpsampledToInput().train(), torch.randn(2, 3, 32, 32)
+    reference = copy.deepcopy(model)
+    eager = rewriter.measure_peak(model, x)
+    optimized = rewriter.optimize(model, int(0.5 * eager), x, strategies="recompute")
+    assert rewriter.measure_peak(optimized, x) == optimized.plan.predicted_peak_bytes <= 0.5 * eager
+    assert_trains_like(reference, model, optimized, x)
