@@ -86,6 +86,7 @@ class _Profiler(OpaqueLeaves):
         self.fake_of: dict[int, torch.Tensor] = {}
         self.costs: list[NodeCost] = []
         self._in_backward: str | None = None  # the node whose backward runs now
+        self._aliases: dict[tuple[str, int], tuple[str, int]] = {}  # element -> the value it is
 
     # ---- fake copies of parameters, buffers and inputs -------------------------------
     def _fake_state(self) -> None:
@@ -116,8 +117,9 @@ class _Profiler(OpaqueLeaves):
                 return t
             element = element_of[id(t)]
             if element not in leaves:
-                if id(t) == written and t.requires_grad and t._is_view():
-                    leaf, used = self._view_leaf(t, element)
+                shaped = self._as_written_view(t, element) if id(t) == written and t.requires_grad else None
+                if shaped is not None:
+                    leaf, used = self._view_leaf(shaped, element)
                 else:
                     leaf = t.detach().requires_grad_(t.requires_grad)
                     # a clone lets in-place ops run on an input that requires grad
@@ -127,6 +129,18 @@ class _Profiler(OpaqueLeaves):
             return leaves[element][1]
 
         return tree_map(isolate, structure), leaves
+
+    def _as_written_view(self, t: torch.Tensor, element: tuple[str, int]) -> torch.Tensor | None:
+        """The view an input written in place is in the graph: `t` itself, or the value it
+        is an alias of (a p=0 dropout hands on its input, InstanceNorm's view in MONAI's
+        ADN blocks, where the profile's own run made a copy); None where it is no view."""
+        if t._is_view():
+            return t
+        source = self._aliases.get(element)
+        value = self.elements[source[0]][source[1]] if source is not None else None
+        if value is not None and value._is_view() and value.shape == t.shape and value.stride() == t.stride():
+            return value
+        return None
 
     def _view_leaf(self, t: torch.Tensor, element: tuple[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """A leaf for a view that the node changes in place: autograd then runs the op's
@@ -215,6 +229,9 @@ class _Profiler(OpaqueLeaves):
                 if outputs[k][0] == "new":
                     self.owner[storage_key(t)] = (node.name, k)
         self._set_value(node.name, out)
+        for k, ref in enumerate(outputs):  # an output that is another value, as the graph's run has it
+            if ref[0] == "value":
+                self._aliases[(node.name, k)] = self._aliases.get(ref[1:], ref[1:])
         out_uids = {r[1] for r in outputs if r[0] == "new"}
         internal = tuple(sorted(new_uids - freed - out_uids))
         if node.op == "call_module" and hasattr(self.gm.get_submodule(node.target), "checkpointed_code"):

@@ -100,6 +100,16 @@ class _BranchingTracer(_ModuleTracer):
         self.values.record(proxy.node)
         return proxy
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _SizedProxy(node, self)
+
+    def length(self, obj: fx.Proxy) -> int:
+        """`len` of a traced size or sequence (a tensor's, its batch, stays untraceable)."""
+        value = self.values.values.get(obj.node)
+        if value is None or isinstance(value, torch.Tensor) or not hasattr(value, "__len__"):
+            raise fx.proxy.TraceError(f"len() of {obj.node.name}, whose length the input sizes do not give")
+        return len(value)
+
     def to_bool(self, obj: fx.Proxy) -> bool:
         try:
             taken = self.values.truth(obj.node)
@@ -110,6 +120,21 @@ class _BranchingTracer(_ModuleTracer):
                    "forward); these inputs take the other branch: optimize the model for them")
         self.create_proxy("call_function", torch._assert, (condition, message), {})
         return taken
+
+
+class _SizedProxy(fx.Proxy):
+    """A traced value whose `len` its tracer answers (`len(x.shape)`: the rank)."""
+
+    def __len__(self) -> int:
+        return self.tracer.length(self)
+
+    def __getattr__(self, name: str) -> "_SizedAttribute":
+        return _SizedAttribute(self, name)
+
+
+class _SizedAttribute(fx.proxy.Attribute):
+    def __len__(self) -> int:
+        return self.tracer.length(self)
 
 
 @contextlib.contextmanager
@@ -194,13 +219,14 @@ def capture(model: nn.Module, opaque: tuple[str, ...] = (), absent: tuple[str, .
     """Trace `model` into a GraphModule, making untraceable submodules opaque leaves, and
     the modules named in `opaque` (paths) too. `absent`: forward's parameters given as
     None, traced as None (`if mask is None` takes its branch; the graph asserts None).
-    `inputs` (forward's arguments, None where absent): where the model's own forward
-    branches on sizes, it is traced again taking the branches these inputs take, and
-    the graph asserts them (`_BranchingTracer`)."""
+    `inputs` (forward's arguments, None where absent): where tracing fails, the model
+    is traced again taking the branches on sizes that these inputs take, and the graph
+    asserts them (`_BranchingTracer`); only what that cannot follow either is an opaque
+    leaf (or, the model's own forward, an error)."""
     if not isinstance(model, nn.Module):
         raise InputError(f"model={type(model).__name__} is not a torch.nn.Module; pass the model object")
     opaque: list[str] = list(opaque)
-    branching: list | None = None  # the example inputs, once the plain trace of forward failed
+    branching: list | None = None  # the example inputs, once a plain trace failed
     for _ in range(sum(1 for _ in model.modules()) + 2):
         tracer = _tracer(frozenset(opaque), model, branching)
         try:
@@ -208,9 +234,10 @@ def capture(model: nn.Module, opaque: tuple[str, ...] = (), absent: tuple[str, .
                 graph = tracer.trace(model, concrete_args=dict.fromkeys(absent) or None)
         except Exception as error:
             failed = tracer.failed_in
-            if not failed and branching is None and inputs is not None:
-                log.info("%s's own forward() is not symbolically traceable (%s: %s); tracing it on the example "
-                         "inputs' sizes", type(model).__name__, type(error).__name__, error)
+            if branching is None and inputs is not None:
+                log.info("%s is not symbolically traceable (%s: %s); tracing again on the example inputs' sizes",
+                         repr(failed[-1]) if failed else f"{type(model).__name__}'s own forward()",
+                         type(error).__name__, error)
                 branching = list(inputs)
                 continue
             if not failed:

@@ -195,21 +195,24 @@ def test_a_layer_scale_parameter_is_profiled_and_trained_like_eager():
     assert_trains_like(reference, model, optimized, x)
 
 
-def _norms_then_in_place(norm: type) -> nn.Module:
+def _norms_then_in_place(norm: type, dropout: bool = False) -> nn.Module:
     layers = [nn.Conv2d(32, 32, 3, padding=1)]
     for _ in range(4):
-        layers += [norm(32, affine=True), nn.LeakyReLU(0.01, inplace=True), nn.Conv2d(32, 32, 3, padding=1)]
+        layers += [norm(32, affine=True), *([nn.Dropout(0.0)] if dropout else []), nn.LeakyReLU(0.01, inplace=True),
+                   nn.Conv2d(32, 32, 3, padding=1)]
     return nn.Sequential(*layers)
 
 
-@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("norm", ["instance", "batch", "instance, dropout"])
 def test_an_in_place_op_on_a_view_is_predicted_to_the_byte(norm):
     # issue 21: InstanceNorm's output is a view of a batch norm over (1, N*C, H, W); an
     # in-place LeakyReLU after it backpropagates through CopySlices (a gradient of the
     # base and a copy of the slice), which MONAI's DynUNet does at every block: it was
-    # predicted 2 MiB (two 1 MiB maps) under the measured peak, 9% low on DynUNet
+    # predicted 2 MiB (two 1 MiB maps) under the measured peak, 9% low on DynUNet. With a
+    # p=0 dropout between them (MONAI's ADN blocks, BasicUNet), which hands the view on,
+    # the profile's own run had made the dropout's input a copy: 2 MiB low again
     torch.manual_seed(0)
-    model = _norms_then_in_place(nn.InstanceNorm2d if norm == "instance" else nn.BatchNorm2d)
+    model = _norms_then_in_place(nn.BatchNorm2d if norm == "batch" else nn.InstanceNorm2d, "dropout" in norm)
     x = torch.randn(2, 32, 64, 64)  # each map 1 MiB
     measured = rewriter.measure_peak(model, x)
     assert rewriter.explain(model, x).predicted_peak_bytes == measured
