@@ -107,3 +107,36 @@ def test_sizes_of_the_input_used_at_the_end_leave_recompute_its_segments():
     optimized = rewriter.optimize(model, int(0.5 * eager), x, strategies="recompute")
     assert rewriter.measure_peak(optimized, x) == optimized.plan.predicted_peak_bytes <= 0.5 * eager
     assert_trains_like(reference, model, optimized, x)
+
+
+class ScaledIfEnabled(nn.Module):
+    """Branches on a buffer of its own (a tensor attribute in a condition) and counts its
+    calls in place, as a module may."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.register_buffer("enabled", torch.tensor(True))
+        self.register_buffer("calls", torch.tensor(0))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        y = torch.relu(self.conv(x))
+        if self.enabled:
+            y = y * 2
+        return y
+
+
+def test_a_forward_branching_on_its_own_state_is_traced_on_that_state(unchanged):
+    torch.manual_seed(0)
+    model, x = ScaledIfEnabled().train(), torch.randn(2, 3, 16, 16)
+    snapshot, assert_unchanged = unchanged
+    before = snapshot(model)
+    captured = capture(model, inputs=(x,))
+    assert_unchanged(model, before)  # the count was not run for real while tracing
+    reference = copy.deepcopy(model)
+    torch.testing.assert_close(captured.gm(x), reference(x))
+    assert model.calls == reference.calls == 1  # the graph counts as the model does
+    model.enabled.fill_(False)
+    with pytest.raises(AssertionError, match="captured for inputs on which `enabled` is True"):
+        captured.gm(x)
