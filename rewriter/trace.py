@@ -25,9 +25,11 @@ import contextlib
 import logging
 import operator
 import types
+from typing import Any
 
 import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_flatten
 
 from rewriter.passes.recompute import RecomputeSegment, adopt_structure
@@ -110,6 +112,18 @@ class _BranchingTracer(_ModuleTracer):
             raise fx.proxy.TraceError(f"len() of {obj.node.name}, whose length the input sizes do not give")
         return len(value)
 
+    def concrete(self, obj: fx.Proxy, kind) -> Any:
+        """`kind(value)` of a traced number, the graph asserting it equals that value."""
+        value = self.values.values.get(obj.node)
+        if value is None or isinstance(value, FakeTensor):
+            raise fx.proxy.TraceError(f"{kind.__name__}() of {obj.node.name}, which the input sizes do not give")
+        number = kind(value)
+        equal = self.create_proxy("call_function", operator.eq, (obj, number), {})
+        message = (f"the model was captured for inputs on which `{obj.node.name}` is {number}; these inputs "
+                   "give another: optimize the model for them")
+        self.create_proxy("call_function", torch._assert, (equal, message), {})
+        return number
+
     def to_bool(self, obj: fx.Proxy) -> bool:
         try:
             taken = self.values.truth(obj.node)
@@ -122,19 +136,31 @@ class _BranchingTracer(_ModuleTracer):
         return taken
 
 
-class _SizedProxy(fx.Proxy):
-    """A traced value whose `len` its tracer answers (`len(x.shape)`: the rank)."""
+class _Concrete:
+    """`len`, `int`, `float` and `operator.index` of a traced value, as its tracer
+    answers them (`len(x.shape)`: the rank; `int(np.prod(x.shape[1:]))`: a number the
+    graph then asserts)."""
 
     def __len__(self) -> int:
         return self.tracer.length(self)
 
+    def __int__(self) -> int:
+        return self.tracer.concrete(self, int)
+
+    def __index__(self) -> int:
+        return self.tracer.concrete(self, operator.index)
+
+    def __float__(self) -> float:
+        return self.tracer.concrete(self, float)
+
+
+class _SizedProxy(_Concrete, fx.Proxy):
     def __getattr__(self, name: str) -> "_SizedAttribute":
         return _SizedAttribute(self, name)
 
 
-class _SizedAttribute(fx.proxy.Attribute):
-    def __len__(self) -> int:
-        return self.tracer.length(self)
+class _SizedAttribute(_Concrete, fx.proxy.Attribute):
+    pass
 
 
 @contextlib.contextmanager

@@ -140,3 +140,27 @@ def test_a_forward_branching_on_its_own_state_is_traced_on_that_state(unchanged)
     model.enabled.fill_(False)
     with pytest.raises(AssertionError, match="captured for inputs on which `enabled` is True"):
         captured.gm(x)
+
+
+class FlattenedByCount(nn.Module):
+    """Counts its features with int(), as code written for eager does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        features = int(y.shape[1] * y.shape[2] * y.shape[3])
+        return self.fc(y.reshape(-1, features))
+
+
+def test_a_number_taken_from_sizes_is_asserted():
+    torch.manual_seed(0)
+    model, x = FlattenedByCount().train(), torch.randn(2, 3, 8, 8)
+    captured = capture(model, inputs=(x,))
+    other_batch = torch.randn(5, 3, 8, 8)  # the count holds for any batch
+    torch.testing.assert_close(captured.gm(other_batch), model(other_batch))
+    with pytest.raises(AssertionError, match="is 256"):
+        captured.gm(torch.randn(2, 3, 9, 9))
