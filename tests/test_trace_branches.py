@@ -62,15 +62,22 @@ def test_a_forward_branching_on_sizes_is_traced_on_the_inputs_sizes(unchanged):
         captured.gm(torch.randn(2, 3, 32, 32))
 
 
+def _fits_and_trains_like_eager(model: nn.Module, x: torch.Tensor, fraction: float) -> nn.Module:
+    """`model` optimized with recompute alone at `fraction` of its eager peak: something
+    rewritten, fitting as predicted to the byte, one step like eager's."""
+    reference = copy.deepcopy(model)
+    eager = rewriter.measure_peak(model, x)
+    optimized = rewriter.optimize(model, int(fraction * eager), x, strategies="recompute")
+    assert any(n.strategy != "keep" for n in optimized.plan.nodes)
+    assert rewriter.measure_peak(optimized, x) == optimized.plan.predicted_peak_bytes <= fraction * eager
+    assert_trains_like(reference, model, optimized, x)
+    return optimized
+
+
 def test_a_forward_branching_on_sizes_is_optimized_exactly():
     torch.manual_seed(0)
     model, x = PaddedToSixteen().train(), torch.randn(2, 3, 30, 30)
-    reference = copy.deepcopy(model)
-    eager = rewriter.measure_peak(model, x)
-    optimized = rewriter.optimize(model, int(0.6 * eager), x, strategies="recompute")
-    assert any(n.strategy != "keep" for n in optimized.plan.nodes)
-    assert rewriter.measure_peak(optimized, x) == optimized.plan.predicted_peak_bytes <= 0.6 * eager
-    assert_trains_like(reference, model, optimized, x)
+    optimized = _fits_and_trains_like_eager(model, x, 0.6)
     again = rewriter.apply_plan(model, optimized.plan)  # retraced at the plan's input shapes
     for p in model.parameters():
         p.grad = None
@@ -101,12 +108,7 @@ class UpsampledToInput(nn.Module):
 
 def test_sizes_of_the_input_used_at_the_end_leave_recompute_its_segments():
     torch.manual_seed(0)
-    model, x = UpsampledToInput().train(), torch.randn(2, 3, 32, 32)
-    reference = copy.deepcopy(model)
-    eager = rewriter.measure_peak(model, x)
-    optimized = rewriter.optimize(model, int(0.5 * eager), x, strategies="recompute")
-    assert rewriter.measure_peak(optimized, x) == optimized.plan.predicted_peak_bytes <= 0.5 * eager
-    assert_trains_like(reference, model, optimized, x)
+    _fits_and_trains_like_eager(UpsampledToInput().train(), torch.randn(2, 3, 32, 32), 0.5)
 
 
 class ScaledIfEnabled(nn.Module):
