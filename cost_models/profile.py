@@ -304,6 +304,8 @@ class _Profiler(OpaqueLeaves):
             state = {k: self.fake_of[id(t)] for k, t in _state_items(module)}
             return functional_call(module, state, args, kwargs)
         if node.op == "call_function":
+            if node.target is torch._assert:  # a traced branch's guard: on fake state its truth is unknown
+                return None
             modules = _module_args(node, self.gm)
             if modules:  # a compressed op reading its module's parameters: their fakes
                 with self._fake_model(*modules):

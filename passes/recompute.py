@@ -360,10 +360,12 @@ def _rerun_inputs(run: list[fx.Node], start: int, mutated_at: dict[fx.Node, list
 
 
 def input_sizes(gm: fx.GraphModule) -> set[fx.Node]:
-    """The nodes that compute from the sizes of the graph's inputs alone (`h, w =
-    x.shape[-2:]`, arithmetic on them, assertions of them): no memory, and any segment
-    may read them from outside, wherever they sit (torchvision's segmentation models
-    read the input's size at the start and upsample to it at the end)."""
+    """The nodes that compute from the sizes of the graph's inputs and the model's state
+    alone (`h, w = x.shape[-2:]`, arithmetic and comparisons on them, the assertions of
+    traced branches): no activation memory, and any segment may read them from outside,
+    wherever they sit (torchvision's segmentation models read the input's size at the
+    start and upsample to it at the end). None is ever rerun inside a checkpoint, where
+    an assertion of the state could not run on a profile's fake state."""
     found: set[fx.Node] = set()
     for n in gm.graph.nodes:
         inputs = n.all_input_nodes
@@ -372,7 +374,7 @@ def input_sizes(gm: fx.GraphModule) -> set[fx.Node]:
         if n.target is getattr and n.args[1] == "shape" and inputs[0].op == "placeholder":
             found.add(n)
         elif (n.target is torch._assert or getattr(n.target, "__module__", None) in ("_operator", "operator")) \
-                and all(a in found for a in inputs):
+                and all(a in found or a.op == "get_attr" for a in inputs):
             found.add(n)
     return found
 
