@@ -87,11 +87,12 @@ class _ModuleTracer(fx.Tracer):
 
 
 class _BranchingTracer(_ModuleTracer):
-    """A tracer for a forward that branches on sizes (`if x.shape[-1] % 32:`): each
-    traced value also takes its value on fake example inputs, a branch is taken as those
-    inputs take it, and the graph asserts the condition it took (`torch._assert`), so
-    that inputs which would take the other branch stop with an error instead of
-    running the wrong code. A branch on tensor data is still untraceable."""
+    """A tracer for a forward that branches on sizes (`if x.shape[-1] % 32:`) or on the
+    model's state (`if self.enabled:`): each traced value also takes its value on fake
+    example inputs (`ExampleValues`), a branch is taken as those inputs take it, and the
+    graph asserts the condition it took (`torch._assert`), so that inputs which would
+    take the other branch stop with an error instead of running the wrong code; `len`,
+    `int` and `float` of sizes likewise. A branch on the inputs' data stays untraceable."""
 
     def __init__(self, opaque: frozenset[str], root: nn.Module, inputs: list):
         super().__init__(opaque)
@@ -138,7 +139,7 @@ class _BranchingTracer(_ModuleTracer):
 
 class _Concrete:
     """`len`, `int`, `float` and `operator.index` of a traced value, as its tracer
-    answers them (`len(x.shape)`: the rank; `int(np.prod(x.shape[1:]))`: a number the
+    answers them (`len(x.shape)`: the rank; `int(x.shape[1] * x.shape[2])`: a number the
     graph then asserts)."""
 
     def __len__(self) -> int:
