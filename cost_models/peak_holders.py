@@ -45,7 +45,7 @@ class _Snapshots(_Replay):
             self.held = held if held is not None else {u: self.size[u] for u in self.refs}
         super().check(candidate, where)
 
-    def window(self, events, where: str, slot=None, own=None, inputs=()) -> None:
+    def window(self, events, where: str, slot=None, own=None, inputs=lambda: ()) -> None:
         current = highest = 0
         made: set[int] = set()  # this window's storages, alive at the point reached
         gone: set[int] = set()  # storages held before the window, freed by the point reached
@@ -58,7 +58,7 @@ class _Snapshots(_Replay):
                     current -= self.size[held]
                     gone.add(held)
             elif kind == "release_in":
-                for uid in set(self.freed_by(inputs)) - gone:
+                for uid in set(self.freed_by(inputs())) - gone:
                     current -= self.size[uid]
                     gone.add(uid)
             elif kind == "alloc":

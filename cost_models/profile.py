@@ -184,8 +184,9 @@ class _Profiler(OpaqueLeaves):
         written = self.values[first.name] if first is not None and not opaque and mutates_an_input(self.gm, node) else None
         (args, kwargs), leaves = self._isolate((args, kwargs), element_of, id(written) if written is not None else None)
         saved: list[int] = []
-
-        if node.op == "call_module" and hasattr(self.gm.get_submodule(node.target), "checkpointed_code"):
+        checkpoint = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        checkpoint = checkpoint if hasattr(checkpoint, "checkpointed_code") else None
+        if checkpoint is not None:
             # the only tensors saved under this hook are the checkpoint's inputs (its own
             # hooks take its ops'), kept by its frame: they go when the frame goes, as
             # the last op that saved a tensor for its rerun ends its backward
@@ -234,11 +235,11 @@ class _Profiler(OpaqueLeaves):
                 self._aliases[(node.name, k)] = self._aliases.get(ref[1:], ref[1:])
         out_uids = {r[1] for r in outputs if r[0] == "new"}
         internal = tuple(sorted(new_uids - freed - out_uids))
-        if node.op == "call_module" and hasattr(self.gm.get_submodule(node.target), "checkpointed_code"):
+        if checkpoint is not None:
             # a checkpoint keeps its inputs for the rerun, and a selective one the outputs
             # of the ops it keeps, its own output among them (its hooks hide both from ours)
             saved = [storage_key(t) for t in tensors_in((args, kwargs))]
-            if self.gm.get_submodule(node.target).keeps_output:
+            if checkpoint.keeps_output:
                 saved += [storage_key(t) for t in tensors_in(out)]
         saved_refs = []
         for key in saved:

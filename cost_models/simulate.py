@@ -93,14 +93,14 @@ class _Replay:
         """The highest live bytes during each step so far (at least what is live after it)."""
         return [max(live, self.highest[k] if k < len(self.highest) else 0) for k, (_, live) in enumerate(self.timeline)]
 
-    def window(self, events, where: str, slot=None, own=None, inputs=()) -> None:
+    def window(self, events, where: str, slot=None, own=None, inputs=lambda: ()) -> None:
         """`check` the highest point of one node's events; `slot(k)` is the storage of
         the gradient of its output k (released by a "release_grad" event where nothing
         else holds it), `own(k)` the storage of its output k (let go by a "release_out"),
-        `inputs` the storages of the inputs it holds (let go by a "release_in")."""
+        `inputs()` the storages of the inputs it holds (let go by a "release_in")."""
         released = (lambda k: 0) if slot is None else (lambda k: self.releasable(slot(k)))
         let_go = (lambda k: 0) if own is None else (lambda k: self.releasable(own(k)))
-        highest, _ = window_peak(events, self.size, released, let_go, lambda: sum(map(self.size.get, self.freed_by(inputs))))
+        highest, _ = window_peak(events, self.size, released, let_go, lambda: sum(map(self.size.get, self.freed_by(inputs()))))
         self.check(self.live + highest, where)
 
     def releasable(self, uid: int | None) -> int:
@@ -186,9 +186,9 @@ class _Replay:
             if not node.has_backward:
                 continue
             events = self.summed_inside(node, slots) if node.many_ops else node.bwd_events
-            held = [self.storage.get(e) for e in node.held_inputs()] if node.many_ops else []
             self.window(events, f"backward {node.label}", lambda k, name=node.name: slots.get((name, k)),
-                        lambda k, name=node.name: self.storage.get((name, k)), held)
+                        lambda k, name=node.name: self.storage.get((name, k)),
+                        lambda node=node: [self.storage.get(e) for e in node.held_inputs()])
             allocated = [uid for kind, uid, _ in node.bwd_events if kind == "alloc"]
             freed = {uid for kind, uid, _ in node.bwd_events if kind == "free"}
             for uid in allocated:

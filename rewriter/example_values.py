@@ -64,9 +64,7 @@ class ExampleValues:
 
     def truth(self, node: fx.Node) -> bool:
         """Whether `node`'s value is true on the example inputs."""
-        if node not in self.values:
-            raise UnknownValue(self.reasons.get(node, f"{node.name} has no value"))
-        value = self.values[node]
+        value = self.value(node)
         if isinstance(value, FakeTensor):
             raise UnknownValue(f"{node.name} is a tensor computed from the inputs: its truth is their data")
         try:
@@ -74,7 +72,8 @@ class ExampleValues:
         except RuntimeError as error:
             raise UnknownValue(f"{node.name} has no truth ({error})") from None
 
-    def _value(self, node: fx.Node) -> Any:
+    def value(self, node: fx.Node) -> Any:
+        """`node`'s value on the example inputs (UnknownValue, saying why, where none)."""
         if node not in self.values:
             raise UnknownValue(self.reasons.get(node, f"{node.name} has no value"))
         return self.values[node]
@@ -91,8 +90,8 @@ class ExampleValues:
                 for part in node.target.split("."):
                     value = getattr(value, part)
             return value
-        args = fx.node.map_arg(node.args, self._value)
-        kwargs = fx.node.map_arg(node.kwargs, self._value)
+        args = fx.node.map_arg(node.args, self.value)
+        kwargs = fx.node.map_arg(node.kwargs, self.value)
         from_inputs = any(isinstance(t, FakeTensor) for t in tree_flatten((args, kwargs))[0])
         if node.op == "call_module" or from_inputs or _in_place(node):
             args, kwargs = self._fake((args, kwargs))  # nothing of the model changes

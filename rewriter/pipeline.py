@@ -1116,7 +1116,7 @@ def _inputs_shaped_as(model: nn.Module, plan: Plan) -> tuple | None:
     """Inputs of the plan's shapes (float32, on the meta device) for a forward that
     branches on sizes; None where the plan's shapes do not give each of forward's inputs."""
     names = list(inspect.signature(model.forward).parameters)
-    if len(names) - len([n for n in names if n in plan.absent]) != len(plan.input_shapes):
+    if sum(n not in plan.absent for n in names) != len(plan.input_shapes):
         return None
     shapes = iter(plan.input_shapes)
     return tuple(None if n in plan.absent else torch.empty(next(shapes), device="meta") for n in names)

@@ -106,17 +106,23 @@ class _BranchingTracer(_ModuleTracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _SizedProxy(node, self)
 
+    def _known(self, obj: fx.Proxy, asked: str) -> Any:
+        try:
+            return self.values.value(obj.node)
+        except UnknownValue as unknown:
+            raise fx.proxy.TraceError(f"{asked} of {obj.node.name}, which the input sizes do not give: {unknown}") from None
+
     def length(self, obj: fx.Proxy) -> int:
         """`len` of a traced size or sequence (a tensor's, its batch, stays untraceable)."""
-        value = self.values.values.get(obj.node)
-        if value is None or isinstance(value, torch.Tensor) or not hasattr(value, "__len__"):
+        value = self._known(obj, "len()")
+        if isinstance(value, torch.Tensor) or not hasattr(value, "__len__"):
             raise fx.proxy.TraceError(f"len() of {obj.node.name}, whose length the input sizes do not give")
         return len(value)
 
     def concrete(self, obj: fx.Proxy, kind) -> Any:
         """`kind(value)` of a traced number, the graph asserting it equals that value."""
-        value = self.values.values.get(obj.node)
-        if value is None or isinstance(value, FakeTensor):
+        value = self._known(obj, f"{kind.__name__}()")
+        if isinstance(value, FakeTensor):
             raise fx.proxy.TraceError(f"{kind.__name__}() of {obj.node.name}, which the input sizes do not give")
         number = kind(value)
         equal = self.create_proxy("call_function", operator.eq, (obj, number), {})
