@@ -30,17 +30,21 @@ def test_captured_graph_computes_what_the_model_computes():
     torch.testing.assert_close(capture(model).gm(x), model(x))
 
 
+class TopLevelBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x) if x.sum() > 0 else x
+
+
 def test_untraceable_top_level_is_an_error_naming_it():
-    class TopLevelBranch(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 1)
-
-        def forward(self, x):
-            return self.conv(x) if x.sum() > 0 else x
-
     with pytest.raises(CaptureError, match="TopLevelBranch.*submodule"):
         capture(TopLevelBranch())
+    # with example inputs too: a branch on their data is one their sizes do not give
+    with pytest.raises(CaptureError, match="TopLevelBranch.*input sizes do not give"):
+        capture(TopLevelBranch(), inputs=(torch.randn(1, 3, 4, 4),))
 
 
 def test_capture_needs_a_module():
