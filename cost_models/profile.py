@@ -34,6 +34,7 @@ from rewriter.cost_models.kernel_storage import storage_bytes
 from rewriter.cost_models.node_costs import BATCH, Costs, NodeCost
 from rewriter.cost_models.opaque_leaves import OpaqueLeaves, _GradientSource, _state_items
 from rewriter.cost_models.storage_tracker import StorageTracker, storage_key, tensors_in
+from rewriter.passes import accumulate_ops
 from rewriter.phases import Progress
 
 __all__ = ["profile_graph", "ProfileError", "UnreplayableOp"]
@@ -388,8 +389,10 @@ class _Profiler(OpaqueLeaves):
         targets = [(e, leaf) for e, (leaf, _) in leaves.items() if leaf.requires_grad]
         params = [] if cost.opaque else self._params_of(cost.name)
         # a node of many ops frees its incoming gradient after its first op: feed it
-        # through a gradient source that the harness does not hold (see _GradientSource)
-        segment = self._is_segment(cost.name)
+        # through a gradient source that the harness does not hold (see _GradientSource);
+        # so does a node that adds its weight's gradient into .grad (it must see the
+        # engine accumulate: a backward over its inputs, not torch.autograd.grad)
+        segment = self._is_segment(cost.name) or self._into_grad(cost.name)
         # the incoming gradients' layouts (None: contiguous), by output index
         layout = {k: None if g is None or g.is_contiguous() else tuple(g.stride()) for k, g in zip(indices, grad_outs)}
         if cost.opaque:
@@ -421,7 +424,9 @@ class _Profiler(OpaqueLeaves):
                     return hook
 
                 handles = [leaf.register_hook(capture(e)) for e, leaf in targets]
-                module = self.gm.get_submodule(self._node[cost.name].target)
+                node = self._node[cost.name]
+                module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+                codes = module.codes() if module is not None else _module_args(node, self.gm)
 
                 def rerun_ended(segment):  # a selective checkpoint's cache of the output goes (held here)
                     if segment is module:
@@ -433,7 +438,7 @@ class _Profiler(OpaqueLeaves):
                 observers.append(rerun_ended)
                 self._in_backward = cost.name
                 try:
-                    with self._fake_model(*module.codes()):  # a checkpoint's rerun, a chain's inverse: on the fake state too
+                    with self._fake_model(*codes):  # a checkpoint's rerun, a chain's inverse: on the fake state too
                         torch.autograd.backward(source, seed, inputs=[leaf for _, leaf in targets] + params)
                 finally:
                     observers.remove(rerun_ended)
@@ -514,6 +519,11 @@ class _Profiler(OpaqueLeaves):
             for module, state in states:
                 stack.enter_context(_reparametrize_module(module, state))
             yield
+
+    def _into_grad(self, name: str) -> bool:
+        """A node that adds its weight's gradient into `.grad` (passes.accumulate_ops)."""
+        node = self._node.get(name)
+        return node is not None and node.op == "call_function" and node.target in _INTO_GRAD
 
     def _is_segment(self, name: str) -> bool:
         """A node of many ops (a recomputed segment, an invert chain)."""
@@ -601,6 +611,9 @@ class _Profiler(OpaqueLeaves):
             nodes=self.costs, outputs=outputs, sizes=sizes, example_batch=self.example_batch,
             input_shapes=_shapes(self.inputs), opaque=tuple(sorted(self.opaque)),
         )
+
+
+_INTO_GRAD = (accumulate_ops.linear, accumulate_ops.conv)
 
 
 class _Token:

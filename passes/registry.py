@@ -30,7 +30,7 @@ from rewriter.solve import Choice
 
 __all__ = ["REGISTRY", "Candidate", "Decision", "Pricing", "compatible", "apply"]
 
-REGISTRY = ("recompute", "row_split", "invert", "compress")
+REGISTRY = ("accumulate", "recompute", "row_split", "invert", "compress")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from rewriter.passes import compressed_ops, row_split_ops
+from rewriter.passes import accumulate_ops, compressed_ops, row_split_ops
 from rewriter.passes.invert import InvertChain, Unit, _Step
 from rewriter.passes.recompute import RecomputeSegment
 from rewriter.errors import InputError
@@ -64,7 +64,7 @@ def _imports(globals_: dict) -> list[str]:
             lines.append(f"{name} = {value!r}")
         elif inspect.ismodule(value):
             lines.append(f"import {value.__name__} as {name}")
-        elif any(module == ops.__name__ and getattr(ops, qualname, None) is value for ops in (compressed_ops, row_split_ops)):
+        elif any(module == ops.__name__ and getattr(ops, qualname, None) is value for ops in (accumulate_ops, compressed_ops, row_split_ops)):
             short = module.rsplit(".", 1)[-1]
             lines.append(f"{name} = rewriter.export.{short}.{qualname}")  # saved code imports rewriter only
         elif module and qualname and "<" not in qualname and "." not in qualname:
@@ -207,8 +207,10 @@ def _call_targets(module: fx.GraphModule) -> set[str]:
     targets |= {n.target for n in module.graph.nodes
                 if n.op == "get_attr" and isinstance(operator.attrgetter(n.target)(module), nn.Module)}
     for child in module.children():
-        if isinstance(child, RecomputeSegment):
-            targets |= {n.target for n in child.checkpointed_code.graph.nodes if n.op == "call_module"}
+        if isinstance(child, RecomputeSegment):  # its calls, and the modules its ops are handed (get_attr)
+            code = child.checkpointed_code
+            targets |= {n.target for n in code.graph.nodes if n.op == "call_module"
+                        or n.op == "get_attr" and isinstance(operator.attrgetter(n.target)(code), nn.Module)}
         if isinstance(child, InvertChain):
             for step in child.steps:
                 targets |= _step_targets(step)

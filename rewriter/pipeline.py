@@ -21,7 +21,7 @@ from rewriter.cost_models.saved import saved_tensors
 from rewriter.cost_models.peak_holders import peak_holders
 from rewriter.cost_models.simulate import simulate
 from rewriter.cost_models.stage_costs import stage_costs
-from rewriter.passes import compress, invert, recompute, registry, row_split
+from rewriter.passes import accumulate, compress, invert, recompute, registry, row_split
 from rewriter.passes.compressed_ops import BITS
 from rewriter.device_memory import held_outside_activations
 from rewriter.errors import BudgetError, InputError
@@ -37,7 +37,7 @@ __all__ = ["optimize", "apply_plan", "parse_budget", "STRATEGIES", "AVAILABLE_ST
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("recompute", "invert", "compress", "row_split")
+STRATEGIES = ("recompute", "invert", "compress", "row_split", "accumulate")
 AVAILABLE_STRATEGIES = STRATEGIES  # the default; row-split is searched only where the others find no plan
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -110,7 +110,10 @@ class _Planner:
     """Everything `optimize` learns about one model and input signature."""
 
     def __init__(self, model: nn.Module, inputs: tuple, loss_fn: Callable, strategies: tuple[str, ...] = ("recompute",),
-                 lossy: Lossy = Lossy()):
+                 lossy: Lossy = Lossy(), budget: int | None = None):
+        """With "accumulate" among `strategies` and a `budget` under the eager peak, the
+        graph every plan builds on adds its large weight gradients into `.grad` in place
+        (passes.accumulate): `base` is that graph's profile, `eager` the model's."""
         self.model = model
         self.inputs = inputs
         self.loss_fn = loss_fn
@@ -121,9 +124,17 @@ class _Planner:
         self.absent = captured.absent
         self.eval_gm = captured.eval_gm
         self.opaque = captured.opaque
-        self.base = dataclasses.replace(self.eager, held_until={})  # as a GraphModule runs it
-        self.saved = saved_tensors(self.base)  # every storage the backward keeps, and who keeps it
         self.eager_peak = simulate(self.eager).peak_bytes
+        self.order = [n.name for n in self.gm.graph.nodes]
+        below = "accumulate" in strategies and budget is not None and budget < self.eager_peak
+        self.accumulated = accumulate.eligible(self.gm, self.eager, self.eager_peak) if below else {}  # node -> chunks
+        if self.accumulated:
+            with self.clock("profile", f"{len(self.accumulated)} weight gradients accumulated in place"):
+                self.base = profile_model_graph(model, accumulate.rewrite(self.gm, self.accumulated), inputs, loss_fn,
+                                                self.opaque, {})
+        else:
+            self.base = dataclasses.replace(self.eager, held_until={})  # as a GraphModule runs it
+        self.saved = saved_tensors(self.base)  # every storage the backward keeps, and who keeps it
         self.keep_all = keep_all_plan(self.base, simulate(self.base))
         self.granularity = "coarse"
         self.segments = self._segments("coarse") if "recompute" in strategies else []
@@ -551,8 +562,12 @@ class _Planner:
     def decisions(self, assignment: dict[str, str], spans: list[recompute.Segment] = ()) -> list[registry.Decision]:
         """What `assignment` (candidate key -> option) and `spans` (nested checkpoints
         around its segments) do, as a plan stores it."""
-        return ([self.offered[k].decision(v) for k, v in self.compatible(assignment).items()]
-                + [registry.Decision("recompute", recompute.SPAN, span.nodes) for span in spans])
+        chosen = [self.offered[k].decision(v) for k, v in self.compatible(assignment).items()]
+        # the large weight gradients into .grad, but where a rewrite computes them itself (a
+        # compressed or tiled convolution); a recomputed segment reruns the rewritten node
+        covered = {n for d in chosen if d.strategy != "recompute" for n in d.nodes}
+        into_grad = accumulate.decision({n: c for n, c in self.accumulated.items() if n not in covered}, self.order)
+        return into_grad + chosen + [registry.Decision("recompute", recompute.SPAN, span.nodes) for span in spans]
 
     def apply(self, assignment: dict[str, str], spans: list[recompute.Segment] = ()) -> fx.GraphModule:
         """The rewritten graph: segments recomputed (`spans` checkpointed around them),
@@ -585,6 +600,8 @@ class _Planner:
         for mode in _ROW_MODES:
             if self.tiled and assignment == {_ROWS + c.output: mode for c in self.tiled}:
                 known.append(self.tiled_profiles[(self.row_granularity, mode)])
+        if self.accumulated:  # those profiles are of the graph without weight gradients into .grad
+            known = []
         rewritten = known[0] if known and not spans else self._profile(gm, {}) if assignment or spans else self.base
         simulation = simulate(rewritten)
         by_output = {s.output: s for s in self.segments if s.output in assignment}
@@ -647,7 +664,7 @@ def _depth(spans: list[recompute.Segment]) -> int:
 
 def _optimize_for(model: nn.Module, budget: int, inputs: tuple, loss_fn: Callable, strategies: tuple[str, ...],
                   lossy: Lossy = Lossy()) -> fx.GraphModule:
-    planner = _Planner(model, inputs, loss_fn, strategies, lossy)
+    planner = _Planner(model, inputs, loss_fn, strategies, lossy, budget)
     try:
         return _plan_search(planner, budget, strategies, lossy)
     finally:
@@ -686,6 +703,8 @@ def _plan_search(planner: _Planner, budget: int, strategies: tuple[str, ...], lo
         gm, plan = planner.plan({}, budget, {})
         gm.plan = plan
         return gm
+    if planner.accumulated and simulate(planner.base).peak_bytes <= budget - _margin(budget) // 2:
+        return _chosen(*planner.plan({}, budget, {}), budget)  # weight gradients into .grad suffice: no time added
     found, lowest = [], []
     # every way of cutting segments is searched with the invert chains and compress
     # groups beside it, and the plan that adds the least time wins (DenseNet-BC: whole
@@ -975,9 +994,9 @@ def _solve_families(choices: list[Choice], peak: Callable, limit: int, descend: 
 
 def _chosen(gm: fx.GraphModule, plan: Plan, budget: int) -> fx.GraphModule:
     log.info("plan: %d segments recomputed, %d spans checkpointed around segments, %d chains inverted, %d nodes "
-             "compressed, %d chains row-split, predicted peak %s for budget %s", len(plan.segments), len(plan.spans),
-             len(plan.inverted), len(plan.compressed), len(plan.row_split), format_bytes(plan.predicted_peak_bytes),
-             format_bytes(budget))
+             "compressed, %d chains row-split, %d weight gradients into .grad, predicted peak %s for budget %s",
+             len(plan.segments), len(plan.spans), len(plan.inverted), len(plan.compressed), len(plan.row_split),
+             len(plan.accumulated), format_bytes(plan.predicted_peak_bytes), format_bytes(budget))
     gm.plan = plan
     return gm
 

@@ -156,6 +156,12 @@ class Plan:
             (d.output, d.detail[0], d.detail[2], d.detail[1]) for d in self._of("row_split"))
 
     @property
+    def accumulated(self) -> tuple[tuple[str, int], ...]:
+        """(node, slices) of each Linear or convolution that adds its weight's gradient
+        into `.grad` in place (passes.accumulate; slices of output channels, 1 for a Linear)."""
+        return tuple((n, chunks) for d in self._of("accumulate") for n, chunks in zip(d.nodes, d.detail))
+
+    @property
     def promised_peak_bytes(self) -> int:
         """The peak this plan stays within: its predicted peak, or with inverted chains
         the larger of that and the peak with every chain fallen back."""
@@ -248,11 +254,12 @@ class Plan:
         ]
         if self.opaque:
             lines.append(f"  opaque leaves (not rewritten inside): {', '.join(self.opaque)}")
-        if self.segments or self.spans or self.inverted or self.compressed or self.row_split:
+        if self.segments or self.spans or self.inverted or self.compressed or self.row_split or self.accumulated:
             added = sum(n.seconds_added for n in self.nodes)
             lines.append(f"  recomputed segments: {len(self.segments)}, checkpointed spans of segments: {len(self.spans)}, "
                          f"inverted chains: {len(self.inverted)}, "
                          f"compressed nodes: {len(self.compressed)}, row-split chains: {len(self.row_split)}, "
+                         f"weight gradients into .grad: {len(self.accumulated)}, "
                          f"est. seconds added per step {added:.4f}")
         for output, tiles, halo, axis in self.row_split:
             lines.append(f"  row-split chain ending at {self[output].label if output in self else output}: "

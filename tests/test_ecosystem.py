@@ -16,6 +16,7 @@ PLANS = {
     "recompute_nested": ("highres_fcn", "recompute", 0.45),
     "invert": ("bn_leaky_chain", "invert", 0.85),
     "compress": ("dropout", "compress", 0.8),
+    "accumulate": ("resnet18", "accumulate", 0.8),
 }
 
 
@@ -31,7 +32,7 @@ def _optimized(kind: str):
 def test_a_compiled_plan_trains_like_eager(kind):
     zoo, model, optimized, x = _optimized(kind)
     plan = optimized.plan
-    assert plan.segments or plan.spans or plan.inverted or plan.compressed
+    assert plan.segments or plan.spans or plan.inverted or plan.compressed or plan.accumulated
     if kind == "recompute_nested":
         assert plan.spans
     if kind == "recompute":
@@ -129,8 +130,11 @@ def _distributed_worker(rank: int, world: int, init: str, plan_json: str, kind: 
             model = zoo.test_model()
             module = model if label == "model" else rewriter.apply_plan(model, rewriter.Plan.from_json(plan_json))
             torch.manual_seed(7)
-            if wrap == "ddp":
-                DistributedDataParallel(module)(x).sum().backward()
+            if wrap == "ddp":  # gradients zeroed, not None: accumulate adds into them in place
+                ddp = DistributedDataParallel(module)
+                for p in ddp.parameters():
+                    p.grad = torch.zeros_like(p)
+                ddp(x).sum().backward()
             else:
                 from torch.distributed.fsdp import fully_shard
                 fully_shard(module)(x).sum().backward()
@@ -142,7 +146,7 @@ def _distributed_worker(rank: int, world: int, init: str, plan_json: str, kind: 
 
 
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("kind", ["recompute", "invert", "compress"])
+@pytest.mark.parametrize("kind", ["recompute", "invert", "compress", "accumulate"])
 def test_data_parallel_training_of_a_plan_averages_the_models_gradients(kind, wrap, tmp_path):
     import time
 

@@ -9,6 +9,7 @@ from torch import nn
 
 import rewriter
 from examples.zoo import ZOO
+from rewriter.pipeline import STRATEGIES
 
 
 @pytest.mark.parametrize("name", ["resnet18", "densenet_bc", "unet", "mobilenet_v2", "revnet", "highres_fcn"])
@@ -54,9 +55,11 @@ def test_a_peak_held_by_a_parameter_gradient_is_named_in_the_plan_and_the_error(
     assert plan.peak_at == "backward fc"
     assert plan.peak_held_by[0] == ("parameter gradient", "fc", (2048 * 1024 + 1024) * 4)  # weight and bias
     assert "held at the peak: parameter gradient 8.00 MiB" in str(plan)
+    without = tuple(s for s in STRATEGIES if s != "accumulate")
     with pytest.raises(rewriter.BudgetError) as caught:
-        rewriter.optimize(model, plan.predicted_peak_bytes // 2, x)
+        rewriter.optimize(model, plan.predicted_peak_bytes // 2, x, strategies=without)
     assert "are gradients, which no strategy rewrites (the largest: parameter gradient of fc, 8.00 MiB)" in str(caught.value)
+    assert "allow strategies ['accumulate']" in str(caught.value)
 
 
 def test_plans_written_before_peak_holders_still_load():

@@ -31,7 +31,7 @@ def test_the_earlier_strategy_keeps_a_shared_node():
 
 
 def test_a_candidate_names_a_registered_strategy_and_prices_each_option():
-    assert REGISTRY == ("recompute", "row_split", "invert", "compress")
+    assert REGISTRY == ("accumulate", "recompute", "row_split", "invert", "compress")
     with pytest.raises(ValueError, match="strategy='tile'"):
         Candidate("tile", "k", ("a",), "a", ("on",), (1.0,), (8,))
     with pytest.raises(ValueError, match="one price per option"):

@@ -1,0 +1,133 @@
+"""Linear and convolution layers whose weight gradient is added into `.grad` in place.
+
+Autograd computes a weight's gradient as a new tensor the size of the weight, and its
+AccumulateGrad then adds it into `.grad`: for one step, a second copy of the weight
+exists (VGG-11's 25088x4096 Linear: 392 MiB). These ops compute it straight into
+`.grad`: a Linear with one `addmm_`, a convolution in `chunks` slices of its output
+channels (one slice of the weight's gradient at a time). They hand AccumulateGrad a
+zero (expanded, no storage) in its place, so its hooks (a post-accumulate hook,
+DistributedDataParallel's reducer) still run, on a `.grad` that already holds the sum.
+
+They write into `.grad` only where autograd will accumulate into it
+(`torch._C._will_engine_execute_node`: never for `torch.autograd.grad`, or a backward
+whose `inputs=` leave the weight out), where no hook is registered on the weight
+itself (it would see the gradient before accumulation) and no graph of the backward
+is built (`create_graph=True`); else they return the gradient as autograd would.
+Under `torch.compile` or autocast they run the plain op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["linear", "conv", "KINDS"]
+
+_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+KINDS = (nn.Linear, *_CONVS)
+
+
+def _into_grad(weight: torch.Tensor) -> bool:
+    """Whether this backward may add the weight's gradient into `.grad` itself."""
+    if torch.is_grad_enabled() or not weight.is_leaf or weight._backward_hooks:
+        return False
+    grad = weight.grad
+    if grad is not None and (grad.is_sparse or grad.dtype != weight.dtype or grad.requires_grad):
+        return False
+    node = torch.autograd.graph.get_gradient_edge(weight).node
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:  # torch.autograd.grad(): it accumulates into no `.grad` (and says so only thus)
+        return False
+
+
+def _handed_over(weight: torch.Tensor) -> torch.Tensor:
+    """What AccumulateGrad gets for a gradient already added into `.grad`."""
+    return torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+
+
+def _plain() -> bool:
+    return torch.compiler.is_compiling() or torch.is_autocast_enabled()
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x)
+        ctx.weight = weight  # a leaf (a parameter): its .grad is written in backward
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        weight = ctx.weight
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(weight)
+        if ctx.needs_input_grad[1]:
+            rows, columns = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            if weight.grad is not None and _into_grad(weight):
+                weight.grad.addmm_(rows.t(), columns)
+                grad_w = _handed_over(weight)
+            else:  # AccumulateGrad makes it `.grad` (where that is None) or adds it
+                grad_w = rows.t().mm(columns)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
+    """`module(x)`, its weight's gradient added into `.grad` in place."""
+    if _plain() or not module.weight.requires_grad:
+        return module(x)
+    return _Linear.apply(x, module.weight, module.bias)
+
+
+class _Conv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, chunks):
+        ctx.save_for_backward(x)
+        ctx.weight = weight
+        ctx.config = (stride, padding, dilation, groups, chunks)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
+        return conv(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        weight = ctx.weight
+        stride, padding, dilation, groups, chunks = ctx.config
+        zeros = [0] * (weight.dim() - 2)
+        grad_x = None
+
+        def backward_of(g, w, mask):
+            return torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]], stride, padding, dilation, False, zeros,
+                                                       groups, mask)
+
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        if not (needs_w and weight.grad is not None and _into_grad(weight)):  # as autograd computes them
+            grad_x, grad_w, grad_b = backward_of(grad, weight, [needs_x, needs_w, needs_b])
+            return grad_x, grad_w, grad_b, None, None, None, None, None
+        if needs_x:
+            grad_x = backward_of(grad, weight, [True, False, False])[0]
+        # the bias's gradient with the weight's, slice by slice (the kernel computes it
+        # with the weight's: asked alone, it takes a weight-sized buffer on CPU)
+        step = -(-weight.shape[0] // chunks)
+        biases = []
+        for start in range(0, weight.shape[0], step):
+            _, part, bias = backward_of(grad[:, start:start + step], weight[start:start + step], [False, True, needs_b])
+            weight.grad[start:start + step].add_(part)
+            del part
+            biases.append(bias)
+        grad_b = torch.cat(biases) if needs_b else None
+        return grad_x, _handed_over(weight), grad_b, None, None, None, None, None
+
+
+def conv(x: torch.Tensor, module: nn.Module, chunks: int) -> torch.Tensor:
+    """`module(x)` (a Conv1d/2d/3d, zero padding, one group), its weight's gradient added
+    into `.grad` in place, `chunks` slices of output channels at a time."""
+    if _plain() or not module.weight.requires_grad:
+        return module(x)
+    return _Conv.apply(x, module.weight, module.bias, module.stride, module.padding, module.dilation, module.groups,
+                       chunks)

@@ -1,0 +1,165 @@
+"""Weight gradients added into `.grad` in place (passes.accumulate): the same gradients,
+no weight-sized temporary, predicted to the byte, and autograd's other paths intact."""
+
+import pytest
+import torch
+from torch import nn
+
+import rewriter
+from examples.zoo.plain import VGGStyle
+from rewriter.cost_models.storage_tracker import StorageTracker
+from rewriter.measure import default_loss
+from rewriter.passes import accumulate
+from rewriter.report import captured_and_profiled
+from rewriter.trace import capture
+from tests.test_optimize import assert_trains_like, train_step
+
+
+class WideHead(nn.Module):
+    """A convolution of 256 x 256 x 3 x 3 weights (2.25 MiB) at 4 x 4, and a Linear of
+    4,096 x 1,024 (16 MiB): their weight gradients, not the activations, hold the peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 256, 3, padding=1)
+        self.conv = nn.Conv2d(256, 256, 3, padding=1)
+        self.bn = nn.BatchNorm2d(256)
+        self.fc = nn.Linear(256 * 4 * 4, 1024)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(torch.relu(self.stem(x))))).flatten(1))
+
+
+def _zeroed(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    return model
+
+
+def _rewritten(model: nn.Module) -> torch.fx.GraphModule:
+    """`model` with its convolution's weight gradient added into .grad in 4 slices, its
+    Linear's in one."""
+    return accumulate.rewrite(capture(model).gm, {"conv": 4, "fc": 1})
+
+
+def test_a_rewritten_step_adds_the_same_gradients_into_grad_without_a_weight_sized_temporary():
+    torch.manual_seed(0)
+    model, reference, x = WideHead(), WideHead(), torch.randn(2, 3, 4, 4)
+    reference.load_state_dict(model.state_dict())
+    rewritten = _rewritten(model)
+    assert [n.target.__name__ for n in rewritten.graph.nodes if n.op == "call_function"
+            and n.target.__module__.endswith("accumulate_ops")] == ["conv", "linear"]
+    _zeroed(model), _zeroed(reference)
+    for _ in range(2):  # twice: the second step adds onto the first's gradients, as accumulation does
+        assert_trains_like(reference, model, rewritten, x)
+    peaks = {}
+    for name, module in (("eager", _zeroed(reference)), ("rewritten", _zeroed(rewritten))):
+        with StorageTracker() as tracker:
+            module(x).sum().backward()
+        peaks[name] = tracker.peak
+    fc, conv = 4096 * 1024 * 4, 256 * 256 * 9 * 4
+    # eager's peak is the Linear's temporary (and a few activations); rewritten, neither
+    # temporary is made whole: the convolution's comes in slices of a quarter
+    assert fc < peaks["eager"] < fc + conv
+    assert peaks["rewritten"] < conv / 2
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("how", ["grad is None", "autograd.grad", "hook on the weight", "inputs leave it out",
+                                 "create_graph"])
+def test_where_autograd_would_not_add_into_grad_the_gradient_is_returned_as_autograd_computes_it(how):
+    torch.manual_seed(0)
+    model, reference, x = WideHead(), WideHead(), torch.randn(2, 3, 4, 4)
+    reference.load_state_dict(model.state_dict())
+    rewritten = _rewritten(model)
+    if how == "grad is None":
+        assert_trains_like(reference, model, rewritten, x)
+    elif how == "autograd.grad":
+        expected = torch.autograd.grad(reference(x).sum(), list(reference.parameters()))
+        for got, want in zip(torch.autograd.grad(rewritten(x).sum(), list(model.parameters())), expected):
+            torch.testing.assert_close(got, want)
+        assert all(p.grad is None for p in model.parameters())
+    elif how == "hook on the weight":  # it sees each gradient before accumulation, and changes it
+        for m in (model, reference):
+            m.fc.weight.register_hook(lambda g: 2 * g)
+            m.conv.weight.register_hook(lambda g: 3 * g)
+            _zeroed(m)
+        assert_trains_like(reference, model, rewritten, x)
+    elif how == "inputs leave it out":
+        _zeroed(model), _zeroed(reference)
+        rewritten(x).sum().backward(inputs=[model.stem.weight])
+        reference(x).sum().backward(inputs=[reference.stem.weight])
+        torch.testing.assert_close(model.stem.weight.grad, reference.stem.weight.grad)
+        assert not model.fc.weight.grad.any() and not model.conv.weight.grad.any()
+    else:
+        _zeroed(model), _zeroed(reference)
+        rewritten(x).sum().backward(create_graph=True)
+        reference(x).sum().backward(create_graph=True)
+        for (name, p), q in zip(reference.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+        assert model.fc.weight.grad.requires_grad  # a graph of the backward, as autograd builds it
+
+
+def test_a_plan_takes_the_temporaries_away_before_any_other_rewrite_and_is_predicted_to_the_byte():
+    torch.manual_seed(0)
+    model, reference, x = WideHead(), WideHead(), torch.randn(2, 3, 4, 4)
+    reference.load_state_dict(model.state_dict())
+    eager = rewriter.measure_peak(model, x)
+    optimized = rewriter.optimize(model, eager // 2, x)
+    plan = optimized.plan
+    chunks = dict(plan.accumulated)
+    assert chunks.keys() == {"conv", "fc"} and chunks["fc"] == 1 and chunks["conv"] > 1  # the stem's weight is small
+    assert not (plan.segments or plan.spans or plan.inverted or plan.compressed or plan.row_split)
+    assert sum(n.seconds_added for n in plan.nodes) == 0.0
+    assert rewriter.measure_peak(optimized, x) == plan.predicted_peak_bytes <= eager // 2
+    assert_trains_like(reference, model, optimized, x)
+    with pytest.raises(rewriter.BudgetError):
+        rewriter.optimize(model, eager // 2, x, strategies=("recompute", "invert", "compress"))
+
+
+def test_recomputed_segments_rerun_rewritten_nodes_and_are_predicted_to_the_byte():
+    torch.manual_seed(0)
+    model, reference, x = VGGStyle(), VGGStyle(), torch.randn(2, 3, 32, 32)
+    reference.load_state_dict(model.state_dict())
+    eager = rewriter.measure_peak(model, x)
+    alone = rewriter.optimize(model, int(0.8 * eager), x, strategies="accumulate").plan.predicted_peak_bytes
+    optimized = rewriter.optimize(model, int(0.5 * alone), x, strategies=("recompute", "accumulate"))
+    plan = optimized.plan
+    recomputed = {n for n in plan if plan[n].strategy == "recompute"}
+    assert recomputed & {n for n, _ in plan.accumulated}  # a rewritten node inside a recomputed segment
+    assert rewriter.measure_peak(optimized, x) == plan.predicted_peak_bytes <= int(0.5 * alone)
+    _zeroed(reference)
+    assert_trains_like(reference, model, _zeroed(optimized), x)
+
+
+def test_a_shared_weight_is_left_as_it_is():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(512, 512)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))
+
+    model, x = Twice(), torch.randn(2, 512)
+    captured, costs = captured_and_profiled(model, (x,), default_loss)
+    assert accumulate.eligible(captured.gm, costs, 1) == {}
+    with pytest.raises(ValueError, match="no Linear or convolution"):
+        accumulate.rewrite(captured.gm, {"relu": 1})
+
+
+def test_a_plan_with_accumulated_weights_saves_loads_and_applies_alike(tmp_path):
+    torch.manual_seed(0)
+    model, x = WideHead(), torch.randn(2, 3, 4, 4)
+    optimized = rewriter.optimize(model, rewriter.measure_peak(model, x) // 2, x)
+    rewriter.save(optimized, tmp_path / "plan")
+    loaded = rewriter.load(tmp_path / "plan")
+    applied = rewriter.apply_plan(model, rewriter.Plan.from_json(optimized.plan.to_json()))
+    assert loaded.plan.accumulated == applied.plan.accumulated == optimized.plan.accumulated
+    for module in (loaded, applied):
+        assert rewriter.measure_peak(module, x) == optimized.plan.predicted_peak_bytes
+    expected = train_step(_zeroed(optimized), x)
+    grads = [p.grad.clone() for p in model.parameters()]
+    torch.testing.assert_close(train_step(_zeroed(applied), x), expected)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
