@@ -72,12 +72,15 @@ def _available(names: list[str]) -> list[str]:
 
 
 def _exact(model: torch.nn.Module, optimized: torch.nn.Module, reference: torch.nn.Module, x) -> str:
-    """One training step of each (the same seed): outputs, every gradient, every buffer;
-    in float64 where the plan tiles (tiles sum in another order: float32 rounding differs)."""
+    """One training step of each (the same seed, gradients zeroed first): outputs, every
+    gradient, every buffer; in float64 where the plan tiles (tiles sum in another order: float32 rounding differs)."""
     if optimized.plan.row_split:
         model, reference, x = copy.deepcopy(model).double(), copy.deepcopy(reference).double(), x.double()
         optimized = rewriter.apply_plan(model, optimized.plan)
     outs = []
+    for module in (reference, model):  # gradients zeroed, as the budget has them (accumulate adds into them)
+        for p in module.parameters():
+            p.grad = torch.zeros_like(p) if p.requires_grad else None
     for module in (reference, optimized):
         torch.manual_seed(7)
         out = module(x)
