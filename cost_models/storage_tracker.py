@@ -44,7 +44,10 @@ def _op_tensors(value: Any, found: list) -> list:
     """The tensors in an op's arguments or results (tensors, and lists, tuples and dicts
     of them, at the dispatcher: what `tensors_in` finds, without pytree's generality)."""
     if isinstance(value, torch.Tensor):
-        found.append(value)
+        if value.layout == torch.sparse_coo:  # no storage of its own: its indices' and values'
+            found += [value._indices(), value._values()]
+        else:
+            found.append(value)
     elif isinstance(value, (list, tuple)):
         for item in value:
             _op_tensors(item, found)

@@ -5,7 +5,7 @@ AccumulateGrad then adds it into `.grad`: for one step, a second copy of the wei
 exists (VGG-11's 25088x4096 Linear: 392 MiB). These ops compute it straight into
 `.grad`: a Linear with one `addmm_`, a convolution in `chunks` slices of its output
 channels (one slice of the weight's gradient at a time). They hand AccumulateGrad a
-zero (expanded, no storage) in its place, so its hooks (a post-accumulate hook,
+zero (sparse, no entries) in its place, so its hooks (a post-accumulate hook,
 DistributedDataParallel's reducer) still run, on a `.grad` that already holds the sum.
 
 They write into `.grad` only where autograd will accumulate into it
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["linear", "conv", "KINDS"]
+__all__ = ["linear", "conv", "slices", "KINDS"]
 
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 KINDS = (nn.Linear, *_CONVS)
@@ -43,8 +43,15 @@ def _into_grad(weight: torch.Tensor) -> bool:
 
 
 def _handed_over(weight: torch.Tensor) -> torch.Tensor:
-    """What AccumulateGrad gets for a gradient already added into `.grad`."""
-    return torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+    """What AccumulateGrad gets for a gradient already added into `.grad`: a sparse zero
+    (a dense `.grad` plus a sparse gradient is allowed, as for a sparse Embedding's, and
+    costs nothing at no entries, where an expanded dense zero costs a pass over `.grad`);
+    an expanded dense zero on devices without sparse tensors."""
+    if weight.device.type not in ("cpu", "cuda"):
+        return torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+    indices = torch.empty((weight.dim(), 0), dtype=torch.long, device=weight.device)
+    values = torch.empty((0,), dtype=weight.dtype, device=weight.device)
+    return torch.sparse_coo_tensor(indices, values, weight.shape, check_invariants=False)
 
 
 def _plain() -> bool:
@@ -84,6 +91,20 @@ def linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
     return _Linear.apply(x, module.weight, module.bias)
 
 
+def slices(out_channels: int, in_channels: int, groups: int, chunks: int) -> list[tuple[int, int, int, int, int]]:
+    """About `chunks` slices of a convolution's output channels, each (first and last
+    output channel + 1, first and last input channel + 1 it reads, its groups): whole
+    groups where there are at least `chunks`, else parts of each group's outputs."""
+    per_out, per_in = out_channels // groups, in_channels // groups
+    if groups >= chunks:
+        step = -(-groups // chunks)
+        return [(g * per_out, min(g + step, groups) * per_out, g * per_in, min(g + step, groups) * per_in,
+                 min(step, groups - g)) for g in range(0, groups, step)]
+    step = -(-per_out // -(-chunks // groups))
+    return [(g * per_out + a, g * per_out + min(a + step, per_out), g * per_in, (g + 1) * per_in, 1)
+            for g in range(groups) for a in range(0, per_out, step)]
+
+
 class _Conv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, chunks):
@@ -101,9 +122,9 @@ class _Conv(torch.autograd.Function):
         zeros = [0] * (weight.dim() - 2)
         grad_x = None
 
-        def backward_of(g, w, mask):
-            return torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]], stride, padding, dilation, False, zeros,
-                                                       groups, mask)
+        def backward_of(g, w, mask, inputs=x, groups=groups):
+            return torch.ops.aten.convolution_backward(g, inputs, w, [w.shape[0]], stride, padding, dilation, False,
+                                                       zeros, groups, mask)
 
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         if not (needs_w and weight.grad is not None and _into_grad(weight)):  # as autograd computes them
@@ -113,11 +134,11 @@ class _Conv(torch.autograd.Function):
             grad_x = backward_of(grad, weight, [True, False, False])[0]
         # the bias's gradient with the weight's, slice by slice (the kernel computes it
         # with the weight's: asked alone, it takes a weight-sized buffer on CPU)
-        step = -(-weight.shape[0] // chunks)
         biases = []
-        for start in range(0, weight.shape[0], step):
-            _, part, bias = backward_of(grad[:, start:start + step], weight[start:start + step], [False, True, needs_b])
-            weight.grad[start:start + step].add_(part)
+        for start, stop, first, last, count in slices(weight.shape[0], x.shape[1], groups, chunks):
+            inputs = x if last - first == x.shape[1] else x[:, first:last]
+            _, part, bias = backward_of(grad[:, start:stop], weight[start:stop], [False, True, needs_b], inputs, count)
+            weight.grad[start:stop].add_(part)
             del part
             biases.append(bias)
         grad_b = torch.cat(biases) if needs_b else None
@@ -125,8 +146,8 @@ class _Conv(torch.autograd.Function):
 
 
 def conv(x: torch.Tensor, module: nn.Module, chunks: int) -> torch.Tensor:
-    """`module(x)` (a Conv1d/2d/3d, zero padding, one group), its weight's gradient added
-    into `.grad` in place, `chunks` slices of output channels at a time."""
+    """`module(x)` (a Conv1d/2d/3d with zero padding), its weight's gradient added into
+    `.grad` in place, in about `chunks` slices of output channels (`slices`)."""
     if _plain() or not module.weight.requires_grad:
         return module(x)
     return _Conv.apply(x, module.weight, module.bias, module.stride, module.padding, module.dilation, module.groups,

@@ -9,7 +9,7 @@ import rewriter
 from examples.zoo.plain import VGGStyle
 from rewriter.cost_models.storage_tracker import StorageTracker
 from rewriter.measure import default_loss
-from rewriter.passes import accumulate
+from rewriter.passes import accumulate, accumulate_ops
 from rewriter.report import captured_and_profiled
 from rewriter.trace import capture
 from tests.test_optimize import assert_trains_like, train_step
@@ -163,3 +163,28 @@ def test_a_plan_with_accumulated_weights_saves_loads_and_applies_alike(tmp_path)
     torch.testing.assert_close(train_step(_zeroed(applied), x), expected)
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize("groups, chunks", [(1, 3), (2, 8), (4, 4), (8, 3)])
+def test_a_grouped_convolution_adds_its_gradient_slice_by_slice(groups, chunks):
+    cuts = accumulate_ops.slices(64, 32, groups, chunks)
+    covered = [c for start, stop, *_ in cuts for c in range(start, stop)]
+    assert covered == list(range(64))  # every output channel once, in order
+    for start, stop, first, last, count in cuts:  # each slice reads just its groups' inputs
+        assert (first, last) == (start // (64 // groups) * (32 // groups), first + count * (32 // groups))
+    torch.manual_seed(0)
+    conv, reference = nn.Conv2d(32, 64, 3, padding=1, groups=groups), nn.Conv2d(32, 64, 3, padding=1, groups=groups)
+    reference.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+    for module in (conv, reference):
+        _zeroed(module)
+    with StorageTracker() as tracker:
+        accumulate_ops.conv(x, conv, chunks).sum().backward()
+    grad_x = x.grad.clone()
+    x.grad = None
+    reference(x).sum().backward()
+    torch.testing.assert_close(grad_x, x.grad)
+    torch.testing.assert_close(conv.weight.grad, reference.weight.grad)
+    torch.testing.assert_close(conv.bias.grad, reference.bias.grad)
+    weight = conv.weight.numel() * 4
+    assert tracker.peak < 2 * 64 * 8 * 8 * 4 + x.numel() * 4 + weight / 2  # output, grad of x, a slice: never the whole
