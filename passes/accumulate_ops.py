@@ -46,8 +46,9 @@ def _handed_over(weight: torch.Tensor) -> torch.Tensor:
     """What AccumulateGrad gets for a gradient already added into `.grad`: a sparse zero
     (a dense `.grad` plus a sparse gradient is allowed, as for a sparse Embedding's, and
     costs nothing at no entries, where an expanded dense zero costs a pass over `.grad`);
-    an expanded dense zero on devices without sparse tensors."""
-    if weight.device.type not in ("cpu", "cuda"):
+    an expanded dense zero on devices without sparse tensors, or where deterministic
+    algorithms are asked for (CUDA's sum of a sparse tensor into a dense one is not)."""
+    if weight.device.type not in ("cpu", "cuda") or torch.are_deterministic_algorithms_enabled():
         return torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
     indices = torch.empty((weight.dim(), 0), dtype=torch.long, device=weight.device)
     values = torch.empty((0,), dtype=weight.dtype, device=weight.device)

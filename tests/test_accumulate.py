@@ -188,3 +188,18 @@ def test_a_grouped_convolution_adds_its_gradient_slice_by_slice(groups, chunks):
     torch.testing.assert_close(conv.bias.grad, reference.bias.grad)
     weight = conv.weight.numel() * 4
     assert tracker.peak < 2 * 64 * 8 * 8 * 4 + x.numel() * 4 + weight / 2  # output, grad of x, a slice: never the whole
+
+
+def test_under_deterministic_algorithms_autograd_is_handed_a_dense_zero():
+    torch.manual_seed(0)
+    model, reference, x = WideHead(), WideHead(), torch.randn(2, 3, 4, 4)
+    reference.load_state_dict(model.state_dict())
+    rewritten = _rewritten(model)
+    _zeroed(model), _zeroed(reference)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert accumulate_ops._handed_over(model.fc.weight).layout == torch.strided
+        assert_trains_like(reference, model, rewritten, x)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert accumulate_ops._handed_over(model.fc.weight).layout == torch.sparse_coo
