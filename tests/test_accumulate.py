@@ -7,6 +7,7 @@ from torch import nn
 
 import rewriter
 from examples.zoo.plain import VGGStyle
+from examples.zoo.resnet import resnet18_style
 from rewriter.cost_models.storage_tracker import StorageTracker
 from rewriter.measure import default_loss
 from rewriter.passes import accumulate, accumulate_ops
@@ -203,3 +204,16 @@ def test_under_deterministic_algorithms_autograd_is_handed_a_dense_zero():
     finally:
         torch.use_deterministic_algorithms(False)
     assert accumulate_ops._handed_over(model.fc.weight).layout == torch.sparse_coo
+
+
+@pytest.mark.parametrize("build", [VGGStyle, resnet18_style], ids=["vgg", "resnet18"])
+def test_more_strategies_never_name_a_higher_minimum(build):
+    torch.manual_seed(0)
+    model, x = build(), torch.randn(2, 3, 32, 32)
+    minima = []
+    for strategies in (("recompute",), ("recompute", "accumulate"), None):
+        with pytest.raises(rewriter.BudgetError) as caught:
+            rewriter.optimize(model, 1, x, strategies=strategies)
+        minima.append(caught.value.minimum_bytes)
+        assert rewriter.measure_peak(rewriter.apply_plan(model, caught.value.plan), x) <= minima[-1]
+    assert minima[0] > minima[1] >= minima[2]  # at these sizes the weights' gradients held recompute's floor
