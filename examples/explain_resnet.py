@@ -47,7 +47,7 @@ def main() -> None:
     plan = optimized.plan
     print(f"optimize(model, {budget:,} bytes): {len(plan.segments)} segments recomputed, {len(plan.spans)} spans, "
           f"{len(plan.inverted)} chains inverted, {len(plan.compressed)} nodes compressed, "
-          f"{len(plan.row_split)} chains row-split")
+          f"{len(plan.row_split)} chains row-split, {len(plan.accumulated)} weight gradients into .grad")
     print(f"  predicted peak {format_bytes(optimized.plan.predicted_peak_bytes):>12}")
     print(f"  measured peak  {format_bytes(rewriter.measure_peak(optimized, images)):>12}  (budget {format_bytes(budget)})")
 
