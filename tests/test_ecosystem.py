@@ -113,13 +113,19 @@ def test_lossy_compression_under_autocast_is_refused_by_name():
         _autocast_step(optimized, x)
 
 
+_PATIENCE = 240  # seconds a pair of data-parallel processes may take
+
+
 def _distributed_worker(rank: int, world: int, init: str, plan_json: str, kind: str, wrap: str, results: str) -> None:
     """One process of a two-process data-parallel step (gloo; `wrap`: "ddp" for
     DistributedDataParallel, "fsdp2" for fully_shard): the model, and the plan applied
     to it, on this rank's own batch; the averaged gradients saved, by name."""
+    import faulthandler
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    faulthandler.dump_traceback_later(_PATIENCE - 20)  # where a process that does not end stands, in the test's stderr
     torch.set_num_threads(1)  # two processes per test, beside another test on the other worker: no oversubscription
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
@@ -130,10 +136,11 @@ def _distributed_worker(rank: int, world: int, init: str, plan_json: str, kind: 
             model = zoo.test_model()
             module = model if label == "model" else rewriter.apply_plan(model, rewriter.Plan.from_json(plan_json))
             torch.manual_seed(7)
-            if wrap == "ddp":  # gradients zeroed, not None: accumulate adds into them in place
+            if wrap == "ddp":
                 ddp = DistributedDataParallel(module)
-                for p in ddp.parameters():
-                    p.grad = torch.zeros_like(p)
+                if kind == "accumulate":  # gradients zeroed, not None: it adds into them in place
+                    for p in ddp.parameters():
+                        p.grad = torch.zeros_like(p)
                 ddp(x).sum().backward()
             else:
                 from torch.distributed.fsdp import fully_shard
@@ -156,15 +163,24 @@ def test_data_parallel_training_of_a_plan_averages_the_models_gradients(kind, wr
     if wrap == "fsdp2":
         pytest.importorskip("torch.distributed.fsdp", reason="this torch has no fully_shard")
     _, _, optimized, _ = _optimized(kind)
-    results = str(tmp_path / "grads")
-    args = (2, f"file://{tmp_path / 'rendezvous'}", optimized.plan.to_json(), kind, wrap, results)
-    context = mp.spawn(_distributed_worker, args=args, nprocs=2, join=False)
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
+    # two tries: in loaded full runs (CI's among them) a pair of gloo processes has, rarely,
+    # not ended within the time (and once one aborted in gloo's teardown); a pair that does
+    # not end twice fails, and wrong gradients fail on the first try
+    for attempt in range(2):
+        results = str(tmp_path / f"grads{attempt}")
+        args = (2, f"file://{tmp_path / f'rendezvous{attempt}'}", optimized.plan.to_json(), kind, wrap, results)
+        context = mp.spawn(_distributed_worker, args=args, nprocs=2, join=False)
+        deadline = time.monotonic() + _PATIENCE
+        try:
+            while not context.join(timeout=5):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the two processes did not end within {_PATIENCE} s")
+            break
+        except (TimeoutError, mp.ProcessExitedException) as error:
             for process in context.processes:
                 process.kill()
-            pytest.fail("the two DDP processes did not end within 240 s")
+            if attempt == 1:
+                pytest.fail(f"{wrap} of a {kind} plan, twice: {error}")
     for rank in range(2):
         grads = torch.load(f"{results}.{rank}", weights_only=True)
         assert grads["plan"].keys() == grads["model"].keys()
