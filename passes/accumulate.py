@@ -7,7 +7,9 @@ calls `accumulate_ops.linear` or `accumulate_ops.conv` on its own module (throug
 `get_attr`): same parameters, same state_dict, the same gradients in `.grad`, and no
 weight-sized temporary (a convolution's in `chunks` slices of output channels).
 
-It adds no measurable time and takes no memory, so the planner offers it no choice:
+It takes no memory and little time (a Linear's `addmm_` saves eager's sum into `.grad`:
+VGG-11-BN's step at 0.84x eager's; a convolution's slices cost a few percent: ResNet-18
+at 64x64, 1.04x), so the planner offers it as no choice and prices it at nothing:
 with "accumulate" among the strategies, every plan below the baseline takes it for
 each eligible node (`eligible`) that no other rewrite covers but recompute (a
 compressed or tiled convolution computes its own weight gradient); a recomputed
