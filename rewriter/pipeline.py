@@ -1090,7 +1090,9 @@ def optimize(
     With `example_inputs`, plans now and returns a GraphModule with `.plan`; without,
     returns a module that plans on the first call for each input signature.
     `strategies` chooses the strategies used (default: all of `STRATEGIES`; row-split
-    is searched only where the others find no plan). Compression
+    is searched only where the others find no plan; "accumulate", which adds large
+    weight gradients into `.grad` in place at no cost in time, is taken by every plan
+    below the eager peak). Compression
     is lossless unless asked for: `compress_bits` (8, 4 or 2) lets the solver keep
     convolution, linear and BatchNorm inputs at 8 bits, or narrower down to that width
     where the budget needs it; `compress_error` (e.g.
