@@ -217,3 +217,24 @@ def test_more_strategies_never_name_a_higher_minimum(build):
         minima.append(caught.value.minimum_bytes)
         assert rewriter.measure_peak(rewriter.apply_plan(model, caught.value.plan), x) <= minima[-1]
     assert minima[0] > minima[1] >= minima[2]  # at these sizes the weights' gradients held recompute's floor
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_one_and_three_dimensional_convolutions_add_the_same_gradients_slice_by_slice(dims):
+    torch.manual_seed(0)
+    kind = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+    conv, reference = kind(16, 64, 3, padding=1, stride=2), kind(16, 64, 3, padding=1, stride=2)
+    reference.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 16, *(6,) * dims, requires_grad=True)
+    for module in (conv, reference):
+        _zeroed(module)
+    with StorageTracker() as tracker:
+        accumulate_ops.conv(x, conv, 4).sum().backward()
+    grad_x = x.grad.clone()
+    x.grad = None
+    reference(x).sum().backward()
+    torch.testing.assert_close(grad_x, x.grad)
+    for mine, theirs in ((conv.weight, reference.weight), (conv.bias, reference.bias)):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+    output = 2 * 64 * 3 ** dims * 4
+    assert tracker.peak < output + x.numel() * 4 + conv.weight.numel() * 4 / 2  # a quarter of the weight at a time
