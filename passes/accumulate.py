@@ -35,14 +35,17 @@ MAX_CHUNKS = 16  # a convolution's weight gradient in at most this many slices
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The Linear or zero-padded Conv1d/2d/3d (exactly those classes: a subclass may
-    compute otherwise) a node calls on one input, whose weight trains."""
+    """The Linear, zero-padded Conv1d/2d/3d or ungrouped ConvTranspose1d/2d/3d (exactly
+    those classes: a subclass may compute otherwise) a node calls on one input (a
+    transposed convolution: no `output_size`), whose weight trains."""
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         return None
     module = gm.get_submodule(node.target)
     if type(module) not in accumulate_ops.KINDS or not module.weight.requires_grad:
         return None
     if type(module) is not nn.Linear and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
+        return None
+    if type(module) in accumulate_ops.TRANSPOSED and module.groups != 1:
         return None
     return module
 

@@ -24,8 +24,9 @@ from torch import nn
 
 __all__ = ["linear", "conv", "slices", "KINDS"]
 
-_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-KINDS = (nn.Linear, *_CONVS)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+KINDS = (nn.Linear, *_CONVS, *TRANSPOSED)
 
 
 def _into_grad(weight: torch.Tensor) -> bool:
@@ -108,10 +109,13 @@ def slices(out_channels: int, in_channels: int, groups: int, chunks: int) -> lis
 
 class _Conv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, chunks):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, chunks):
         ctx.save_for_backward(x)
         ctx.weight = weight
-        ctx.config = (stride, padding, dilation, groups, chunks)
+        ctx.config = (stride, padding, dilation, transposed, output_padding, groups, chunks)
+        if transposed:
+            conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[weight.dim() - 3]
+            return conv(x, weight, bias, stride, padding, output_padding, groups, dilation)
         conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
         return conv(x, weight, bias, stride, padding, dilation, groups)
 
@@ -119,22 +123,30 @@ class _Conv(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         weight = ctx.weight
-        stride, padding, dilation, groups, chunks = ctx.config
-        zeros = [0] * (weight.dim() - 2)
+        stride, padding, dilation, transposed, output_padding, groups, chunks = ctx.config
         grad_x = None
 
         def backward_of(g, w, mask, inputs=x, groups=groups):
-            return torch.ops.aten.convolution_backward(g, inputs, w, [w.shape[0]], stride, padding, dilation, False,
-                                                       zeros, groups, mask)
+            return torch.ops.aten.convolution_backward(g, inputs, w, [g.shape[1]], stride, padding, dilation, transposed,
+                                                       output_padding, groups, mask)
 
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         if not (needs_w and weight.grad is not None and _into_grad(weight)):  # as autograd computes them
             grad_x, grad_w, grad_b = backward_of(grad, weight, [needs_x, needs_w, needs_b])
-            return grad_x, grad_w, grad_b, None, None, None, None, None
+            return grad_x, grad_w, grad_b, *[None] * 7
         if needs_x:
             grad_x = backward_of(grad, weight, [True, False, False])[0]
-        # the bias's gradient with the weight's, slice by slice (the kernel computes it
-        # with the weight's: asked alone, it takes a weight-sized buffer on CPU)
+        # the bias's gradient with the weight's (the kernel computes it with the
+        # weight's: asked alone, it takes a weight-sized buffer on CPU)
+        if transposed:  # one group: slices of the weight's first dimension, its input channels
+            step, grad_b = -(-weight.shape[0] // chunks), None
+            for start in range(0, weight.shape[0], step):
+                _, part, bias = backward_of(grad, weight[start:start + step], [False, True, needs_b and start == 0],
+                                            x[:, start:start + step])
+                weight.grad[start:start + step].add_(part)
+                del part
+                grad_b = bias if start == 0 else grad_b
+            return grad_x, _handed_over(weight), grad_b, *[None] * 7
         biases = []
         for start, stop, first, last, count in slices(weight.shape[0], x.shape[1], groups, chunks):
             inputs = x if last - first == x.shape[1] else x[:, first:last]
@@ -143,13 +155,15 @@ class _Conv(torch.autograd.Function):
             del part
             biases.append(bias)
         grad_b = torch.cat(biases) if needs_b else None
-        return grad_x, _handed_over(weight), grad_b, None, None, None, None, None
+        return grad_x, _handed_over(weight), grad_b, *[None] * 7
 
 
 def conv(x: torch.Tensor, module: nn.Module, chunks: int) -> torch.Tensor:
-    """`module(x)` (a Conv1d/2d/3d with zero padding), its weight's gradient added into
-    `.grad` in place, in about `chunks` slices of output channels (`slices`)."""
+    """`module(x)` (a Conv1d/2d/3d with zero padding, or a ConvTranspose1d/2d/3d of one
+    group), its weight's gradient added into `.grad` in place, in about `chunks` slices
+    of output channels (`slices`; a transposed convolution's: of input channels)."""
     if _plain() or not module.weight.requires_grad:
         return module(x)
-    return _Conv.apply(x, module.weight, module.bias, module.stride, module.padding, module.dilation, module.groups,
-                       chunks)
+    transposed = isinstance(module, TRANSPOSED)
+    return _Conv.apply(x, module.weight, module.bias, module.stride, module.padding, module.dilation, transposed,
+                       module.output_padding if transposed else [0] * (module.weight.dim() - 2), module.groups, chunks)
