@@ -61,8 +61,8 @@ def eligible(gm: fx.GraphModule, eager: Costs, peak: int) -> dict[str, int]:
     readers: dict[int, int] = {}  # parameter -> nodes that read it
     for node in gm.graph.nodes:
         if node.op in ("call_module", "get_attr"):
-            found = operator.attrgetter(node.target)(gm)
-            for p in found.parameters() if isinstance(found, nn.Module) else (found,):
+            value = operator.attrgetter(node.target)(gm)
+            for p in value.parameters() if isinstance(value, nn.Module) else (value,):
                 readers[id(p)] = readers.get(id(p), 0) + 1
     found = {}
     for node in gm.graph.nodes:
@@ -92,11 +92,10 @@ def apply(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
     return rewrite(gm, {n: int(c) for d in decisions for n, c in zip(d.nodes, d.detail, strict=True)})
 
 
-def decision(chosen: dict[str, int], order: list[str]) -> list[Decision]:
-    """The plan's record of `chosen` (node -> chunks), its nodes in graph `order`; none
-    where nothing is chosen."""
-    nodes = tuple(n for n in order if n in chosen)
-    return [Decision("accumulate", "in_place", nodes, tuple(chosen[n] for n in nodes))] if nodes else []
+def decision(chosen: dict[str, int]) -> list[Decision]:
+    """The plan's record of `chosen` (node -> chunks, in graph order as `eligible` finds
+    them); none where nothing is chosen."""
+    return [Decision("accumulate", "in_place", tuple(chosen), tuple(chosen.values()))] if chosen else []
 
 
 def rewrite(gm: fx.GraphModule, chosen: dict[str, int]) -> fx.GraphModule:

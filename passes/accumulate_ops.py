@@ -136,25 +136,23 @@ class _Conv(torch.autograd.Function):
             return grad_x, grad_w, grad_b, *[None] * 7
         if needs_x:
             grad_x = backward_of(grad, weight, [True, False, False])[0]
-        # the bias's gradient with the weight's (the kernel computes it with the
-        # weight's: asked alone, it takes a weight-sized buffer on CPU)
-        if transposed:  # one group: slices of the weight's first dimension, its input channels
-            step, grad_b = -(-weight.shape[0] // chunks), None
-            for start in range(0, weight.shape[0], step):
-                _, part, bias = backward_of(grad, weight[start:start + step], [False, True, needs_b and start == 0],
-                                            x[:, start:start + step])
-                weight.grad[start:start + step].add_(part)
-                del part
-                grad_b = bias if start == 0 else grad_b
-            return grad_x, _handed_over(weight), grad_b, *[None] * 7
+        # slices of the weight's first dimension: a convolution's output channels (each
+        # reads its groups' inputs), a transposed one's input channels (one group: each
+        # reads the whole output gradient); the bias's gradient with the weight's (asked
+        # alone, CPU's kernel takes a weight-sized buffer for it): a convolution's slice
+        # by slice, a transposed one's whole, from its first slice
+        cuts = ([(start, stop, start, stop, 1) for start, stop, *_ in slices(weight.shape[0], x.shape[1], 1, chunks)]
+                if transposed else slices(weight.shape[0], x.shape[1], groups, chunks))
         biases = []
-        for start, stop, first, last, count in slices(weight.shape[0], x.shape[1], groups, chunks):
+        for start, stop, first, last, count in cuts:
             inputs = x if last - first == x.shape[1] else x[:, first:last]
-            _, part, bias = backward_of(grad[:, start:stop], weight[start:stop], [False, True, needs_b], inputs, count)
+            wanted = needs_b and not (transposed and start > 0)
+            _, part, bias = backward_of(grad if transposed else grad[:, start:stop], weight[start:stop],
+                                        [False, True, wanted], inputs, count)
             weight.grad[start:stop].add_(part)
             del part
             biases.append(bias)
-        grad_b = torch.cat(biases) if needs_b else None
+        grad_b = None if not needs_b else biases[0] if transposed else torch.cat(biases)
         return grad_x, _handed_over(weight), grad_b, *[None] * 7
 
 

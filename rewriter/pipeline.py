@@ -125,7 +125,6 @@ class _Planner:
         self.eval_gm = captured.eval_gm
         self.opaque = captured.opaque
         self.eager_peak = simulate(self.eager).peak_bytes
-        self.order = [n.name for n in self.gm.graph.nodes]
         below = "accumulate" in strategies and budget is not None and budget < self.eager_peak
         self.accumulated = accumulate.eligible(self.gm, self.eager, self.eager_peak) if below else {}  # node -> chunks
         if self.accumulated:
@@ -566,7 +565,7 @@ class _Planner:
         # the large weight gradients into .grad, but where a rewrite computes them itself (a
         # compressed or tiled convolution); a recomputed segment reruns the rewritten node
         covered = {n for d in chosen if d.strategy != "recompute" for n in d.nodes}
-        into_grad = accumulate.decision({n: c for n, c in self.accumulated.items() if n not in covered}, self.order)
+        into_grad = accumulate.decision({n: c for n, c in self.accumulated.items() if n not in covered})
         return into_grad + chosen + [registry.Decision("recompute", recompute.SPAN, span.nodes) for span in spans]
 
     def apply(self, assignment: dict[str, str], spans: list[recompute.Segment] = ()) -> fx.GraphModule:
@@ -703,7 +702,7 @@ def _plan_search(planner: _Planner, budget: int, strategies: tuple[str, ...], lo
         gm, plan = planner.plan({}, budget, {})
         gm.plan = plan
         return gm
-    if planner.accumulated and simulate(planner.base).peak_bytes <= budget - _margin(budget) // 2:
+    if planner.accumulated and planner.keep_all.predicted_peak_bytes <= budget - _margin(budget) // 2:
         return _chosen(*planner.plan({}, budget, {}), budget)  # weight gradients into .grad suffice: no time added
     found, lowest = [], []
     # every way of cutting segments is searched with the invert chains and compress

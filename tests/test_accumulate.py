@@ -31,6 +31,14 @@ class WideHead(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(torch.relu(self.stem(x))))).flatten(1))
 
 
+def _twins(build, *shape: int) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """Two models `build()` makes with the same weights, and an input of `shape` (seeded)."""
+    torch.manual_seed(0)
+    model, reference, x = build(), build(), torch.randn(shape)
+    reference.load_state_dict(model.state_dict())
+    return model, reference, x
+
+
 def _zeroed(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -44,9 +52,7 @@ def _rewritten(model: nn.Module) -> torch.fx.GraphModule:
 
 
 def test_a_rewritten_step_adds_the_same_gradients_into_grad_without_a_weight_sized_temporary():
-    torch.manual_seed(0)
-    model, reference, x = WideHead(), WideHead(), torch.randn(2, 3, 4, 4)
-    reference.load_state_dict(model.state_dict())
+    model, reference, x = _twins(WideHead, 2, 3, 4, 4)
     rewritten = _rewritten(model)
     assert [n.target.__name__ for n in rewritten.graph.nodes if n.op == "call_function"
             and n.target.__module__.endswith("accumulate_ops")] == ["conv", "linear"]
@@ -69,9 +75,7 @@ def test_a_rewritten_step_adds_the_same_gradients_into_grad_without_a_weight_siz
 @pytest.mark.parametrize("how", ["grad is None", "autograd.grad", "hook on the weight", "inputs leave it out",
                                  "create_graph"])
 def test_where_autograd_would_not_add_into_grad_the_gradient_is_returned_as_autograd_computes_it(how):
-    torch.manual_seed(0)
-    model, reference, x = WideHead(), WideHead(), torch.randn(2, 3, 4, 4)
-    reference.load_state_dict(model.state_dict())
+    model, reference, x = _twins(WideHead, 2, 3, 4, 4)
     rewritten = _rewritten(model)
     if how == "grad is None":
         assert_trains_like(reference, model, rewritten, x)
@@ -102,9 +106,7 @@ def test_where_autograd_would_not_add_into_grad_the_gradient_is_returned_as_auto
 
 
 def test_a_plan_takes_the_temporaries_away_before_any_other_rewrite_and_is_predicted_to_the_byte():
-    torch.manual_seed(0)
-    model, reference, x = WideHead(), WideHead(), torch.randn(2, 3, 4, 4)
-    reference.load_state_dict(model.state_dict())
+    model, reference, x = _twins(WideHead, 2, 3, 4, 4)
     eager = rewriter.measure_peak(model, x)
     optimized = rewriter.optimize(model, eager // 2, x)
     plan = optimized.plan
@@ -119,9 +121,7 @@ def test_a_plan_takes_the_temporaries_away_before_any_other_rewrite_and_is_predi
 
 
 def test_recomputed_segments_rerun_rewritten_nodes_and_are_predicted_to_the_byte():
-    torch.manual_seed(0)
-    model, reference, x = VGGStyle(), VGGStyle(), torch.randn(2, 3, 32, 32)
-    reference.load_state_dict(model.state_dict())
+    model, reference, x = _twins(VGGStyle, 2, 3, 32, 32)
     eager = rewriter.measure_peak(model, x)
     alone = rewriter.optimize(model, int(0.8 * eager), x, strategies="accumulate").plan.predicted_peak_bytes
     optimized = rewriter.optimize(model, int(0.5 * alone), x, strategies=("recompute", "accumulate"))
@@ -166,17 +166,13 @@ def test_a_plan_with_accumulated_weights_saves_loads_and_applies_alike(tmp_path)
         torch.testing.assert_close(p.grad, g)
 
 
-@pytest.mark.parametrize("groups, chunks", [(1, 3), (2, 8), (4, 4), (8, 3)])
-def test_a_grouped_convolution_adds_its_gradient_slice_by_slice(groups, chunks):
-    cuts = accumulate_ops.slices(64, 32, groups, chunks)
-    covered = [c for start, stop, *_ in cuts for c in range(start, stop)]
-    assert covered == list(range(64))  # every output channel once, in order
-    for start, stop, first, last, count in cuts:  # each slice reads just its groups' inputs
-        assert (first, last) == (start // (64 // groups) * (32 // groups), first + count * (32 // groups))
+def _sliced_step(build, x: torch.Tensor, chunks: int) -> tuple[nn.Module, int]:
+    """A convolution `build()` makes, stepped through `accumulate_ops.conv` in `chunks`
+    slices into zeroed gradients, held to a twin stepped as it is (the input's, weight's
+    and bias's gradients); the convolution and the step's measured peak."""
     torch.manual_seed(0)
-    conv, reference = nn.Conv2d(32, 64, 3, padding=1, groups=groups), nn.Conv2d(32, 64, 3, padding=1, groups=groups)
+    conv, reference = build(), build()
     reference.load_state_dict(conv.state_dict())
-    x = torch.randn(2, 32, 8, 8, requires_grad=True)
     for module in (conv, reference):
         _zeroed(module)
     with StorageTracker() as tracker:
@@ -185,16 +181,27 @@ def test_a_grouped_convolution_adds_its_gradient_slice_by_slice(groups, chunks):
     x.grad = None
     reference(x).sum().backward()
     torch.testing.assert_close(grad_x, x.grad)
-    torch.testing.assert_close(conv.weight.grad, reference.weight.grad)
-    torch.testing.assert_close(conv.bias.grad, reference.bias.grad)
+    for mine, theirs in ((conv.weight, reference.weight), (conv.bias, reference.bias)):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+    return conv, tracker.peak
+
+
+@pytest.mark.parametrize("groups, chunks", [(1, 3), (2, 8), (4, 4), (8, 3)])
+def test_a_grouped_convolution_adds_its_gradient_slice_by_slice(groups, chunks):
+    cuts = accumulate_ops.slices(64, 32, groups, chunks)
+    covered = [c for start, stop, *_ in cuts for c in range(start, stop)]
+    assert covered == list(range(64))  # every output channel once, in order
+    for start, stop, first, last, count in cuts:  # each slice reads just its groups' inputs
+        assert (first, last) == (start // (64 // groups) * (32 // groups), first + count * (32 // groups))
+    torch.manual_seed(1)
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+    conv, peak = _sliced_step(lambda: nn.Conv2d(32, 64, 3, padding=1, groups=groups), x, chunks)
     weight = conv.weight.numel() * 4
-    assert tracker.peak < 2 * 64 * 8 * 8 * 4 + x.numel() * 4 + weight / 2  # output, grad of x, a slice: never the whole
+    assert peak < 2 * 64 * 8 * 8 * 4 + x.numel() * 4 + weight / 2  # output, grad of x, a slice: never the whole
 
 
 def test_under_deterministic_algorithms_autograd_is_handed_a_dense_zero():
-    torch.manual_seed(0)
-    model, reference, x = WideHead(), WideHead(), torch.randn(2, 3, 4, 4)
-    reference.load_state_dict(model.state_dict())
+    model, reference, x = _twins(WideHead, 2, 3, 4, 4)
     rewritten = _rewritten(model)
     _zeroed(model), _zeroed(reference)
     torch.use_deterministic_algorithms(True)
@@ -221,45 +228,22 @@ def test_more_strategies_never_name_a_higher_minimum(build):
 
 @pytest.mark.parametrize("dims", [1, 3])
 def test_one_and_three_dimensional_convolutions_add_the_same_gradients_slice_by_slice(dims):
-    torch.manual_seed(0)
     kind = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
-    conv, reference = kind(16, 64, 3, padding=1, stride=2), kind(16, 64, 3, padding=1, stride=2)
-    reference.load_state_dict(conv.state_dict())
+    torch.manual_seed(1)
     x = torch.randn(2, 16, *(6,) * dims, requires_grad=True)
-    for module in (conv, reference):
-        _zeroed(module)
-    with StorageTracker() as tracker:
-        accumulate_ops.conv(x, conv, 4).sum().backward()
-    grad_x = x.grad.clone()
-    x.grad = None
-    reference(x).sum().backward()
-    torch.testing.assert_close(grad_x, x.grad)
-    for mine, theirs in ((conv.weight, reference.weight), (conv.bias, reference.bias)):
-        torch.testing.assert_close(mine.grad, theirs.grad)
+    conv, peak = _sliced_step(lambda: kind(16, 64, 3, padding=1, stride=2), x, 4)
     output = 2 * 64 * 3 ** dims * 4
-    assert tracker.peak < output + x.numel() * 4 + conv.weight.numel() * 4 / 2  # a quarter of the weight at a time
+    assert peak < output + x.numel() * 4 + conv.weight.numel() * 4 / 2  # a quarter of the weight at a time
 
 
 @pytest.mark.parametrize("dims", [2, 3])
 def test_a_transposed_convolution_adds_the_same_gradients_slice_by_slice(dims):
-    torch.manual_seed(0)
     kind = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
-    conv = kind(64, 16, 3, stride=2, padding=1, output_padding=1)
-    reference = kind(64, 16, 3, stride=2, padding=1, output_padding=1)
-    reference.load_state_dict(conv.state_dict())
+    torch.manual_seed(1)
     x = torch.randn(2, 64, *(3,) * dims, requires_grad=True)
-    for module in (conv, reference):
-        _zeroed(module)
-    with StorageTracker() as tracker:
-        accumulate_ops.conv(x, conv, 4).sum().backward()
-    grad_x = x.grad.clone()
-    x.grad = None
-    reference(x).sum().backward()
-    torch.testing.assert_close(grad_x, x.grad)
-    for mine, theirs in ((conv.weight, reference.weight), (conv.bias, reference.bias)):
-        torch.testing.assert_close(mine.grad, theirs.grad)
+    conv, peak = _sliced_step(lambda: kind(64, 16, 3, stride=2, padding=1, output_padding=1), x, 4)
     output = 2 * 16 * 6 ** dims * 4
-    assert tracker.peak < output + x.numel() * 4 * 5 / 4 + conv.weight.numel() * 4 / 2  # a slice of x and of the weight
+    assert peak < output + x.numel() * 4 * 5 / 4 + conv.weight.numel() * 4 / 2  # a slice of x and of the weight
 
 
 class Decoder(nn.Module):
@@ -276,9 +260,7 @@ class Decoder(nn.Module):
 
 
 def test_a_plan_over_transposed_convolutions_is_predicted_to_the_byte_and_trains_like_eager():
-    torch.manual_seed(0)
-    model, reference, x = Decoder(), Decoder(), torch.randn(2, 512, 2, 2)
-    reference.load_state_dict(model.state_dict())
+    model, reference, x = _twins(Decoder, 2, 512, 2, 2)
     eager = rewriter.measure_peak(model, x)
     optimized = rewriter.optimize(model, eager // 2, x)
     assert dict(optimized.plan.accumulated).keys() == {"up1", "up2"}
