@@ -704,9 +704,13 @@ def profile_graph(
     with _fixed_momentum(gm):
         costs = _Profiler(gm, example_inputs, loss_fn, opaque, flops=flops).run()
         if over_batch:
-            costs = _affine_fit(costs, _Profiler(gm, example_inputs, loss_fn, opaque, batch=costs.example_batch + 1,
-                                                 flops=flops).run(),
-                                costs.example_batch)
+            def at(batch: int) -> Costs:
+                return _Profiler(gm, example_inputs, loss_fn, opaque, batch=batch, flops=flops).run()
+
+            if costs.example_batch == 1:  # a kernel may differ at batch 1: the line through 2 and 3, batch 1 as traced
+                costs = _at_one(costs, _affine_fit(at(2), at(3), 2))
+            else:
+                costs = _affine_fit(costs, at(costs.example_batch + 1), costs.example_batch)
         else:
             costs.batch_symbolic = False
     costs.held_until = dict(held_until or {})
@@ -730,15 +734,19 @@ def _fixed_momentum(gm: fx.GraphModule):
             norm.momentum = None
 
 
+def _same_structure(first: Costs, second: Costs) -> bool:
+    """Whether two traces made the same allocations and frees in the same order."""
+    return len(first.nodes) == len(second.nodes) and all(
+        [e[:2] for e in a.fwd_events + a.bwd_events] == [e[:2] for e in b.fwd_events + b.bwd_events]
+        for a, b in zip(first.nodes, second.nodes)
+    )
+
+
 def _affine_fit(first: Costs, second: Costs, batch: int) -> Costs:
     """Costs whose counts are a*batch + c through the counts of two static traces at
     `batch` and `batch + 1`; if the traces differ in structure, the costs of the first
     alone, marked as valid at that batch only."""
-    same = len(first.nodes) == len(second.nodes) and all(
-        [e[:2] for e in a.fwd_events + a.bwd_events] == [e[:2] for e in b.fwd_events + b.bwd_events]
-        for a, b in zip(first.nodes, second.nodes)
-    )
-    if not same:
+    if not _same_structure(first, second):
         log.warning("the graph's allocations change with the batch size; costs hold at batch %d only", batch)
         first.batch_symbolic = False
         return first
@@ -757,3 +765,33 @@ def _affine_fit(first: Costs, second: Costs, batch: int) -> Costs:
     first.sizes = {uid: fit(first.sizes[uid], second.sizes[uid]) for uid in first.sizes}
     first.example_batch = batch
     return first
+
+
+def _at_one(one: Costs, fitted: Costs) -> Costs:
+    """The trace at batch 1 (`one`), each count made the line of `fitted` (affine in
+    the batch, from traces at 2 and 3), or a piecewise expression that is its traced
+    value at batch 1 where that is off the line: on CPU, a 3-D transposed convolution
+    runs another kernel at batch 1 in float32 (kernel_storage), whose output's storage
+    is not a batch's share of batch 2's. Counts at batch 1 only if the traces differ
+    in structure."""
+    if not fitted.batch_symbolic or not _same_structure(one, fitted):
+        log.warning("the graph's allocations change with the batch size; costs hold at batch 1 only")
+        one.batch_symbolic = False
+        return one
+
+    def exact_at_one(line: sympy.Expr, value: sympy.Expr) -> sympy.Expr:
+        if line.xreplace({BATCH: 1}) == value:
+            return line
+        return sympy.Piecewise((value, sympy.Eq(BATCH, 1)), (line, True))
+
+    def events(values, lines):
+        return tuple((kind, uid, exact_at_one(x, y)) for (kind, uid, y), (_, _, x) in zip(values, lines))
+
+    for value, line in zip(one.nodes, fitted.nodes):
+        value.fwd_events, value.bwd_events = events(value.fwd_events, line.fwd_events), events(value.bwd_events,
+                                                                                            line.bwd_events)
+        value.nbytes = tuple(exact_at_one(x, y) for x, y in zip(line.nbytes, value.nbytes))
+        value.fwd_flops = exact_at_one(line.fwd_flops, value.fwd_flops)
+        value.bwd_flops = exact_at_one(line.bwd_flops, value.bwd_flops)
+    one.sizes = {uid: exact_at_one(fitted.sizes[uid], one.sizes[uid]) for uid in one.sizes}
+    return one

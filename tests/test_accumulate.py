@@ -267,3 +267,21 @@ def test_a_plan_over_transposed_convolutions_is_predicted_to_the_byte_and_trains
     assert rewriter.measure_peak(optimized, x) == optimized.plan.predicted_peak_bytes <= eager // 2
     _zeroed(reference)
     assert_trains_like(reference, model, _zeroed(optimized), x)
+
+
+def test_a_monai_volume_unet_whose_peak_is_a_slow_transposed_convolution_is_predicted_to_the_byte():
+    """Found on MONAI's 3-D UNet: at half its peak the plan is accumulate alone, and its
+    peak sits where the last transposed convolution's output (32 to 2 channels, batch 1,
+    on CPU's SlowTranspose3d kernel) lives on a storage as large as its input."""
+    nets = pytest.importorskip("monai.networks.nets")
+
+    def build():
+        return nets.UNet(3, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2).train()
+
+    model, reference, x = _twins(build, 1, 1, 16, 16, 16)
+    eager = rewriter.measure_peak(model, x)
+    optimized = rewriter.optimize(model, eager // 2, x)
+    assert [d.strategy for d in optimized.plan.decisions] == ["accumulate"]
+    assert rewriter.measure_peak(optimized, x) == optimized.plan.predicted_peak_bytes <= eager // 2
+    _zeroed(reference)
+    assert_trains_like(reference, model, _zeroed(optimized), x)

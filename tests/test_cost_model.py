@@ -260,3 +260,35 @@ def test_selective_segments_profile_as_composed_without_a_saved_tensors_hooks_wa
     assert not [w for w in caught if "saved_tensors_hooks" in str(w.message)]
     assert 0 <= plan.predicted_peak_bytes - simulate(planner.composed(modes)).peak_bytes <= 4
     assert plan.predicted_peak_bytes - rewriter.measure_peak(gm, x) in (0, 4)
+
+
+class _TransposedNarrowing(nn.Module):
+    """A 3-D transposed convolution from 8 channels to 2, its output saved by the next
+    convolution: on CPU at batch 1 in float32 (any batch in float64) it runs the
+    SlowTranspose3d kernel, which returns its output on a storage as large as its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.ConvTranspose3d(8, 2, 3, padding=1),
+                                  nn.Conv3d(2, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 1, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_narrowing_3d_transposed_convolution_is_predicted_to_the_byte_at_every_batch(dtype):
+    """Its larger storage at batch 1 is counted (kernel_storage probes the kernel), and
+    the costs over the batch from a batch-1 example hold at batch 1 and past it (the
+    line through batches 2 and 3; batch 1 as traced, where float32 runs another kernel)."""
+    torch.manual_seed(0)
+    model = _TransposedNarrowing().to(dtype).train()
+    x = torch.randn(1, 1, 12, 12, 12, dtype=dtype)
+    layer = model.body[1]
+    output = layer(torch.randn(1, 8, 12, 12, 12, dtype=dtype))
+    assert output.untyped_storage().nbytes() == 4 * output.numel() * output.element_size()  # what is modelled
+    costs = cost_model(model, x, over_batch=True)
+    for batch in (1, 2, 3, 5):
+        measured = rewriter.measure_peak(model, torch.randn(batch, 1, 12, 12, 12, dtype=dtype))
+        assert simulate(costs, batch).peak_bytes == measured, batch
+    assert simulate(cost_model(model, x)).peak_bytes == rewriter.measure_peak(model, x)
