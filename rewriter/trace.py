@@ -16,7 +16,10 @@ rewritten module to run after `.eval()` (`with_eval_path`).
 While tracing, `torch.jit.isinstance(value, torch.Tensor)` of a traced value is True
 (a traced value stands for a tensor): answered False, MONAI's `UpCat` left out its
 skip connection and the graph was another network. Asked of any other type, it
-stops the trace, and the module is kept as an opaque leaf.
+stops the trace, and the module is kept as an opaque leaf. `torch.as_tensor` of a
+traced value (MONAI's HighResNet wraps its blocks' outputs in it) is that value, or
+with a dtype or device, a node that converts it; symbolic tracing cannot follow
+torch's own (it reads the value's `__cuda_array_interface__`).
 """
 
 from __future__ import annotations
@@ -172,21 +175,29 @@ class _SizedAttribute(_Concrete, fx.proxy.Attribute):
 
 @contextlib.contextmanager
 def _traced_values_as_tensors():
-    """`torch.jit.isinstance` answering for traced values (see the module docstring)."""
-    original = torch.jit.isinstance
+    """`torch.jit.isinstance` answering for traced values, and `torch.as_tensor` taking
+    them (see the module docstring)."""
+    isinstance_of, as_tensor = torch.jit.isinstance, torch.as_tensor
 
     def answer(value, target_type):
         if isinstance(value, fx.Proxy):
             if target_type is torch.Tensor:
                 return True
             raise fx.proxy.TraceError(f"torch.jit.isinstance({value}, {target_type}) asks the type of a traced value")
-        return original(value, target_type)
+        return isinstance_of(value, target_type)
 
-    torch.jit.isinstance = answer
+    def as_tensor_of(data, *args, **kwargs):
+        if not isinstance(data, fx.Proxy):
+            return as_tensor(data, *args, **kwargs)
+        if not args and all(v is None for v in kwargs.values()):
+            return data  # a tensor as it is: the same tensor
+        return data.tracer.create_proxy("call_function", as_tensor, (data, *args), kwargs)
+
+    torch.jit.isinstance, torch.as_tensor = answer, as_tensor_of
     try:
         yield
     finally:
-        torch.jit.isinstance = original
+        torch.jit.isinstance, torch.as_tensor = isinstance_of, as_tensor
 
 
 class Captured:

@@ -34,12 +34,20 @@ def basic_unet() -> torch.nn.Module:
     return nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(8, 8, 16, 16, 32, 8)).train()
 
 
-@pytest.mark.parametrize("make", [deep_dynunet, basic_unet])
+def highresnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return nets.HighResNet(spatial_dims=2, in_channels=1, out_channels=2).train()
+
+
+@pytest.mark.parametrize("make", [deep_dynunet, basic_unet, highresnet])
 def test_monai_networks_are_predicted_as_measured(make):
     """Issue 21: DynUNet's in-place LeakyReLU on InstanceNorm's views was predicted 9%
     low; BasicUNet's skip connections were traced out (torch.jit.isinstance of a
     traced value) and its profile failed. BasicUNet's UpCats branch on sizes (padding
-    odd edges) and len(x.shape): traced on the inputs' sizes, not opaque leaves."""
+    odd edges) and len(x.shape): traced on the inputs' sizes, not opaque leaves.
+    HighResNet wraps each block's output in torch.as_tensor, which symbolic tracing
+    could not follow: every block was an opaque leaf, and the network itself could not
+    be captured."""
     model, x = make(), torch.randn(2, 1, 64, 64)
     measured = rewriter.measure_peak(model, x)
     plan = rewriter.explain(model, x)

@@ -93,3 +93,26 @@ def test_a_traced_value_is_a_tensor_to_torch_jit_isinstance():
     assert any(n.target is torch.cat for n in captured.gm.graph.nodes)
     torch.testing.assert_close(captured.gm(x), model(x))
     assert torch.jit.isinstance([1], list[int])  # put back after tracing
+
+
+class _AsTensor(nn.Module):
+    """Wraps outputs in torch.as_tensor as MONAI's HighResNet does, once to float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.as_tensor(self.conv(x)) + torch.as_tensor(x)
+        return torch.as_tensor(y, dtype=torch.float64) * 2
+
+
+def test_torch_as_tensor_of_a_traced_value_is_that_value_or_its_conversion():
+    model, x = _AsTensor(), torch.randn(2, 4, 8, 8)
+    captured = capture(model)
+    assert captured.opaque == ()
+    assert [n.kwargs for n in captured.gm.graph.nodes if n.target is torch.as_tensor] == [{"dtype": torch.float64}]
+    out = captured.gm(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, model(x))
+    assert torch.as_tensor([1.0]).tolist() == [1.0]  # put back after tracing
