@@ -82,9 +82,9 @@ def _storages(nodes: list[NodeCost]) -> dict[tuple[str, int], int | None]:
 
 def owns_output(costs: Costs, members: tuple[str, ...]) -> bool:
     """Whether the last of `members` makes its output on memory of their own (else a
-    checkpoint of them returns a view of its input: no segment; `checkpoint_record`
-    refuses it)."""
-    return _storages([costs.by_name[m] for m in members])[(members[-1], 0)] is not None
+    checkpoint of them returns a view of its input, or no tensor at all, as a run that
+    ends in `x.shape[0]`: no segment; `checkpoint_record` refuses it)."""
+    return _storages([costs.by_name[m] for m in members]).get((members[-1], 0)) is not None
 
 
 def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[str] = frozenset(),

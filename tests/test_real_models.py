@@ -39,7 +39,12 @@ def highresnet() -> torch.nn.Module:
     return nets.HighResNet(spatial_dims=2, in_channels=1, out_channels=2).train()
 
 
-@pytest.mark.parametrize("make", [deep_dynunet, basic_unet, highresnet])
+def efficientnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return nets.EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=2, in_channels=1, num_classes=2).train()
+
+
+@pytest.mark.parametrize("make", [deep_dynunet, basic_unet, highresnet, efficientnet])
 def test_monai_networks_are_predicted_as_measured(make):
     """Issue 21: DynUNet's in-place LeakyReLU on InstanceNorm's views was predicted 9%
     low; BasicUNet's skip connections were traced out (torch.jit.isinstance of a
@@ -47,7 +52,9 @@ def test_monai_networks_are_predicted_as_measured(make):
     odd edges) and len(x.shape): traced on the inputs' sizes, not opaque leaves.
     HighResNet wraps each block's output in torch.as_tensor, which symbolic tracing
     could not follow: every block was an opaque leaf, and the network itself could not
-    be captured."""
+    be captured. EfficientNet's drop connect reads `x.shape[0]` after a convolution: a
+    run of nodes ending in that int was taken for a segment, and planning failed
+    (KeyError)."""
     model, x = make(), torch.randn(2, 1, 64, 64)
     measured = rewriter.measure_peak(model, x)
     plan = rewriter.explain(model, x)
