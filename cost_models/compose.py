@@ -38,6 +38,7 @@ def _shifted(node: NodeCost, offset: int) -> NodeCost:
         bwd_events=_shift_events(node.bwd_events, offset),
         grad_inputs=tuple((e, _shift_ref(r, offset)) for e, r in node.grad_inputs),
         param_grads=tuple(u + offset for u in node.param_grads),
+        param_keys=node.param_keys,
     )
 
 

@@ -53,6 +53,7 @@ class NodeCost:
     bwd_events: tuple[Event, ...] = ()
     grad_inputs: tuple[tuple[tuple[str, int], Ref], ...] = ()
     param_grads: tuple[int, ...] = ()
+    param_keys: tuple[str, ...] = ()  # the parameter each of `param_grads` is the gradient of
     bwd_flops: sympy.Expr = sympy.Integer(0)  # an opaque leaf's (counted apart); 0 for others, not counted
     many_ops: bool = False  # its backward runs several ops (a checkpointed segment, an opaque leaf)
 

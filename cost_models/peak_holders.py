@@ -39,6 +39,7 @@ class _Snapshots(_Replay):
         super().__init__(costs, batch)
         self.held: dict[int, int] = {}  # uid -> bytes, at the highest peak so far
         self.sums: dict[int, tuple[str, int]] = {}  # summed gradient storage -> its value
+        self.param_sums: dict[int, str] = {}  # summed parameter gradient storage -> the parameter
 
     def check(self, candidate: int, where: str, held: dict[int, int] | None = None) -> None:
         if candidate > self.peak:
@@ -79,6 +80,9 @@ class _Snapshots(_Replay):
     def summed(self, uid: int, element: tuple[str, int]) -> None:
         self.sums[uid] = element
 
+    def param_summed(self, uid: int, key: str) -> None:
+        self.param_sums[uid] = key
+
 
 def _kinds(costs: Costs) -> dict[int, tuple[str, str]]:
     """Each storage the step allocates -> (kind, node label)."""
@@ -118,6 +122,8 @@ def peak_holders(costs: Costs, batch: int | None = None) -> tuple[Holder, ...]:
         if uid in replay.sums:
             name = replay.sums[uid][0]
             key = ("gradient", label.get(name, name))
+        elif uid in replay.param_sums:
+            key = ("parameter gradient", replay.param_sums[uid])
         else:
             key = kinds.get(uid, ("backward temporary", "?"))
         totals[key] = totals.get(key, 0) + nbytes

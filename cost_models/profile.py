@@ -407,6 +407,7 @@ class _Profiler(OpaqueLeaves):
                     p.grad = torch.zeros_like(p)
         self.tracker.poll()
         start = len(self.tracker.events)
+        param_arrivals: list[tuple[int | None, str]] = []  # a segment's parameter gradients as they reach .grad
         with self.tracker:
             if cost.opaque:  # parameter gradients go into .grad in place, as in a real step
                 with unset_fake_temporarily():
@@ -424,6 +425,7 @@ class _Profiler(OpaqueLeaves):
                     return hook
 
                 handles = [leaf.register_hook(capture(e)) for e, leaf in targets]
+                handles += [p.register_hook(self._arrival_of(p, param_arrivals)) for p in params]
                 node = self._node[cost.name]
                 module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
                 codes = module.codes() if module is not None else _module_args(node, self.gm)
@@ -481,7 +483,7 @@ class _Profiler(OpaqueLeaves):
             if g is None:
                 continue
             if self._node[element[0]].op == "get_attr":
-                attr_grads.append(g)  # a parameter used by a function: AccumulateGrad adds it in place
+                attr_grads.append((g, self._node[element[0]].target))  # a parameter used by a function: added in place
                 continue
             if cost.opaque:
                 ref = ("new", self.tracker.uid_of(g)) if self.tracker.uid_of(g) in new_uids else ("external",)
@@ -496,14 +498,14 @@ class _Profiler(OpaqueLeaves):
                        else ("new", uid) if uid in new_uids else ("external",))
             grad_inputs.append((element, ref))
             self._accumulate(element, g)
-        param_uids = tuple(
-            self.tracker.uid_of(g) for g in [*param_results, *attr_grads]
-            if g is not None and self.tracker.uid_of(g) in new_uids
-        )
+        made = [(self.tracker.uid_of(g), self._param_key(p)) for p, g in zip(params, param_results) if g is not None]
+        made += [(self.tracker.uid_of(g), key) for g, key in attr_grads]
+        made = [(uid, key) for uid, key in made + param_arrivals if uid in new_uids and key is not None]
         cost.has_backward = True
         cost.bwd_events = tuple((kind, uid, _as_expr(b)) for kind, uid, b in events)
         cost.grad_inputs = tuple(grad_inputs)
-        cost.param_grads = param_uids
+        cost.param_grads = tuple(uid for uid, _ in made)
+        cost.param_keys = tuple(key for _, key in made)
         if cost.opaque:  # its backward's FLOPs, counted apart; others' are not counted (nothing reads them)
             cost.bwd_flops = self._apart_bwd_flops.pop(cost.name)
 
@@ -519,6 +521,24 @@ class _Profiler(OpaqueLeaves):
             for module, state in states:
                 stack.enter_context(_reparametrize_module(module, state))
             yield
+
+    def _param_key(self, fake: torch.Tensor) -> str | None:
+        """The name of the parameter `fake` stands for (one name for a shared one)."""
+        if not hasattr(self, "_param_names"):
+            self._param_names = {id(self.fake_of[id(p)]): name for name, p in self.gm.named_parameters()
+                                 if id(p) in self.fake_of}
+        return self._param_names.get(id(fake))
+
+    def _arrival_of(self, fake: torch.Tensor, arrivals: list):
+        """A hook on a parameter's fake that notes the storage of each gradient it gets,
+        before `.grad` takes it in (a sparse stand-in, passes.accumulate's, is none)."""
+        key = self._param_key(fake)
+
+        def hook(grad):
+            if grad.layout == torch.strided:
+                self.tracker.poll()
+                arrivals.append((self.tracker.uid_of(grad), key))
+        return hook
 
     def _into_grad(self, name: str) -> bool:
         """A node that adds its weight's gradient into `.grad` (passes.accumulate_ops)."""

@@ -182,10 +182,16 @@ class _Replay:
     # ---- backward --------------------------------------------------------------------------
     def backward(self) -> None:
         slots: dict[tuple[str, int], int] = {}  # value element -> storage of its gradient
+        # a parameter several nodes read gets its gradient from each: autograd holds the
+        # first in AccumulateGrad's buffer, sums each next into it (out of place, as for
+        # values), and adds the sum into `.grad` after the last (in backward order)
+        producers = collections.Counter(key for node in self.costs.nodes if node.has_backward for key in node.param_keys)
+        pending: dict[str, int] = {}  # parameter -> the storage of its gradient so far
         for node in reversed(self.costs.nodes):
             if not node.has_backward:
                 continue
             events = self.summed_inside(node, slots) if node.many_ops else node.bwd_events
+            events, inside, after = self.shared_parameters(node, events, producers, pending)
             self.window(events, f"backward {node.label}", lambda k, name=node.name: slots.get((name, k)),
                         lambda k, name=node.name: self.storage.get((name, k)),
                         lambda node=node: [self.storage.get(e) for e in node.held_inputs()])
@@ -214,12 +220,82 @@ class _Replay:
                 self.release(self.resolve(ref))
             for uid in node.internal:
                 self.release(uid)
+            for uid, kept in inside:  # a parameter's gradient summed inside the node: what it holds now
+                if kept is not None:
+                    self.live += self.size[kept]
+                    self.hold(kept)
             for element, uid in incoming:  # the engine sums each input gradient into its buffer
                 self.accumulate(slots, element, uid, node.label)  # while all the node's results live
+            for key, uid in after:  # a parameter's gradient made as the node ends, summed with the others
+                self.buffer(pending, key, uid, producers[key] > 0, node.label)
             for uid in allocated:  # drop the allocation's own hold: what a slot holds stays,
                 if uid not in freed:  # parameter gradients and temporaries die here
                     self.release(uid)
+            for uid, _ in inside:
+                self.release(uid)
             self.timeline.append((f"backward {node.label}", self.live))
+
+    def shared_parameters(self, node, events, producers: collections.Counter, pending: dict[str, int]):
+        """The node's events with the gradients of parameters that other nodes read too
+        held or summed as autograd does (see `backward`); and what to do after its
+        window: `inside`, (earlier sum let go, the storage now held for the parameter or
+        None) for each summed inside it; `after`, (parameter, storage) for each made
+        as it ends. `producers` counts down the nodes still to make each parameter's."""
+        inside, after = [], []
+        freed = {uid for kind, uid, _ in events if kind == "free"}
+        for uid, key in zip(node.param_grads, node.param_keys):
+            producers[key] -= 1
+            last = producers[key] == 0
+            if last and key not in pending:
+                continue  # read by this node alone: into `.grad` as it comes
+            if uid not in freed:  # held to the node's end (a single op's): summed there
+                after.append((key, uid))
+                continue
+            earlier = pending.pop(key, None)  # a node of many ops: `.grad` took it inside; the buffer does
+            at = next(i for i, e in enumerate(events) if e[0] == "alloc" and e[1] == uid) + 1
+            added = []
+            if earlier is not None:
+                self.fresh -= 1
+                total = self.fresh
+                self.size[total] = self.size[uid]
+                self.param_summed(total, key)
+                added = [("alloc", total, 0), ("free", uid, 0), ("free", earlier, 0)]
+            else:
+                total = uid
+            rest = [e for e in events[at:] if not (e[0] == "free" and e[1] == uid)]
+            if last:  # the sum goes into `.grad` where the node's own gradient went
+                spot = next(i for i, e in enumerate(events[at:]) if e[0] == "free" and e[1] == uid)
+                rest = list(events[at:at + spot]) + [("free", total, 0)] + list(events[at + spot + 1:])
+                inside.append((earlier, None))
+            else:
+                pending[key] = total
+                inside.append((earlier, total))
+            events = list(events[:at]) + added + rest
+            freed = {u for kind, u, _ in events if kind == "free"}
+        return events, [(e, k) for e, k in inside if e is not None or k is not None], after
+
+    def buffer(self, pending: dict[str, int], key: str, uid: int, more: bool, where: str) -> None:
+        """Parameter `key`'s gradient `uid`, made as a node ends, into its buffer: summed
+        out of place with the one held (a fresh tensor, both let go); held there while
+        `more` nodes are still to make theirs, else (added into `.grad`) let go."""
+        earlier = pending.pop(key, None)
+        if earlier is not None:
+            self.fresh -= 1
+            self.size[self.fresh] = self.size[uid]
+            self.param_summed(self.fresh, key)
+            self.live += self.size[self.fresh]
+            self.hold(self.fresh)
+            self.check(self.live, f"backward {where}")
+            self.release(earlier)
+            uid, earlier = self.fresh, uid
+            if not more:
+                self.release(uid)
+                return
+            pending[key] = uid  # the node's own is let go with its other results
+            return
+        if more:
+            self.hold(uid)  # kept past the node's end
+            pending[key] = uid
 
     def summed_inside(self, node, slots) -> list:
         """The backward events of a node of several ops, with each gradient it hands on
@@ -263,6 +339,9 @@ class _Replay:
 
     def summed(self, uid: int, element: tuple[str, int]) -> None:
         """`accumulate` made storage `uid` for the summed gradient of `element`."""
+
+    def param_summed(self, uid: int, key: str) -> None:
+        """Storage `uid` is the summed gradient of parameter `key` (`shared_parameters`)."""
 
     def accumulate(self, slots, element, uid, where: str) -> None:
         """Sum gradients that meet at a value. Under the CPU measurement mode autograd

@@ -292,3 +292,34 @@ def test_a_narrowing_3d_transposed_convolution_is_predicted_to_the_byte_at_every
         measured = rewriter.measure_peak(model, torch.randn(batch, 1, 12, 12, 12, dtype=dtype))
         assert simulate(costs, batch).peak_bytes == measured, batch
     assert simulate(cost_model(model, x)).peak_bytes == rewriter.measure_peak(model, x)
+
+
+class _SharedAcross(nn.Module):
+    """One convolution called on two branches: backward reaches its second call first,
+    and autograd holds that weight gradient until the first call's (past the large
+    branch between them), then sums the two."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Conv2d(32, 32, 3, padding=1)
+        self.expand = nn.Conv2d(32, 256, 3, padding=1)
+        self.reduce = nn.Conv2d(256, 32, 3, padding=1)
+        self.pre = nn.Conv2d(32, 32, 1)
+
+    def forward(self, x):
+        h = self.reduce(torch.relu(self.expand(torch.relu(self.shared(x)))))
+        return h + self.shared(torch.relu(self.pre(x)))
+
+
+def test_a_parameter_read_twice_holds_its_first_gradient_until_the_last():
+    torch.manual_seed(0)
+    model, x = _SharedAcross().train(), torch.randn(2, 32, 8, 8)
+    measured = rewriter.measure_peak(model, x)
+    costs = cost_model(model, x)
+    assert simulate(costs).peak_bytes == measured
+    holders = {(kind, node): nbytes for kind, node, nbytes in rewriter.explain(model, x).peak_held_by}
+    weight = model.shared.weight.numel() * 4
+    assert holders.get(("parameter gradient", "shared")) == weight + model.shared.bias.numel() * 4
+    with pytest.raises(rewriter.BudgetError) as error:  # the plan that once fit on paper, not when measured
+        rewriter.optimize(model, int(0.95 * measured), x, strategies="recompute")
+    assert error.value.minimum_bytes >= measured * 0.95

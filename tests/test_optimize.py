@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 import rewriter
 from examples.zoo import ZOO
+from rewriter.measure import default_loss
 from rewriter.passes.recompute import RecomputeSegment, segments
 from rewriter.passes.registry import Decision
 from rewriter.trace import capture
@@ -19,11 +21,13 @@ from rewriter.pipeline import parse_budget
 from tests.conftest import MiB
 
 
-def train_step(model: nn.Module, x: torch.Tensor, seed: int = 7) -> torch.Tensor:
+def train_step(model: nn.Module, x: torch.Tensor, seed: int = 7):
+    """One forward and backward of the default loss (the sum of every floating output);
+    the outputs, detached."""
     torch.manual_seed(seed)  # the same dropout masks for both
     out = model(x)
-    out.sum().backward()
-    return out.detach()
+    default_loss(out).backward()
+    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
 
 
 def assert_trains_like(reference: nn.Module, model: nn.Module, optimized: nn.Module, x: torch.Tensor,
