@@ -425,7 +425,8 @@ class _Profiler(OpaqueLeaves):
                     return hook
 
                 handles = [leaf.register_hook(capture(e)) for e, leaf in targets]
-                handles += [p.register_hook(self._arrival_of(p, param_arrivals)) for p in params]
+                handles += [torch.autograd.graph.get_gradient_edge(p).node.register_prehook(
+                    self._arrival_of(p, param_arrivals)) for p in params]
                 node = self._node[cost.name]
                 module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
                 codes = module.codes() if module is not None else _module_args(node, self.gm)
@@ -530,12 +531,15 @@ class _Profiler(OpaqueLeaves):
         return self._param_names.get(id(fake))
 
     def _arrival_of(self, fake: torch.Tensor, arrivals: list):
-        """A hook on a parameter's fake that notes the storage of each gradient it gets,
-        before `.grad` takes it in (a sparse stand-in, passes.accumulate's, is none)."""
+        """A hook on the AccumulateGrad of a parameter's fake that notes the storage of
+        each gradient it gets, before `.grad` takes it in (a sparse stand-in, from
+        passes.accumulate, is none; a hook on the parameter itself would turn that
+        rewrite's in-place path off)."""
         key = self._param_key(fake)
 
-        def hook(grad):
-            if grad.layout == torch.strided:
+        def hook(grads):
+            grad = grads[0]
+            if grad is not None and grad.layout == torch.strided:
                 self.tracker.poll()
                 arrivals.append((self.tracker.uid_of(grad), key))
         return hook
