@@ -163,6 +163,15 @@ class _Concrete:
     def __float__(self) -> float:
         return self.tracer.concrete(self, float)
 
+    def __iter__(self):
+        """The items of a traced sequence whose length the inputs give (`for size in
+        x.shape[2:]`); anything else as torch.fx iterates it (a tuple unpacked)."""
+        try:
+            count = self.tracer.length(self)
+        except fx.proxy.TraceError:
+            return super().__iter__()
+        return iter([self[index] for index in range(count)])
+
 
 class _SizedProxy(_Concrete, fx.Proxy):
     def __getattr__(self, name: str) -> "_SizedAttribute":

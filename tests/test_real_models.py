@@ -44,7 +44,12 @@ def efficientnet() -> torch.nn.Module:
     return nets.EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=2, in_channels=1, num_classes=2).train()
 
 
-@pytest.mark.parametrize("make", [deep_dynunet, basic_unet, highresnet, efficientnet])
+def segresnet_ds() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return nets.SegResNetDS(spatial_dims=2, init_filters=8, in_channels=1, out_channels=2).train()
+
+
+@pytest.mark.parametrize("make", [deep_dynunet, basic_unet, highresnet, efficientnet, segresnet_ds])
 def test_monai_networks_are_predicted_as_measured(make):
     """Issue 21: DynUNet's in-place LeakyReLU on InstanceNorm's views was predicted 9%
     low; BasicUNet's skip connections were traced out (torch.jit.isinstance of a
@@ -54,7 +59,8 @@ def test_monai_networks_are_predicted_as_measured(make):
     could not follow: every block was an opaque leaf, and the network itself could not
     be captured. EfficientNet's drop connect reads `x.shape[0]` after a convolution: a
     run of nodes ending in that int was taken for a segment, and planning failed
-    (KeyError)."""
+    (KeyError). SegResNetDS checks its input's sizes with a loop over `x.shape[2:]`,
+    which symbolic tracing could not iterate: the network could not be captured."""
     model, x = make(), torch.randn(2, 1, 64, 64)
     measured = rewriter.measure_peak(model, x)
     plan = rewriter.explain(model, x)

@@ -116,3 +116,26 @@ def test_torch_as_tensor_of_a_traced_value_is_that_value_or_its_conversion():
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, model(x))
     assert torch.as_tensor([1.0]).tolist() == [1.0]  # put back after tracing
+
+
+class _ChecksSizes(nn.Module):
+    """Checks its input's sizes in a loop over them, as MONAI's SegResNetDS does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        if not all(size % 4 == 0 for size in x.shape[2:]):
+            raise ValueError("sizes must be multiples of 4")
+        height, width = x.shape[2:]
+        return self.conv(x)[:, :, : height // 2, : width // 2]
+
+
+def test_a_loop_over_the_input_sizes_is_traced_for_the_example_inputs():
+    model, x = _ChecksSizes(), torch.randn(2, 4, 8, 12)
+    captured = capture(model, inputs=(x,))
+    assert captured.opaque == ()
+    torch.testing.assert_close(captured.gm(x), model(x))
+    with pytest.raises(Exception, match="captured for inputs"):  # a size the check took as a multiple of 4
+        captured.gm(torch.randn(2, 4, 8, 10))
