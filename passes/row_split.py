@@ -39,7 +39,7 @@ __all__ = ["Chain", "Tilings", "AXES", "GRANULARITIES", "TILES", "MODES", "KEY",
            "apply", "rewrite", "chain_over", "steps_of", "tiles_for", "tiling"]
 
 GRANULARITIES = ("block", "whole")
-TILES = (4, 16)  # the tile counts offered per chain
+TILES = (4, 16, 32)  # the tile counts offered per chain
 MODES = {f"rows{t}": t for t in TILES}  # a chain's options, by name: its tile count
 KEY = "rows:"  # a chain's candidate key: this prefix and the chain's output
 MAX_NORMS = 8  # normalisations per chain: each costs a sweep over the nodes before it
