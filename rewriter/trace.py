@@ -25,8 +25,10 @@ torch's own (it reads the value's `__cuda_array_interface__`).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import operator
+import sys
 import types
 from typing import Any
 
@@ -78,6 +80,38 @@ class _ModuleTracer(fx.Tracer):
         finally:
             self.path_stack.pop()
 
+
+    def trace(self, root, concrete_args=None):
+        """`fx.Tracer.trace`, noting as each traced forward returns the values its local
+        variables still name (`_note_locals`)."""
+        codes = set()
+        for module in root.modules() if isinstance(root, nn.Module) else ():
+            for forward in (type(module).forward, module.forward):
+                code = getattr(inspect.unwrap(getattr(forward, "__func__", forward)), "__code__", None)
+                if code is not None:
+                    codes.add(code)
+        previous = sys.getprofile()
+
+        def returned(frame, event, arg):
+            if event == "return" and frame.f_code in codes:
+                self._note_locals(frame.f_locals)
+            if previous is not None:
+                previous(frame, event, arg)
+
+        sys.setprofile(returned)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            sys.setprofile(previous)
+
+    def _note_locals(self, names: dict) -> None:
+        """Eager Python keeps what a forward's local variables name alive until it returns
+        (`features = [...]` read by one op, then the loss; `x_0_0` of a UNet++ read by
+        the next layer, kept to the end): each such value is held to the call's last node."""
+        last = next(iter(reversed(self.graph.nodes)), None)
+        for value in tree_flatten(list(names.values()))[0]:
+            if isinstance(value, fx.Proxy) and last is not None and value.node is not last:
+                self.held_until[value.node.name] = last.name
 
     def _note_argument_lifetimes(self, args, kwargs) -> None:
         """Eager Python keeps a module call's arguments alive until the call returns, even

@@ -323,3 +323,23 @@ def test_a_parameter_read_twice_holds_its_first_gradient_until_the_last():
     with pytest.raises(rewriter.BudgetError) as error:  # the plan that once fit on paper, not when measured
         rewriter.optimize(model, int(0.95 * measured), x, strategies="recompute")
     assert error.value.minimum_bytes >= measured * 0.95
+
+
+class _KeepsLocals(nn.Module):
+    """Keeps its features in a local list past their last use (MONAI's LocalNet, a
+    UNet++): eager Python holds them until forward returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+
+    def forward(self, x):
+        features = [head(x) + 1 for head in self.heads]  # saved by nothing: dead after the stack in a graph
+        mean = torch.stack(features).mean(0)
+        return mean * 2
+
+
+def test_values_named_by_local_variables_live_until_forward_returns():
+    torch.manual_seed(0)
+    model, x = _KeepsLocals().train(), torch.randn(2, 8, 16, 16)
+    assert simulate(cost_model(model, x)).peak_bytes == rewriter.measure_peak(model, x)
