@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from rewriter.cost_models.node_costs import Costs
 from rewriter.passes import accumulate_ops
+from rewriter.passes.layers import computes_as
 from rewriter.passes.registry import Candidate, Decision, Pricing
 
 __all__ = ["eligible", "candidates", "apply", "rewrite", "SHARE", "MAX_CHUNKS"]
@@ -34,18 +35,26 @@ SHARE = 0.01  # a weight is rewritten where its gradient is at least this share 
 MAX_CHUNKS = 16  # a convolution's weight gradient in at most this many slices
 
 
+def _kind(module: nn.Module) -> type | None:
+    """The class of `accumulate_ops.KINDS` that `module` computes as (its own, or a
+    torch.nn base of a subclass that changes only how it is made: `layers.computes_as`)."""
+    kind = computes_as(module)
+    return kind if kind in accumulate_ops.KINDS else None
+
+
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The Linear, zero-padded Conv1d/2d/3d or ungrouped ConvTranspose1d/2d/3d (exactly
-    those classes: a subclass may compute otherwise) a node calls on one input (a
-    transposed convolution: no `output_size`), whose weight trains."""
+    """The Linear, zero-padded Conv1d/2d/3d or ungrouped ConvTranspose1d/2d/3d (or a
+    subclass that computes as one, `_kind`) a node calls on one input (a transposed
+    convolution: no `output_size`), whose weight trains."""
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         return None
     module = gm.get_submodule(node.target)
-    if type(module) not in accumulate_ops.KINDS or not module.weight.requires_grad:
+    kind = _kind(module)
+    if kind is None or not module.weight.requires_grad:
         return None
-    if type(module) is not nn.Linear and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
+    if kind is not nn.Linear and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
         return None
-    if type(module) in accumulate_ops.TRANSPOSED and module.groups != 1:
+    if kind in accumulate_ops.TRANSPOSED and module.groups != 1:
         return None
     return module
 
@@ -74,9 +83,9 @@ def eligible(gm: fx.GraphModule, eager: Costs, peak: int) -> dict[str, int]:
         nbytes = module.weight.numel() * module.weight.element_size()
         if nbytes < floor:
             continue
-        chunks = 1 if type(module) is nn.Linear else min(max(2, math.ceil(nbytes / floor)), MAX_CHUNKS,
-                                                         module.weight.shape[0])
-        if type(module) is nn.Linear or chunks > 1:
+        linear = isinstance(module, nn.Linear)
+        chunks = 1 if linear else min(max(2, math.ceil(nbytes / floor)), MAX_CHUNKS, module.weight.shape[0])
+        if linear or chunks > 1:
             found[node.name] = chunks
     return found
 
@@ -116,7 +125,7 @@ def rewrite(gm: fx.GraphModule, chosen: dict[str, int]) -> fx.GraphModule:
             env[node] = graph.node_copy(node, lambda n: env[n])
             continue
         layer = graph.create_node("get_attr", node.target, name=f"rewriter_layer_{node.name}")
-        if type(gm.get_submodule(node.target)) is nn.Linear:
+        if isinstance(gm.get_submodule(node.target), nn.Linear):
             call = graph.create_node("call_function", accumulate_ops.linear, (env[node.args[0]], layer), name=node.name)
         else:
             call = graph.create_node("call_function", accumulate_ops.conv, (env[node.args[0]], layer, chosen[node.name]),

@@ -37,6 +37,7 @@ from rewriter.cost_models.saved import saved_tensors
 from rewriter.passes import compressed_ops
 from rewriter.passes.compressed_ops import BITS
 from rewriter.passes.names import fresh_name
+from rewriter.passes.layers import computes_as
 from rewriter.passes.registry import Candidate, Decision, Pricing
 
 __all__ = ["LOSSLESS", "LOSSY", "KEY", "Group", "kind", "groups", "candidates", "mode_bits", "fusable", "calibrate_bits",
@@ -102,7 +103,7 @@ def kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """What compress can do with `node`: one of LOSSLESS or LOSSY, or None."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        found = _MODULE_KINDS.get(type(module))
+        found = _MODULE_KINDS.get(computes_as(module))
         ok = found and len(node.args) == 1 and not node.kwargs and _module_ok(module, found)
         return found if ok else None
     if node.op == "call_function":

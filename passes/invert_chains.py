@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from rewriter.cost_models.in_place import mutates_an_input as _mutates_an_input
+from rewriter.passes.layers import computes_as
 
 __all__ = ["Unit", "Chain", "chains", "chain_between", "calibrate", "MAX_AMPLIFICATION", "NORM_KINDS", "MOVING"]
 
@@ -119,9 +120,9 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node) -> tuple[str, tuple] | None:
             return "elu", (float(module.alpha),)
         if isinstance(module, nn.PReLU):
             return "prelu", ()
-        if type(module) in _BATCH_NORMS and module.training:
+        if computes_as(module) in _BATCH_NORMS and module.training:
             return "batch_norm", ()
-        if type(module) in _INSTANCE_NORMS and not module.track_running_stats:
+        if computes_as(module) in _INSTANCE_NORMS and not module.track_running_stats:
             return "instance_norm", ()
         if isinstance(module, nn.GroupNorm):
             return "group_norm", ()

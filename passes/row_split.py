@@ -30,6 +30,7 @@ from torch import fx, nn
 from rewriter.passes import row_split_ops
 from rewriter.cost_models.node_costs import BATCH
 from rewriter.passes.names import fresh_name
+from rewriter.passes.layers import computes_as
 from rewriter.cost_models.in_place import mutates_an_input as _mutates_an_input
 from rewriter.passes.recompute import _ends_scope
 from rewriter.passes.registry import Candidate, Decision, Pricing
@@ -122,7 +123,7 @@ def _local(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     """(op, module or None, config) of a spatially local node, or None."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        kind = type(module)
+        kind = computes_as(module)
         if kind in _CONVS and module.padding_mode in ("zeros", "reflect", "replicate"):
             return ("conv", module, ())
         if kind in _TRANSPOSED and module.padding_mode == "zeros":

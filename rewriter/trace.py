@@ -37,6 +37,7 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_flatten
 
+from rewriter.passes.layers import computes_as
 from rewriter.passes.recompute import RecomputeSegment, adopt_structure
 from rewriter.passes.row_split_ops import tiled_chain
 from rewriter.errors import CaptureError, InputError
@@ -65,7 +66,9 @@ class _ModuleTracer(fx.Tracer):
 
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
         rewritten = isinstance(module, RecomputeSegment) or hasattr(module, "code_parameters")  # our own calls
-        return qualname in self.opaque or rewritten or super().is_leaf_module(module, qualname)
+        # a subclass of a torch.nn layer that computes as it (torchvision's Conv3DSimple) stays one call too
+        made_differently = computes_as(module) is not type(module)
+        return qualname in self.opaque or rewritten or made_differently or super().is_leaf_module(module, qualname)
 
     def call_module(self, module, forward, args, kwargs):
         self.path_stack.append(self.path_of_module(module))
