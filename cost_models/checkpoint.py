@@ -261,6 +261,10 @@ def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[st
         has_backward=any(n.has_backward for n in nodes), bwd_events=tuple(backward),
         grad_inputs=tuple((e, ("grad_out", 0) if uid == incoming else ("new", uid)) for e, uid in handed.items()),
         bwd_flops=flops, many_ops=True,
+        # the members' parameter gradients as the rerun's backward makes them (a parameter
+        # that nodes outside read too has its gradient held until theirs: simulate)
+        param_grads=tuple(remap[u] for n in nodes for u, _ in zip(n.param_grads, n.param_keys) if u in remap),
+        param_keys=tuple(k for n in nodes for u, k in zip(n.param_grads, n.param_keys) if u in remap),
     )
     return record, added
 
