@@ -6,7 +6,9 @@ originals do) under a StorageTracker and saved-tensor hooks, forward in graph or
 then backward in reverse order with the gradients its consumers produced. Shapes are
 static (a symbolic batch made the replay several times slower): one trace gives the
 costs at the example batch, and two traces (batches b and b + 1) give every count as
-an affine expression of `batch` (`over_batch=True`, what `largest_batch` asks for).
+an affine expression of `batch` (`over_batch=True`, what `largest_batch` asks for; from
+an example batch of 1, the line through batches 2 and 3, batch 1 as traced, since CPU
+kernels may differ at batch 1).
 Nothing real is allocated, except for opaque leaves whose code branches on data:
 those run for real, once, at the example batch, on copies of their parameters.
 """
@@ -721,7 +723,8 @@ def profile_graph(
 
     From one static trace, the costs hold at the example batch only (`batch_symbolic`
     False). With `over_batch`, byte counts and FLOPs are sympy expressions of `batch`,
-    each taken as affine in the batch through two static traces (batch b and b + 1).
+    each taken as affine in the batch through two static traces (batch b and b + 1;
+    for b = 1, through 2 and 3, any count off that line at 1 kept as traced there).
     Without `flops`, FLOPs are not counted (0; the counter takes about a fifth of the
     time, and a profile made to verify a plan's bytes needs none).
     """
