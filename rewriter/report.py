@@ -136,9 +136,9 @@ def largest_batch(
 ) -> int:
     """The largest batch whose predicted training-step peak fits `budget_bytes`, from two
     traces (at the example batch and one more: byte counts as expressions of the
-    batch; three from an example batch of 1). 0 if even a batch of 1 does not fit. With `optimizer`, the budget is of
-    device memory: parameters, gradients and the optimizer's state are taken off it
-    first (`device_memory.held_outside_activations`)."""
+    batch; three from an example batch of 1). 0 if even a batch of 1 does not fit.
+    With `optimizer`, the budget is of device memory: parameters, gradients and the
+    optimizer's state are taken off it first (`device_memory.held_outside_activations`)."""
     budget_bytes = _activation_budget(model, budget_bytes, optimizer)
     if budget_bytes <= 0:
         return 0
