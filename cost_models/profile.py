@@ -90,6 +90,7 @@ class _Profiler(OpaqueLeaves):
         self.costs: list[NodeCost] = []
         self._in_backward: str | None = None  # the node whose backward runs now
         self._aliases: dict[tuple[str, int], tuple[str, int]] = {}  # element -> the value it is
+        self._param_names: dict[int, str] | None = None  # id of a parameter's fake -> its name (`_param_key`)
 
     # ---- fake copies of parameters, buffers and inputs -------------------------------
     def _fake_state(self) -> None:
@@ -527,7 +528,7 @@ class _Profiler(OpaqueLeaves):
 
     def _param_key(self, fake: torch.Tensor) -> str | None:
         """The name of the parameter `fake` stands for (one name for a shared one)."""
-        if not hasattr(self, "_param_names"):
+        if self._param_names is None:  # once the fakes exist: the first backward
             self._param_names = {id(self.fake_of[id(p)]): name for name, p in self.gm.named_parameters()
                                  if id(p) in self.fake_of}
         return self._param_names.get(id(fake))

@@ -238,64 +238,64 @@ class _Replay:
     def shared_parameters(self, node, events, producers: collections.Counter, pending: dict[str, int]):
         """The node's events with the gradients of parameters that other nodes read too
         held or summed as autograd does (see `backward`); and what to do after its
-        window: `inside`, (earlier sum let go, the storage now held for the parameter or
-        None) for each summed inside it; `after`, (parameter, storage) for each made
-        as it ends. `producers` counts down the nodes still to make each parameter's."""
-        inside, after = [], []
-        freed = {uid for kind, uid, _ in events if kind == "free"}
+        window: `inside`, (earlier sum let go or None, the storage now held for the
+        parameter or None) for each summed inside it; `after`, (parameter, storage) for
+        each made as it ends. `producers` counts down the nodes still to make each
+        parameter's."""
+        inside, after, freed = [], [], None
         for uid, key in zip(node.param_grads, node.param_keys):
             producers[key] -= 1
             last = producers[key] == 0
             if last and key not in pending:
                 continue  # read by this node alone: into `.grad` as it comes
+            if freed is None:
+                freed = {u for kind, u, _ in events if kind == "free"}
             if uid not in freed:  # held to the node's end (a single op's): summed there
                 after.append((key, uid))
                 continue
-            earlier = pending.pop(key, None)  # a node of many ops: `.grad` took it inside; the buffer does
+            # a node of many ops: `.grad` took it inside; the buffer does
+            earlier = pending.pop(key, None)
             at = next(i for i, e in enumerate(events) if e[0] == "alloc" and e[1] == uid) + 1
-            added = []
+            total, added = uid, []
             if earlier is not None:
-                self.fresh -= 1
-                total = self.fresh
-                self.size[total] = self.size[uid]
-                self.param_summed(total, key)
+                total = self.new_sum(self.size[uid], key)
                 added = [("alloc", total, 0), ("free", uid, 0), ("free", earlier, 0)]
-            else:
-                total = uid
-            rest = [e for e in events[at:] if not (e[0] == "free" and e[1] == uid)]
             if last:  # the sum goes into `.grad` where the node's own gradient went
-                spot = next(i for i, e in enumerate(events[at:]) if e[0] == "free" and e[1] == uid)
-                rest = list(events[at:at + spot]) + [("free", total, 0)] + list(events[at + spot + 1:])
+                rest = [("free", total, 0) if e[:2] == ("free", uid) else e for e in events[at:]]
                 inside.append((earlier, None))
             else:
+                rest = [e for e in events[at:] if e[:2] != ("free", uid)]
                 pending[key] = total
                 inside.append((earlier, total))
             events = list(events[:at]) + added + rest
             freed = {u for kind, u, _ in events if kind == "free"}
-        return events, [(e, k) for e, k in inside if e is not None or k is not None], after
+        return events, inside, after
 
     def buffer(self, pending: dict[str, int], key: str, uid: int, more: bool, where: str) -> None:
         """Parameter `key`'s gradient `uid`, made as a node ends, into its buffer: summed
         out of place with the one held (a fresh tensor, both let go); held there while
         `more` nodes are still to make theirs, else (added into `.grad`) let go."""
         earlier = pending.pop(key, None)
-        if earlier is not None:
-            self.fresh -= 1
-            self.size[self.fresh] = self.size[uid]
-            self.param_summed(self.fresh, key)
-            self.live += self.size[self.fresh]
-            self.hold(self.fresh)
-            self.check(self.live, f"backward {where}")
-            self.release(earlier)
-            uid, earlier = self.fresh, uid
-            if not more:
-                self.release(uid)
-                return
-            pending[key] = uid  # the node's own is let go with its other results
-            return
-        if more:
-            self.hold(uid)  # kept past the node's end
+        if earlier is None:  # the first: kept past the node's end
+            self.hold(uid)
             pending[key] = uid
+            return
+        total = self.new_sum(self.size[uid], key)
+        self.live += self.size[total]
+        self.hold(total)
+        self.check(self.live, f"backward {where}")
+        self.release(earlier)  # (the node's own is let go with its other results)
+        if more:
+            pending[key] = total
+        else:
+            self.release(total)
+
+    def new_sum(self, nbytes: int, key: str) -> int:
+        """A fresh storage of `nbytes` for the summed gradient of parameter `key`."""
+        self.fresh -= 1
+        self.size[self.fresh] = nbytes
+        self.param_summed(self.fresh, key)
+        return self.fresh
 
     def summed_inside(self, node, slots) -> list:
         """The backward events of a node of several ops, with each gradient it hands on

@@ -11,16 +11,12 @@ torch.fx traces such a subclass through (it is not torch.nn's own), so its graph
 
 from __future__ import annotations
 
-import types
-
 from torch import nn
 
 __all__ = ["computes_as"]
 
-# what a subclass may define and still compute as its torch.nn base
-_HARMLESS = frozenset({"__init__", "extra_repr", "reset_parameters", "_check_input_dim", "__module__", "__doc__",
-                       "__qualname__", "__annotations__", "__dict__", "__weakref__", "__firstlineno__",
-                       "__static_attributes__", "__slotnames__"})
+# the methods a subclass may define and still compute as its torch.nn base
+_HARMLESS = frozenset({"__init__", "extra_repr", "reset_parameters", "_check_input_dim"})
 
 
 def computes_as(module: nn.Module) -> type:
@@ -46,9 +42,7 @@ def _torch_nn(cls: type) -> bool:
 
 
 def _only_makes(cls: type) -> bool:
-    for name, value in vars(cls).items():
-        if name in _HARMLESS or isinstance(value, (staticmethod, classmethod)):
-            continue
-        if isinstance(value, (types.FunctionType, property)) or callable(value):
-            return False
-    return True
+    """Whether `cls` defines no method or property but `_HARMLESS` ones, static and class
+    methods (its other attributes are data: a docstring, constants)."""
+    return not any((callable(value) or isinstance(value, property)) and name not in _HARMLESS
+                   and not isinstance(value, (staticmethod, classmethod)) for name, value in vars(cls).items())

@@ -83,7 +83,6 @@ class _ModuleTracer(fx.Tracer):
         finally:
             self.path_stack.pop()
 
-
     def trace(self, root, concrete_args=None):
         """`fx.Tracer.trace`, noting as each traced forward returns the values its local
         variables still name (`_note_locals`)."""
@@ -110,18 +109,19 @@ class _ModuleTracer(fx.Tracer):
     def _note_locals(self, names: dict) -> None:
         """Eager Python keeps what a forward's local variables name alive until it returns
         (`features = [...]` read by one op, then the loss; `x_0_0` of a UNet++ read by
-        the next layer, kept to the end): each such value is held to the call's last node."""
-        last = next(iter(reversed(self.graph.nodes)), None)
-        for value in tree_flatten(list(names.values()))[0]:
-            if isinstance(value, fx.Proxy) and last is not None and value.node is not last:
-                self.held_until[value.node.name] = last.name
+        the next layer, kept to the end)."""
+        self._hold_to_call_end(list(names.values()))
 
     def _note_argument_lifetimes(self, args, kwargs) -> None:
         """Eager Python keeps a module call's arguments alive until the call returns, even
-        past their last use inside it; FX would free them earlier. Remember, for each
-        argument, the last node of the call."""
+        past their last use inside it; FX would free them earlier."""
+        self._hold_to_call_end((args, kwargs))
+
+    def _hold_to_call_end(self, values) -> None:
+        """Remember, for each traced value in `values`, the last node of the call now
+        ending (the graph's last so far) as the node until which eager Python holds it."""
         last = next(iter(reversed(self.graph.nodes)), None)
-        for value in tree_flatten((args, kwargs))[0]:
+        for value in tree_flatten(values)[0]:
             if isinstance(value, fx.Proxy) and last is not None and value.node is not last:
                 self.held_until[value.node.name] = last.name
 
