@@ -322,7 +322,7 @@ def test_a_parameter_read_twice_holds_its_first_gradient_until_the_last():
     assert holders.get(("parameter gradient", "shared")) == weight + model.shared.bias.numel() * 4
     with pytest.raises(rewriter.BudgetError) as error:  # the plan that once fit on paper, not when measured
         rewriter.optimize(model, int(0.95 * measured), x, strategies="recompute")
-    assert error.value.minimum_bytes >= measured * 0.95
+    assert error.value.minimum_bytes == measured  # nothing recompute does lowers its peak
 
 
 class _KeepsLocals(nn.Module):
