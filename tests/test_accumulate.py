@@ -283,8 +283,11 @@ def test_a_monai_volume_unet_whose_peak_is_a_slow_transposed_convolution_is_pred
     optimized = rewriter.optimize(model, eager // 2, x)
     assert [d.strategy for d in optimized.plan.decisions] == ["accumulate"]
     assert rewriter.measure_peak(optimized, x) == optimized.plan.predicted_peak_bytes <= eager // 2
+    # the weight gradients summed in slices round otherwise in float32 (2e-5 apart on
+    # gradients up to 39 on this machine's AVX-512 kernels): training compared in float64
+    model, reference, x = _twins(lambda: build().double(), 1, 1, 16, 16, 16)
     _zeroed(reference)
-    assert_trains_like(reference, model, _zeroed(optimized), x)
+    assert_trains_like(reference, model, _zeroed(rewriter.apply_plan(model, optimized.plan)), x.double())
 
 
 class _MadeDifferently(nn.Conv3d):
