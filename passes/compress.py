@@ -11,9 +11,11 @@ each group whole.
 
 Lossless kinds (used by default): relu, leaky_relu, hardtanh (ReLU6 too), dropout,
 max_pool2d, avg_pool2d and their 3-D forms.
-Lossy kinds (only with `bits`): conv, linear, batch_norm (training mode). A BatchNorm
-whose output only a ReLU reads, and whose ReLU only a convolution or Linear reads, is
-grouped with both and the three run as one op that keeps one copy (`fusable`). Lossy
+Lossy kinds (only with `bits`): conv, linear, batch_norm (training mode), group_norm and
+instance_norm (per-sample statistics, as MONAI's networks use them; an InstanceNorm that
+normalises with running statistics is none), prelu (its input gradient exact from a
+1-bit mask, its slope's from the quantized input). A BatchNorm whose output only a ReLU
+reads, and whose ReLU only a convolution or Linear reads, is grouped with both and the three run as one op that keeps one copy (`fusable`). Lossy
 readers of one tensor keep one copy between them; convolution modules among them (a
 ResNet stage's conv1 and downsample) run as one op that also sums their input
 gradients in one buffer. A BatchNorm that alone reads a convolution's output writes
@@ -45,7 +47,7 @@ __all__ = ["LOSSLESS", "LOSSY", "KEY", "Group", "kind", "groups", "candidates", 
 
 LOSSLESS = ("relu", "leaky_relu", "hardtanh", "relu6", "dropout", "max_pool2d", "avg_pool2d", "max_pool3d", "avg_pool3d")
 _MAX_POOLS = ("max_pool2d", "max_pool3d")
-LOSSY = ("conv", "linear", "batch_norm")
+LOSSY = ("conv", "linear", "batch_norm", "group_norm", "instance_norm", "prelu")
 KEY = "compress:"  # a group's candidate key: this prefix and its first node
 
 _MODULE_KINDS = {
@@ -53,6 +55,8 @@ _MODULE_KINDS = {
     nn.Dropout: "dropout", nn.MaxPool2d: "max_pool2d", nn.MaxPool3d: "max_pool3d", nn.AvgPool3d: "avg_pool3d",
     nn.AvgPool2d: "avg_pool2d", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv", nn.Linear: "linear",
     nn.BatchNorm1d: "batch_norm", nn.BatchNorm2d: "batch_norm", nn.BatchNorm3d: "batch_norm",
+    nn.GroupNorm: "group_norm", nn.InstanceNorm1d: "instance_norm", nn.InstanceNorm2d: "instance_norm",
+    nn.InstanceNorm3d: "instance_norm", nn.PReLU: "prelu",
 }
 _FUNCTION_KINDS = {
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.leaky_relu: "leaky_relu", F.hardtanh: "hardtanh",
@@ -78,7 +82,7 @@ def _module_ok(module: nn.Module, kind: str) -> bool:
         return not module.return_indices and math.prod(kernel) <= 256
     if kind == "conv":
         return module.padding_mode == "zeros" and not isinstance(module.padding, str)
-    if kind == "batch_norm":
+    if kind in ("batch_norm", "instance_norm"):  # batch or input statistics: its backward reads its input
         return module.training or not module.track_running_stats
     return True
 
@@ -235,7 +239,8 @@ def fusable(gm: fx.GraphModule) -> list[tuple[str, str, str]]:
 
 
 def lossy_nodes(gm: fx.GraphModule) -> list[str]:
-    """The nodes of lossy kinds (conv, linear, training-mode batch_norm)."""
+    """The nodes of lossy kinds (conv, linear, training-mode batch_norm, group_norm,
+    instance_norm, prelu)."""
     return [n.name for n in gm.graph.nodes if kind(gm, n) in LOSSY]
 
 

@@ -8,11 +8,14 @@ Lossless (gradients bit-for-bit equal to eager):
                      element (eager keeps int64 indices into the whole plane or volume)
   avg_pool2d/3d      nothing but the input's shape (eager keeps the input)
 Lossy, opt-in (`bits` in 8, 4, 2; the forward stays exact):
-  conv, linear, batch_norm   the activation input quantized per group of `GROUP`
+  conv, linear, batch_norm, group_norm, instance_norm
+                     the activation input quantized per group of `GROUP`
                      values to `bits` with stochastic (unbiased) rounding, min and
                      scale per group in bfloat16 (min rounded down, scale up, so
                      the levels still span the group); the backward runs PyTorch's
                      backward kernels on the dequantized input.
+  prelu              a 1-bit mask of where the input was positive (the input gradient,
+                     exact) and the input quantized so (the slope's gradient)
   norm_relu_call     BatchNorm, ReLU and the convolution or Linear that alone reads
                      the ReLU: one copy of the BatchNorm input, quantized with a range
                      per group on each side of the ReLU's threshold, and the exact mask
@@ -37,7 +40,7 @@ from rewriter.errors import InputError
 
 __all__ = ["GROUP", "BITS", "CHUNKS", "pack_bits", "unpack_bits", "grouped", "group_range", "quantize", "dequantize", "shared_copy",
            "manual_seed", "relu", "leaky_relu", "dropout", "max_pool2d", "avg_pool2d", "max_pool3d", "avg_pool3d",
-           "conv", "linear", "batch_norm", "module_call", "norm_relu_call"]
+           "conv", "linear", "batch_norm", "group_norm", "instance_norm", "prelu", "module_call", "norm_relu_call"]
 
 GROUP = 64  # values per quantization group: min and scale (4 bytes: bfloat16) per group
 BITS = (8, 4, 2)
@@ -827,6 +830,89 @@ def batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, 
                             overwrite, *(copy or (None,) * 3))
 
 
+class _PerSampleNorm(Function):
+    """GroupNorm, or InstanceNorm (a group per channel), statistics per sample: the
+    forward exactly as the module's, the backward PyTorch's group-norm backward kernel
+    on the dequantized input with the statistics of the exact one."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, forward, bits, packed, low, scale):
+        ctx.copy = _Copy(x, bits)
+        copy = _quantized(x, bits, packed, low, scale)
+        n = x.shape[0]
+        var, mean = torch.var_mean(x.detach().reshape(n, groups, -1), dim=2, correction=0)
+        ctx.save_for_backward(*copy, mean, (var + eps).rsqrt(), weight)
+        ctx.groups, ctx.has_bias = groups, bias is not None
+        return forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, low, scale, mean, rstd, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        shape = ctx.copy.shape
+        x = dequantize(packed, low, scale, ctx.copy.bits, shape, ctx.copy.dtype)
+        mask = [needs[0], weight is not None and needs[1], ctx.has_bias and needs[2]]
+        grads = torch.ops.aten.native_group_norm_backward(
+            grad.contiguous(), x, mean, rstd, weight, shape[0], shape[1], math.prod(shape[2:]), ctx.groups, mask)
+        return (*(g if m else None for g, m in zip(grads, mask)), None, None, None, None, None, None, None)
+
+
+def group_norm(x, groups: int, weight=None, bias=None, eps: float = 1e-5, bits: int = 4, copy=None) -> torch.Tensor:
+    """F.group_norm keeping `x` quantized to `bits` for the backward (`copy`: a
+    `shared_copy` of `x` at `bits` to keep instead). The dequantized input exists whole
+    in the backward, beside the input gradient."""
+    return _PerSampleNorm.apply(x, weight, bias, int(groups), eps, lambda t: F.group_norm(t, groups, weight, bias, eps),
+                                bits, *(copy or (None,) * 3))
+
+
+def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, momentum: float = 0.1,
+                  eps: float = 1e-5, bits: int = 4, copy=None) -> torch.Tensor:
+    """F.instance_norm with input statistics (training mode, or no running statistics;
+    running statistics, if given, updated once), keeping `x` quantized to `bits` for the
+    backward (`copy`: a `shared_copy` of `x` at `bits` to keep instead)."""
+
+    def forward(t):
+        return F.instance_norm(t, running_mean, running_var, weight, bias, True, momentum, eps)
+
+    return _PerSampleNorm.apply(x, weight, bias, x.shape[1], eps, forward, bits, *(copy or (None,) * 3))
+
+
+class _PReLU(Function):
+    """PReLU: where the input was positive as a 1-bit mask (the input gradient, exact),
+    and the input quantized for the slope's gradient, the sum of the incoming gradient
+    times the negative inputs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bits, packed, low, scale):
+        ctx.copy = _Copy(x, bits)
+        ctx.save_for_backward(pack_bits(x > 0), *_quantized(x, bits, packed, low, scale), weight)
+        return F.prelu(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mask, packed, low, scale, weight = ctx.saved_tensors
+        shape = ctx.copy.shape
+        passed = unpack_bits(mask, shape)
+        dims = len(shape)
+        slope = weight.view((1, -1) + (1,) * (dims - 2)) if weight.numel() > 1 and dims > 1 else weight
+        grad_in = torch.where(passed, grad, grad * slope) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:  # eager's prelu backward: the slope's gradient where the input is not > 0
+            x = dequantize(packed, low, scale, ctx.copy.bits, shape, ctx.copy.dtype)
+            negative = (grad * x.clamp_(max=0)).masked_fill_(passed, 0)
+            del x
+            over = [d for d in range(dims) if not (weight.numel() > 1 and d == 1)]
+            grad_weight = negative.sum(over).view_as(weight)
+        return grad_in, grad_weight, None, None, None, None
+
+
+def prelu(x, weight, bits: int = 4, copy=None) -> torch.Tensor:
+    """F.prelu keeping a 1-bit mask of where `x` was positive (its input gradient,
+    exact) and `x` quantized to `bits` (its slope's gradient; `copy`: a `shared_copy` of
+    `x` at `bits` to keep instead)."""
+    return _PReLU.apply(x, weight, bits, *(copy or (None,) * 3))
+
+
 def add_into(a: torch.Tensor, b) -> torch.Tensor:
     """`a + b`, written over `a` where the sum has a's shape and dtype (the residual sum
     `out += identity` that tracing turns into `out + identity`); `a` must be a tensor
@@ -958,6 +1044,15 @@ def module_call(module: nn.Module, x: torch.Tensor, bits: int | None = None, cop
         return conv(x, module.weight, module.bias, module.stride, module.padding, module.dilation, module.groups, bits, copy)
     if isinstance(module, nn.Linear):
         return linear(x, module.weight, module.bias, bits, copy)
+    if isinstance(module, nn.PReLU):
+        return prelu(x, module.weight, bits, copy)
+    if isinstance(module, nn.GroupNorm):
+        return group_norm(x, module.num_groups, module.weight, module.bias, module.eps, bits, copy)
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        if (not module.training and module.track_running_stats) or x.dim() == module._get_no_batch_dim():
+            return module(x)  # running statistics (an affine map), or an unbatched input
+        return instance_norm(x, module.running_mean, module.running_var, module.weight, module.bias,
+                             module.momentum if module.momentum is not None else 0.0, module.eps, bits, copy)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if not module.training and module.track_running_stats:
             return module(x)
