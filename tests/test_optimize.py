@@ -314,11 +314,13 @@ def test_selective_mode_is_not_offered_where_an_identity_hands_a_kept_output_to_
     # convolution's output, which selective mode keeps: "Tensor cached during selective
     # activation checkpoint has been mutated"
     torch.manual_seed(0)
+    # in float64: the plan row-splits the chain, whose tiles sum the weight gradients in
+    # another order (1e-6 apart in float32, past its tolerance at one thread)
     model = nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(8, 8, 3, padding=1), nn.Identity(), nn.ReLU(inplace=True))])
-    x = torch.randn(2, 8, 32, 32)
+    model, x = model.double(), torch.randn(2, 8, 32, 32, dtype=torch.float64)
     found = segments(capture(model).gm)
     assert found and all(s.modes() == ("full",) for s in found if s.expensive)
     reference = copy.deepcopy(model)
     optimized, budget = optimized_within(model, x, 0.6)
-    assert rewriter.measure_peak(optimized, x) <= budget
+    assert optimized.plan.decisions and rewriter.measure_peak(optimized, x) <= budget
     assert_trains_like(reference, model, optimized, x)
