@@ -15,8 +15,9 @@ Lossy kinds (only with `bits`): conv, linear, batch_norm (training mode), group_
 instance_norm (per-sample statistics, as MONAI's networks use them; an InstanceNorm that
 normalises with running statistics is none), prelu (its input gradient exact from a
 1-bit mask, its slope's from the quantized input). A BatchNorm whose output only a ReLU
-reads, and whose ReLU only a convolution or Linear reads, is grouped with both and the three run as one op that keeps one copy (`fusable`). Lossy
-readers of one tensor keep one copy between them; convolution modules among them (a
+reads, and whose ReLU only a convolution or Linear reads, is grouped with both and the
+three run as one op that keeps one copy (`fusable`). Lossy readers of one tensor keep
+one copy between them; convolution modules among them (a
 ResNet stage's conv1 and downsample) run as one op that also sums their input
 gradients in one buffer. A BatchNorm that alone reads a convolution's output writes
 its output over it (`_overwritable`), and a sum that alone reads a lossy BatchNorm's

@@ -840,7 +840,7 @@ class _PerSampleNorm(Function):
         ctx.copy = _Copy(x, bits)
         copy = _quantized(x, bits, packed, low, scale)
         n = x.shape[0]
-        var, mean = torch.var_mean(x.detach().reshape(n, groups, -1), dim=2, correction=0)
+        var, mean = torch.var_mean(x.reshape(n, groups, -1), dim=2, correction=0)
         ctx.save_for_backward(*copy, mean, (var + eps).rsqrt(), weight)
         ctx.groups, ctx.has_bias = groups, bias is not None
         return forward(x)
@@ -894,7 +894,7 @@ class _PReLU(Function):
         shape = ctx.copy.shape
         passed = unpack_bits(mask, shape)
         dims = len(shape)
-        slope = weight.view((1, -1) + (1,) * (dims - 2)) if weight.numel() > 1 and dims > 1 else weight
+        slope = _per_channel(weight, dims) if weight.numel() > 1 and dims > 1 else weight
         grad_in = torch.where(passed, grad, grad * slope) if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[1]:  # eager's prelu backward: the slope's gradient where the input is not > 0

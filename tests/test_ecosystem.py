@@ -164,8 +164,9 @@ def _saved_by_both(context, results: str) -> bool:
     the processes have ended. gloo's teardown has, rarely and in loaded runs only (CI's
     among them), hung after the work was done (both processes past the worker's last
     line; pytorch/pytorch#75097): a pair that saved its results is given _TEARDOWN
-    seconds to end, then killed. False if a process exits with an error, or nothing is
-    saved within _PATIENCE."""
+    seconds to end, then killed. False if a process dies (a signal or an exit code), or
+    nothing is saved within _PATIENCE; an exception in a worker is raised here, with its
+    traceback."""
     import time
 
     import torch.multiprocessing as mp
@@ -207,7 +208,7 @@ def test_data_parallel_training_of_a_plan_averages_the_models_gradients(kind, wr
             break
         if attempt == 1:
             pytest.fail(f"{wrap} of a {kind} plan, twice: the two processes did not save their gradients "
-                        f"within {_PATIENCE} s, or one ended with an error (its traceback is above)")
+                        f"within {_PATIENCE} s, or one died (a signal or an exit code)")
     for rank in range(2):
         grads = torch.load(f"{results}.{rank}", weights_only=True)
         assert grads["plan"].keys() == grads["model"].keys()
