@@ -35,6 +35,7 @@ from rewriter.cost_models.in_place import mutates_an_input
 from rewriter.cost_models.kernel_storage import storage_bytes
 from rewriter.cost_models.node_costs import BATCH, Costs, NodeCost
 from rewriter.cost_models.opaque_leaves import OpaqueLeaves, _GradientSource, _state_items
+from rewriter.cost_models.repeated_nodes import RepeatedNodes
 from rewriter.cost_models.storage_tracker import StorageTracker, storage_key, tensors_in
 from rewriter.passes import accumulate_ops
 from rewriter.phases import Progress
@@ -66,11 +67,12 @@ def _as_expr(value: Any) -> sympy.Expr:
     return sympy.Integer(int(value))
 
 
-class _Profiler(OpaqueLeaves):
+class _Profiler(OpaqueLeaves, RepeatedNodes):
     def __init__(self, gm: fx.GraphModule, inputs: tuple, loss_fn: Callable, opaque: tuple[str, ...], batch: int | None = None,
-                 flops: bool = True):
+                 flops: bool = True, repeats: bool = True):
         """Static shapes at `batch` (default: the example inputs' own batch); FLOPs
-        counted unless not `flops` (then 0)."""
+        counted unless not `flops` (then 0); nodes that repeat an earlier node take its
+        record unless not `repeats` (cost_models.repeated_nodes)."""
         self.gm = gm
         self.count_flops = flops
         self.inputs = inputs
@@ -91,6 +93,7 @@ class _Profiler(OpaqueLeaves):
         self._in_backward: str | None = None  # the node whose backward runs now
         self._aliases: dict[tuple[str, int], tuple[str, int]] = {}  # element -> the value it is
         self._param_names: dict[int, str] | None = None  # id of a parameter's fake -> its name (`_param_key`)
+        self._init_repeats(repeats)
 
     # ---- fake copies of parameters, buffers and inputs -------------------------------
     def _fake_state(self) -> None:
@@ -179,6 +182,11 @@ class _Profiler(OpaqueLeaves):
         return ("value", *owner) if owner else ("external",)
 
     def forward_node(self, node: fx.Node) -> None:
+        repeat = self._kind(node)
+        repeated = self._repeated_forward(node, repeat, _op_name(self.gm, node), _label(node))
+        if repeated is not None:
+            self.costs.append(repeated)
+            return
         input_names = [n.name for n in node.all_input_nodes]
         element_of = self._element_map(input_names)
         args = fx.node.map_arg(node.args, lambda n: self.values[n.name])
@@ -275,6 +283,7 @@ class _Profiler(OpaqueLeaves):
             many_ops=apart,
         ))
         self._leaves[node.name] = leaves
+        self._remember_forward(repeat, self.costs[-1], out)
 
     def _frame_hooks(self, name: str, saved: list[int]):
         """Saved-tensor hooks for checkpointed segment `name` that record a "release_in"
@@ -388,6 +397,13 @@ class _Profiler(OpaqueLeaves):
                 indices.append(k)
         if not outs:
             return
+        repeat = self._backward_kind(cost.name, indices, grad_outs)
+        translate = None  # a rerun's storages -> the recorded ones (cost_models.repeated_nodes)
+        if cost.name in self._replayed:
+            if self._repeated_backward(cost, repeat, dict(zip(indices, grad_outs))):
+                return
+            ran, translate = self._rerun_forward(cost, self._node[cost.name])
+            outs = [ran[k] for k in indices]
         leaves = self._leaves[cost.name]
         targets = [(e, leaf) for e, (leaf, _) in leaves.items() if leaf.requires_grad]
         params = [] if cost.opaque else self._params_of(cost.name)
@@ -457,7 +473,10 @@ class _Profiler(OpaqueLeaves):
                 results = torch.autograd.grad(outs, everything, grad_outs if cost.name != "loss" else None, allow_unused=True)
                 results, param_results = results[: len(targets)], results[len(targets):]
             self.tracker.poll()
-        events = _own_events(self.tracker.events[start:], cost.fwd_events)
+        window = self.tracker.events[start:]
+        if translate is not None:
+            window = [(kind, translate.get(uid, uid), b) for kind, uid, b in window]
+        events = _own_events(window, cost.fwd_events)
         if cost.opaque:  # its real outputs die with its graph here, but the caller holds the model's output
             held = {ref[1] for ref in cost.outputs if ref[0] == "new" and cost.name in self._model_outputs}
             events = [e for e in events if not (e[0] == "free" and e[1] in held)]
@@ -482,7 +501,7 @@ class _Profiler(OpaqueLeaves):
             events = events[:first + 1] + [("release_grad", k, 0) for k in indices] + events[first + 1:]
         new_uids = {uid for kind, uid, _ in events if kind == "alloc"}
         grad_keys = {storage_key(g): i for i, g in zip(indices, grad_outs) if g is not None}
-        grad_inputs, attr_grads = [], []
+        grad_inputs, attr_grads, given = [], [], []
         for (element, _), g in zip(targets, results):
             if g is None:
                 continue
@@ -501,6 +520,7 @@ class _Profiler(OpaqueLeaves):
                 ref = (("grad_out", grad_keys[storage_key(g)]) if storage_key(g) in grad_keys
                        else ("new", uid) if uid in new_uids else ("external",))
             grad_inputs.append((element, ref))
+            given.append((element, ref, g))
             self._accumulate(element, g)
         made = [(self.tracker.uid_of(g), self._param_key(p)) for p, g in zip(params, param_results) if g is not None]
         made += [(self.tracker.uid_of(g), key) for g, key in attr_grads]
@@ -512,6 +532,7 @@ class _Profiler(OpaqueLeaves):
         cost.param_keys = tuple(key for _, key in made)
         if cost.opaque:  # its backward's FLOPs, counted apart; others' are not counted (nothing reads them)
             cost.bwd_flops = self._apart_bwd_flops.pop(cost.name)
+        self._remember_backward(repeat, cost, given)
 
     @contextlib.contextmanager
     def _fake_model(self, *modules: torch.nn.Module):
@@ -631,6 +652,8 @@ class _Profiler(OpaqueLeaves):
             for index, cost in enumerate(reversed(self.costs)):
                 progress.tick(index)
                 self.backward_node(cost)
+        log.debug("profile: %d of %d nodes took the record of an earlier node of their kind; %d of them ran again "
+                  "for their backward", len(self._replayed), len(self.costs), len(self._rerun_outputs))
         sizes = {uid: allocated_bytes(b, self.device_type)
                  for c in self.costs for kind, uid, b in (*c.fwd_events, *c.bwd_events) if kind == "alloc"}
         outputs = tuple((n.name, k) for n in output_node.all_input_nodes for k in range(len(self.elements[n.name])))
@@ -719,6 +742,7 @@ def profile_graph(
     held_until: dict[str, str] | None = None,
     over_batch: bool = False,
     flops: bool = True,
+    repeats: bool = True,
 ) -> Costs:
     """Per-node costs of one training step of `gm` on inputs shaped like `example_inputs`.
 
@@ -727,13 +751,14 @@ def profile_graph(
     each taken as affine in the batch through two static traces (batch b and b + 1;
     for b = 1, through 2 and 3, any count off that line at 1 kept as traced there).
     Without `flops`, FLOPs are not counted (0; the counter takes about a fifth of the
-    time, and a profile made to verify a plan's bytes needs none).
+    time, and a profile made to verify a plan's bytes needs none). With `repeats`, a
+    node that repeats an earlier one takes its record (cost_models.repeated_nodes).
     """
     with _fixed_momentum(gm):
-        costs = _Profiler(gm, example_inputs, loss_fn, opaque, flops=flops).run()
+        costs = _Profiler(gm, example_inputs, loss_fn, opaque, flops=flops, repeats=repeats).run()
         if over_batch:
             def at(batch: int) -> Costs:
-                return _Profiler(gm, example_inputs, loss_fn, opaque, batch=batch, flops=flops).run()
+                return _Profiler(gm, example_inputs, loss_fn, opaque, batch=batch, flops=flops, repeats=repeats).run()
 
             if costs.example_batch == 1:  # a kernel may differ at batch 1: the line through 2 and 3, batch 1 as traced
                 costs = _at_one(costs, _affine_fit(at(2), at(3), 2))

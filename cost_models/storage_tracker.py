@@ -107,6 +107,13 @@ class StorageTracker(TorchDispatchMode):
         for tensor in tensors:
             self._watched.pop(storage_key(tensor), None)
 
+    def reserve(self, count: int) -> int:
+        """The first of `count` consecutive ids that no storage will get (for records made
+        without running ops)."""
+        first = self._next_uid
+        self._next_uid += count
+        return first
+
     def uid_of(self, tensor: torch.Tensor) -> int | None:
         """The id this tracker gave the storage under `tensor`, or None if it is not tracked."""
         entry = self.live.get(storage_key(tensor))

@@ -1,0 +1,330 @@
+"""Nodes that repeat: a node whose op, module settings and inputs' layouts match a node
+profiled before takes that node's record, with fresh storage ids, without running on
+fake tensors; its backward too, once a node of the same kind has run backward with
+incoming gradients of the same layouts. A chain of identical blocks is profiled in
+about the time of one block.
+
+Only nodes whose record names nothing but their own storages and their inputs
+qualify: calls of torch.nn's own modules (no hooks), of torch's and Python's operator
+functions, and tensor methods, that write no input in place, read no parameter
+through `get_attr`, and return new tensors (no views). A node that repeats one whose
+backward is not on record yet runs its forward again when its backward comes (its
+storages matched to the recorded ones in order), then backward as any node does.
+
+`RepeatedNodes` is a mixin of the profiler (`cost_models/profile.py`): it reads the
+profiler's `gm`, `opaque`, `values`, `elements`, `owner`, `grads`, `tracker`,
+`_leaves`, `_isolate`, `_element_map`, `_run`, `_set_value`, `_accumulate`,
+`_params_of` and `_param_key`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import fx
+
+from rewriter.cost_models.in_place import mutates_an_input
+from rewriter.cost_models.node_costs import NodeCost
+from rewriter.cost_models.storage_tracker import storage_key, tensors_in
+
+__all__ = ["RepeatedNodes"]
+
+_FUNCTION_MODULES = frozenset({"torch", "torch.nn.functional", "torch._C._nn", "torch.functional", "_operator"})
+_SETTINGS = (int, float, bool, str, tuple, type(None))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Forward:
+    """A forward record with storages numbered in order of allocation (0, 1, ...) and
+    saved inputs by position in the node's input elements."""
+
+    shapes: tuple
+    nbytes: tuple
+    requires_grad: tuple
+    fwd_flops: Any
+    events: tuple  # (kind, storage number, bytes)
+    outputs: tuple  # (storage number, shape, stride, dtype, device, requires_grad) per output element
+    as_list: bool | None  # None: one tensor; else a list (True) or a tuple (False) of them
+    internal: tuple
+    saved: tuple  # ("new", storage number) or ("input", position)
+    allocations: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Backward:
+    """A backward record: events on ("f", forward storage number) or ("b", backward
+    storage number); input gradients by input position, as a view of an incoming
+    gradient or a new storage; parameter gradients by position in the node's parameters."""
+
+    events: tuple
+    grads: tuple  # (input position, ("grad_out", k) or ("b", number), (shape, stride, offset, dtype, device))
+    params: tuple  # (backward storage number, parameter position)
+    allocations: int
+
+
+class _Input:
+    def __init__(self, index: int):
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"<input {self.index}>"
+
+
+def _extent(t: torch.Tensor) -> int:
+    """The bytes a tensor of this shape and stride takes from offset 0."""
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def _is_whole(t: torch.Tensor) -> bool:
+    """A tensor that `torch.empty_strided` makes as it is: no view, a storage of its own extent."""
+    return not t._is_view() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == _extent(t)
+
+
+def _layout(t: torch.Tensor, aliases: dict[int, int]) -> tuple:
+    alias = aliases.setdefault(storage_key(t), len(aliases))
+    return (tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, t.device, t.requires_grad, t._is_view(),
+            t.untyped_storage().nbytes(), alias)
+
+
+def _module_key(module: torch.nn.Module) -> tuple | None:
+    if not type(module).__module__.startswith("torch.nn.modules."):
+        return None
+    if any(getattr(module, hooks, None) for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                                      "_backward_pre_hooks", "_state_dict_hooks")):
+        return None
+    settings = tuple(sorted((k, v) for k, v in vars(module).items() if not k.startswith("_") and isinstance(v, _SETTINGS)))
+    state = tuple((name, tuple(t.shape), t.stride(), t.dtype, t.requires_grad)
+                  for name, t in [*module.named_parameters(remove_duplicate=False),
+                                  *module.named_buffers(remove_duplicate=False)])
+    return ("module", type(module), repr(module), settings, state)
+
+
+class RepeatedNodes:
+    def _init_repeats(self, enabled: bool) -> None:
+        self.repeats = enabled
+        self._forwards: dict[tuple, _Forward | None] = {}  # None: a kind whose record cannot be repeated
+        self._backwards: dict[tuple, _Backward | None] = {}
+        self._repeat_key: dict[str, tuple] = {}  # node -> its kind, for nodes of a kind with a forward record
+        self._replayed: set[str] = set()  # nodes whose forward was not run
+        self._module_keys: dict[int, tuple | None] = {}
+        self._rerun_outputs: list = []
+
+    # ---- what makes two nodes the same -----------------------------------------------------
+    def _kind(self, node: fx.Node) -> tuple | None:
+        """What a node's record depends on: its op and settings, and its inputs' layouts;
+        None for a node that never repeats a record."""
+        if not self.repeats:
+            return None
+        if node.op == "call_module":
+            if node.target in self.opaque:
+                return None
+            module = self.gm.get_submodule(node.target)
+            if id(module) not in self._module_keys:
+                self._module_keys[id(module)] = _module_key(module)
+            what = self._module_keys[id(module)]
+        elif node.op == "call_function":
+            module = getattr(node.target, "__module__", None)
+            what = ("function", node.target) if module in _FUNCTION_MODULES and node.target is not torch._assert else None
+        elif node.op == "call_method":
+            what = ("method", node.target)
+        else:
+            return None
+        if what is None or mutates_an_input(self.gm, node):
+            return None
+        inputs = node.all_input_nodes
+        aliases: dict[int, int] = {}
+        layouts = []
+        for n in inputs:
+            value = self.values[n.name]
+            if n.op == "get_attr":
+                return None
+            if isinstance(value, torch.Tensor):
+                if value.layout != torch.strided:
+                    return None
+                layouts.append(_layout(value, aliases))
+            elif isinstance(value, (int, float, bool, str, type(None))):
+                layouts.append((type(value), value))
+            else:
+                return None
+        index = {n: i for i, n in enumerate(inputs)}
+        arguments = repr(fx.node.map_arg((node.args, node.kwargs), lambda n: _Input(index[n])))
+        return what, arguments, tuple(layouts)
+
+    def _input_owners(self, inputs: tuple) -> list[tuple]:
+        return [self.owner.get(storage_key(self.elements[n][k]), (n, k)) for n, k in inputs]
+
+    # ---- forward -----------------------------------------------------------------------------
+    def _repeated_forward(self, node: fx.Node, kind: tuple | None, op: str, label: str) -> NodeCost | None:
+        """The record of `node` taken from an earlier node of its kind, its outputs made
+        as fake tensors of the recorded layouts; None where there is none to take."""
+        record = self._forwards.get(kind) if kind is not None else None
+        if record is None:
+            return None
+        first = self.tracker.reserve(record.allocations)
+        made = []
+        for number, shape, stride, dtype, device, requires_grad in record.outputs:
+            t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+            made.append(t.requires_grad_(True) if requires_grad else t)
+        out = made[0] if record.as_list is None else (made if record.as_list else tuple(made))
+        for k, t in enumerate(made):
+            self.owner.setdefault(storage_key(t), (node.name, k))
+        self._set_value(node.name, out)
+        inputs = tuple((n.name, k) for n in node.all_input_nodes for k in range(len(self.elements.get(n.name, []))))
+        owners = self._input_owners(inputs)
+        self._repeat_key[node.name] = kind
+        self._replayed.add(node.name)
+        return NodeCost(
+            name=node.name, op=op, label=label, shapes=record.shapes, nbytes=record.nbytes, inputs=inputs,
+            outputs=tuple(("new", first + o[0]) for o in record.outputs), requires_grad=record.requires_grad,
+            internal=tuple(first + n for n in record.internal),
+            saved=tuple(("new", first + i) if what == "new" else ("value", *owners[i]) for what, i in record.saved),
+            fwd_events=tuple((kind_, first + n, b) for kind_, n, b in record.events), fwd_flops=record.fwd_flops,
+        )
+
+    def _remember_forward(self, kind: tuple | None, cost: NodeCost, out: Any) -> None:
+        """Keep `cost` (just profiled) as the record of its kind, where it can be repeated."""
+        if kind is None or kind in self._forwards:
+            return
+        self._forwards[kind] = record = self._forward_record(cost, out)
+        if record is not None:
+            self._repeat_key[cost.name] = kind
+
+    def _forward_record(self, cost: NodeCost, out: Any) -> _Forward | None:
+        tensors = tensors_in(out)
+        if isinstance(out, torch.Tensor):
+            as_list = None
+        elif type(out) in (list, tuple) and tensors and len(tensors) == len(out):
+            as_list = type(out) is list
+        else:
+            return None
+        numbers = {uid: i for i, uid in enumerate(uid for kind, uid, _ in cost.fwd_events if kind == "alloc")}
+        if any(kind not in ("alloc", "free") or uid not in numbers for kind, uid, _ in cost.fwd_events):
+            return None
+        outputs = []
+        for ref, t in zip(cost.outputs, tensors):
+            if ref[0] != "new" or ref[1] not in numbers or not _is_whole(t):
+                return None
+            outputs.append((numbers[ref[1]], tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad))
+        if len({o[0] for o in outputs}) != len(outputs) or any(uid not in numbers for uid in cost.internal):
+            return None
+        owners = self._input_owners(cost.inputs)
+        saved = []
+        for ref in cost.saved:
+            if ref[0] == "new" and ref[1] in numbers:
+                saved.append(("new", numbers[ref[1]]))
+            elif ref[0] == "value" and tuple(ref[1:]) in owners:
+                saved.append(("input", owners.index(tuple(ref[1:]))))
+            else:
+                return None
+        return _Forward(
+            shapes=cost.shapes, nbytes=cost.nbytes, requires_grad=cost.requires_grad, fwd_flops=cost.fwd_flops,
+            events=tuple((kind, numbers[uid], b) for kind, uid, b in cost.fwd_events), outputs=tuple(outputs),
+            as_list=as_list, internal=tuple(numbers[uid] for uid in cost.internal), saved=tuple(saved),
+            allocations=len(numbers),
+        )
+
+    # ---- backward ----------------------------------------------------------------------------
+    def _backward_kind(self, name: str, indices: list[int], grad_outs: list) -> tuple | None:
+        """A node's kind and its incoming gradients' layouts; None if it has no kind."""
+        kind = self._repeat_key.get(name)
+        if kind is None or any(g is None for g in grad_outs):
+            return None
+        aliases: dict[int, int] = {}
+        return kind, tuple((k, *_layout(g, aliases)) for k, g in zip(indices, grad_outs))
+
+    def _repeated_backward(self, cost: NodeCost, kind: tuple | None, grad_outs: dict[int, torch.Tensor]) -> bool:
+        """Give `cost` the backward record of its kind, if there is one (False if not)."""
+        record = self._backwards.get(kind) if kind is not None else None
+        if record is None:
+            return False
+        first = self.tracker.reserve(record.allocations)
+        forward = [uid for kind_, uid, _ in cost.fwd_events if kind_ == "alloc"]
+
+        def uid(ref):
+            return forward[ref[1]] if ref[0] == "f" else first + ref[1]
+
+        grad_inputs = []
+        for position, ref, (shape, stride, offset, dtype, device) in record.grads:
+            element = cost.inputs[position]
+            if ref[0] == "grad_out":
+                incoming = grad_outs[ref[1]]
+                same = tuple(incoming.shape) == shape and incoming.stride() == stride and incoming.storage_offset() == offset
+                g = incoming if same else incoming.as_strided(shape, stride, offset)
+                grad_inputs.append((element, ref))
+            else:
+                g = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                grad_inputs.append((element, ("new", first + ref[1])))
+            self._accumulate(element, g)
+        params = self._params_of(cost.name)
+        cost.has_backward = True
+        cost.bwd_events = tuple((kind_, uid(ref), b) for kind_, ref, b in record.events)
+        cost.grad_inputs = tuple(grad_inputs)
+        cost.param_grads = tuple(first + number for number, _ in record.params)
+        cost.param_keys = tuple(self._param_key(params[position]) for _, position in record.params)
+        return True
+
+    def _rerun_forward(self, cost: NodeCost, node: fx.Node) -> tuple[list[torch.Tensor], dict[int, int]]:
+        """Run a node whose forward was repeated, for its backward: its output elements,
+        and the tracker's ids of the storages it made -> the recorded ones. Its leaves
+        replace `_leaves[name]`."""
+        args = fx.node.map_arg(node.args, lambda n: self.values[n.name])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self.values[n.name])
+        (args, kwargs), leaves = self._isolate((args, kwargs), self._element_map([n.name for n in node.all_input_nodes]))
+        self.tracker.poll()
+        start = len(self.tracker.events)
+        with self.tracker:
+            with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+                out = self._run(node, args, kwargs)
+            self.tracker.poll()
+        window = self.tracker.events[start:]
+        del self.tracker.events[start:]  # a rerun for the profile's sake: no event of the step
+        made = {uid for kind, uid, _ in window if kind == "alloc"}
+        ran = [(kind, uid, b) for kind, uid, b in window if kind == "alloc" or uid in made]
+        if [(k, b) for k, _, b in ran] != [(k, b) for k, _, b in cost.fwd_events]:
+            raise AssertionError(f"node {cost.name!r} ran otherwise than the node whose record it repeats")
+        self._leaves[cost.name] = leaves
+        rerun_uids = [uid for kind, uid, _ in ran if kind == "alloc"]
+        recorded = [uid for kind, uid, _ in cost.fwd_events if kind == "alloc"]
+        self._rerun_outputs.append(out)  # held, as a profiled node's outputs are, to the profile's end
+        return tensors_in(out), dict(zip(rerun_uids, recorded))
+
+    def _remember_backward(self, kind: tuple | None, cost: NodeCost, given: list[tuple[tuple, Any, torch.Tensor]]) -> None:
+        """Keep `cost`'s backward (just profiled; `given`: each input element, the ref
+        and the tensor of its gradient) as the record of its kind, where it can be repeated."""
+        if kind is None or kind in self._backwards:
+            return
+        self._backwards[kind] = self._backward_record(cost, given)
+
+    def _backward_record(self, cost: NodeCost, given: list) -> _Backward | None:
+        forward = {uid: i for i, uid in enumerate(uid for kind, uid, _ in cost.fwd_events if kind == "alloc")}
+        backward = {uid: i for i, uid in enumerate(uid for kind, uid, _ in cost.bwd_events if kind == "alloc")}
+
+        def ref(uid):
+            return ("f", forward[uid]) if uid in forward else ("b", backward[uid]) if uid in backward else None
+
+        events = tuple((kind, ref(uid), b) for kind, uid, b in cost.bwd_events)
+        if any(kind not in ("alloc", "free") or r is None for kind, r, _ in events):
+            return None
+        grads, numbers = [], set()
+        for element, grad_ref, g in given:
+            geometry = (tuple(g.shape), g.stride(), g.storage_offset(), g.dtype, g.device)
+            if grad_ref[0] == "grad_out":
+                grads.append((cost.inputs.index(element), grad_ref, geometry))
+            elif grad_ref[0] == "new" and grad_ref[1] in backward and _is_whole(g) and grad_ref[1] not in numbers:
+                numbers.add(grad_ref[1])
+                grads.append((cost.inputs.index(element), ("b", backward[grad_ref[1]]), geometry))
+            else:
+                return None
+        keys = [self._param_key(p) for p in self._params_of(cost.name)]
+        if any(uid not in backward or key not in keys for uid, key in zip(cost.param_grads, cost.param_keys)):
+            return None
+        params = tuple((backward[uid], keys.index(key)) for uid, key in zip(cost.param_grads, cost.param_keys))
+        return _Backward(events=events, grads=tuple(grads), params=params, allocations=len(backward))
+
+
+def _same(t):
+    return t
