@@ -6,8 +6,9 @@ about the time of one block.
 
 Only nodes whose record names nothing but their own storages and their inputs
 qualify: calls of torch.nn's own modules (no hooks), of torch's and Python's operator
-functions, and tensor methods, that write no input in place, read no parameter
-through `get_attr`, and return new tensors (no views). A node that repeats one whose
+functions and of compressed ops (passes.compressed_ops), and tensor methods, that
+write no input in place, read no parameter through `get_attr` (a module handed to a
+compressed op counts by its settings), and return new tensors (no views). A node that repeats one whose
 backward is not on record yet runs its forward again when its backward comes (its
 storages matched to the recorded ones in order), then backward as any node does.
 
@@ -28,10 +29,14 @@ from torch import fx
 from rewriter.cost_models.in_place import mutates_an_input
 from rewriter.cost_models.node_costs import NodeCost
 from rewriter.cost_models.storage_tracker import storage_key, tensors_in
+from rewriter.passes import compressed_ops
 
 __all__ = ["RepeatedNodes"]
 
-_FUNCTION_MODULES = frozenset({"torch", "torch.nn.functional", "torch._C._nn", "torch.functional", "_operator"})
+# torch's and Python's operator functions, and the compressed forms of ops (pure
+# functions of their arguments and the settings of the modules they are handed)
+_FUNCTION_MODULES = frozenset({"torch", "torch.nn.functional", "torch._C._nn", "torch.functional", "_operator",
+                               compressed_ops.__name__})
 _SETTINGS = (int, float, bool, str, tuple, type(None))
 
 
@@ -123,9 +128,7 @@ class RepeatedNodes:
             if node.target in self.opaque:
                 return None
             module = self.gm.get_submodule(node.target)
-            if id(module) not in self._module_keys:
-                self._module_keys[id(module)] = _module_key(module)
-            what = self._module_keys[id(module)]
+            what = self._module_kind(module)
         elif node.op == "call_function":
             module = getattr(node.target, "__module__", None)
             what = ("function", node.target) if module in _FUNCTION_MODULES and node.target is not torch._assert else None
@@ -140,9 +143,11 @@ class RepeatedNodes:
         layouts = []
         for n in inputs:
             value = self.values[n.name]
-            if n.op == "get_attr":
-                return None
-            if isinstance(value, torch.Tensor):
+            if n.op == "get_attr":  # a module handed to a compressed op, by its settings; not a parameter
+                if not isinstance(value, torch.nn.Module) or self._module_kind(value) is None:
+                    return None
+                layouts.append(self._module_kind(value))
+            elif isinstance(value, torch.Tensor):
                 if value.layout != torch.strided:
                     return None
                 layouts.append(_layout(value, aliases))
@@ -153,6 +158,11 @@ class RepeatedNodes:
         index = {n: i for i, n in enumerate(inputs)}
         arguments = repr(fx.node.map_arg((node.args, node.kwargs), lambda n: _Input(index[n])))
         return what, arguments, tuple(layouts)
+
+    def _module_kind(self, module: torch.nn.Module) -> tuple | None:
+        if id(module) not in self._module_keys:
+            self._module_keys[id(module)] = _module_key(module)
+        return self._module_keys[id(module)]
 
     def _input_owners(self, inputs: tuple) -> list[tuple]:
         return [self.owner.get(storage_key(self.elements[n][k]), (n, k)) for n, k in inputs]

@@ -5,12 +5,14 @@ import logging
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 from examples.zoo import ZOO
 from examples.zoo.plain import BNLeakyChain
 from rewriter.cost_models.profile import profile_graph
 from rewriter.measure import default_loss
+from rewriter.passes import compress, invert
+from rewriter.pipeline import Lossy, _Planner
 from rewriter.trace import capture
 
 monai = pytest.importorskip("monai.networks.nets")
@@ -64,15 +66,34 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_repeated_records_are_the_records_each_node_gives(name, caplog):
+def _rewritten(model: nn.Module, x: torch.Tensor, rewrite: str) -> tuple[fx.GraphModule, tuple[str, ...]]:
+    """The captured graph, or the graph with every compress group compressed (lossless,
+    or lossy at 4 bits) or every invert chain inverted, as the planner profiles them."""
+    if rewrite == "as captured":
+        captured = capture(model, (), (), (x,))
+        return captured.gm, captured.opaque
+    strategy = "invert" if rewrite == "inverted" else "compress"
+    lossy = Lossy(bits=4) if rewrite == "compressed at 4 bits" else Lossy()
+    planner = _Planner(model, (x,), default_loss, (strategy,), lossy)
+    if strategy == "invert":
+        return invert.rewrite(planner.gm, [c.output for c in planner.chains], planner.chains), planner.opaque
+    return compress.rewrite(planner.gm, planner.forms[min(planner.forms)]), planner.opaque
+
+
+REWRITES = [(name, "as captured") for name in sorted(CASES)] + [
+    ("chain of 100 blocks", "compressed"), ("chain of 100 blocks", "inverted"), ("resnet18", "compressed at 4 bits"),
+    ("densenet_bc", "compressed at 4 bits"), ("MONAI 3-D UNet", "compressed at 4 bits")]
+
+
+@pytest.mark.parametrize("name, rewrite", REWRITES)
+def test_repeated_records_are_the_records_each_node_gives(name, rewrite, caplog):
     torch.manual_seed(0)
     build, make_input = CASES[name]
     model, x = build().train(), make_input()
-    captured = capture(model, (), (), (x,))
-    own = profile_graph(captured.gm, (x,), default_loss, captured.opaque, repeats=False)
+    gm, opaque = _rewritten(model, x, rewrite)
+    own = profile_graph(gm, (x,), default_loss, opaque, repeats=False)
     with caplog.at_level(logging.DEBUG, logger="rewriter.cost_models.profile"):
-        repeated = profile_graph(captured.gm, (x,), default_loss, captured.opaque, repeats=True)
+        repeated = profile_graph(gm, (x,), default_loss, opaque, repeats=True)
     assert _canonical(repeated) == _canonical(own)
     # FLOPs as counted: the first transposed 3-D convolution a process counts can come
     # out 16 FLOPs higher (the MONAI UNet's, 1,327,120 against 1,327,104), repeated or not
@@ -81,7 +102,7 @@ def test_repeated_records_are_the_records_each_node_gives(name, caplog):
     taken = [r.getMessage() for r in caplog.records if "took the record of an earlier node" in r.getMessage()]
     assert len(taken) == 1
     repeats = int(taken[0].split()[1])
-    if name == "chain of 100 blocks":  # blocks 2 to 100 (norm, activation, convolution) repeat block 1
-        assert repeats == 99 * 3
+    if name == "chain of 100 blocks":  # blocks 2 to 100 repeat block 1: norm, activation and convolution,
+        assert repeats == {"as captured": 3, "compressed": 3, "inverted": 1}[rewrite] * 99  # or an inverted chain's convolution
     if name in ("resnet50", "densenet_bc", "layouts", "MONAI 3-D UNet"):
         assert repeats > 0
