@@ -7,6 +7,10 @@ solve, verify (the chosen plans' rewritten graphs profiled). Writes
 benchmarks/results/planning_speed_cpu.md.
 
     python benchmarks/planning_speed.py [--models resnet50 densenet_bc chain1000] [--fractions 0.5 0.3]
+                                        [--without-repeated-records] [--out FILE]
+
+`--without-repeated-records` profiles every node on fake tensors, none taking the record
+of an earlier node of its kind (cost_models.repeated_nodes): to compare, in one session.
 """
 
 import argparse
@@ -22,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import rewriter  # noqa: E402
+from rewriter.cost_models import profile  # noqa: E402
 from examples.zoo.densenet import DenseNetBC  # noqa: E402
 from examples.zoo.plain import BNLeakyChain  # noqa: E402
 from examples.zoo.resnet import resnet50_style  # noqa: E402
@@ -55,7 +60,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(CASES))
     parser.add_argument("--fractions", nargs="*", type=float, default=[0.5, 0.3])
+    parser.add_argument("--without-repeated-records", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "planning_speed_cpu.md")
     args = parser.parse_args()
+    profile.REPEATED_RECORDS = not args.without_repeated_records
     handler = _Phases()
     logger = logging.getLogger("rewriter.pipeline")
     logger.addHandler(handler)
@@ -63,7 +71,8 @@ def main() -> None:
     lines = [
         f"# Planning speed on {platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}",
         "",
-        "Command: `python benchmarks/planning_speed.py`. Wall seconds of the whole call; phase seconds as",
+        f"Command: `python benchmarks/planning_speed.py{' --without-repeated-records' if args.without_repeated_records else ''}`."
+        " Wall seconds of the whole call; phase seconds as",
         "`optimize` logs them (each net of the phases inside it). `explain` is one capture and one profile.",
         "",
         "| model | call | outcome | wall s | " + " | ".join(PHASES) + " |",
@@ -91,9 +100,8 @@ def main() -> None:
                     outcome = f"BudgetError, minimum {error.minimum_bytes / baseline:.3f}x"
                 lines.append(_row(name, call, outcome, time.perf_counter() - start, handler.seconds))
                 print(lines[-1], flush=True)
-    out = ROOT / "benchmarks" / "results" / "planning_speed_cpu.md"
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -40,9 +40,11 @@ from rewriter.cost_models.storage_tracker import StorageTracker, storage_key, te
 from rewriter.passes import accumulate_ops
 from rewriter.phases import Progress
 
-__all__ = ["profile_graph", "ProfileError", "UnreplayableOp"]
+__all__ = ["profile_graph", "ProfileError", "UnreplayableOp", "REPEATED_RECORDS"]
 
 log = logging.getLogger(__name__)
+
+REPEATED_RECORDS = True  # profile_graph's default: nodes that repeat take an earlier record (off: to compare)
 
 
 class ProfileError(ValueError):
@@ -742,7 +744,7 @@ def profile_graph(
     held_until: dict[str, str] | None = None,
     over_batch: bool = False,
     flops: bool = True,
-    repeats: bool = True,
+    repeats: bool | None = None,
 ) -> Costs:
     """Per-node costs of one training step of `gm` on inputs shaped like `example_inputs`.
 
@@ -751,9 +753,11 @@ def profile_graph(
     each taken as affine in the batch through two static traces (batch b and b + 1;
     for b = 1, through 2 and 3, any count off that line at 1 kept as traced there).
     Without `flops`, FLOPs are not counted (0; the counter takes about a fifth of the
-    time, and a profile made to verify a plan's bytes needs none). With `repeats`, a
-    node that repeats an earlier one takes its record (cost_models.repeated_nodes).
+    time, and a profile made to verify a plan's bytes needs none). With `repeats`
+    (default `REPEATED_RECORDS`), a node that repeats an earlier one takes its record
+    (cost_models.repeated_nodes).
     """
+    repeats = REPEATED_RECORDS if repeats is None else repeats
     with _fixed_momentum(gm):
         costs = _Profiler(gm, example_inputs, loss_fn, opaque, flops=flops, repeats=repeats).run()
         if over_batch:
