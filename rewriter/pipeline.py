@@ -708,9 +708,9 @@ def _plan_search(planner: _Planner, budget: int, strategies: tuple[str, ...], lo
     # every way of cutting segments is searched with the invert chains and compress
     # groups beside it, and the plan that adds the least time wins (DenseNet-BC: whole
     # layers recomputed beat half layers at the same peak); row-split chains (costly in
-    # time) join only where those find no plan: block-sized chains first, whole-network
-    # ones after, each beside the ways of cutting segments in turn until one finds a
-    # plan (a DenseNet's tiled layers need its fine segments beside them)
+    # time) join only where those find no plan: block-sized chains first, then joined
+    # in pairs, whole-network ones last, each beside the ways of cutting segments in turn
+    # until one finds a plan (a DenseNet's tiled layers need its fine segments beside them)
     for rows in (None, *row_split.GRANULARITIES) if "row_split" in strategies else (None,):
         if found:
             break

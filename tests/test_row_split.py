@@ -200,6 +200,19 @@ def test_unet_chains_are_exact_in_float64():
     assert any({"up_2", "cat_2"} <= set(c.nodes) for c in found)
 
 
+def test_joined_chains_pair_a_unets_last_two_decoder_stages_exactly_in_float64():
+    """"joined" runs the last two decoder stages as one chain (reading the stage before,
+    the skip of each): the upsampled map between them is never whole. The decoder stage
+    before them stays alone (its successor is paired), and encoder stages never join
+    (their outputs are also skips)."""
+    zoo = ZOO["unet"]
+    model = zoo.test_model().double()
+    found = _assert_trains_alike(model, [zoo.test_input().double()], 4, granularity="joined", rtol=1e-10, atol=1e-10)
+    assert [c.inputs for c in found] == [("x",), ("inc_5",), ("down_0_5",), ("down_2_5", "down_1_5"),
+                                         ("decode_0_5", "down_0_5", "inc_5")]
+    assert {"up_1", "decode_1_5", "up_2", "decode_2_5"} <= set(found[-1].nodes)
+
+
 class Bottleneck(nn.Module):
     """A residual bottleneck whose tiled backward is the step's peak."""
 
