@@ -13,7 +13,8 @@ Lossless kinds (used by default): relu, leaky_relu, hardtanh (ReLU6 too), dropou
 max_pool2d, avg_pool2d and their 3-D forms.
 Lossy kinds (only with `bits`): conv, linear, batch_norm (training mode), group_norm and
 instance_norm (per-sample statistics, as MONAI's networks use them; an InstanceNorm that
-normalises with running statistics is none), prelu (its input gradient exact from a
+normalises with running statistics is none), layer_norm (statistics per position: over
+the channels in a ConvNeXt block, module or functional form), prelu (its input gradient exact from a
 1-bit mask, its slope's from the quantized input). A BatchNorm whose output only a ReLU
 reads, and whose ReLU only a convolution or Linear reads, is grouped with both and the
 three run as one op that keeps one copy (`fusable`). Lossy readers of one tensor keep
@@ -48,7 +49,7 @@ __all__ = ["LOSSLESS", "LOSSY", "KEY", "Group", "kind", "groups", "candidates", 
 
 LOSSLESS = ("relu", "leaky_relu", "hardtanh", "relu6", "dropout", "max_pool2d", "avg_pool2d", "max_pool3d", "avg_pool3d")
 _MAX_POOLS = ("max_pool2d", "max_pool3d")
-LOSSY = ("conv", "linear", "batch_norm", "group_norm", "instance_norm", "prelu")
+LOSSY = ("conv", "linear", "batch_norm", "group_norm", "instance_norm", "layer_norm", "prelu")
 KEY = "compress:"  # a group's candidate key: this prefix and its first node
 
 _MODULE_KINDS = {
@@ -57,21 +58,21 @@ _MODULE_KINDS = {
     nn.AvgPool2d: "avg_pool2d", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv", nn.Linear: "linear",
     nn.BatchNorm1d: "batch_norm", nn.BatchNorm2d: "batch_norm", nn.BatchNorm3d: "batch_norm",
     nn.GroupNorm: "group_norm", nn.InstanceNorm1d: "instance_norm", nn.InstanceNorm2d: "instance_norm",
-    nn.InstanceNorm3d: "instance_norm", nn.PReLU: "prelu",
+    nn.InstanceNorm3d: "instance_norm", nn.LayerNorm: "layer_norm", nn.PReLU: "prelu",
 }
 _FUNCTION_KINDS = {
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.leaky_relu: "leaky_relu", F.hardtanh: "hardtanh",
     F.relu6: "relu6", F.dropout: "dropout",
     F.max_pool2d: "max_pool2d", F.avg_pool2d: "avg_pool2d", F.max_pool3d: "max_pool3d", F.avg_pool3d: "avg_pool3d",
     F.conv1d: "conv", F.conv2d: "conv",
-    F.conv3d: "conv", F.linear: "linear",
+    F.conv3d: "conv", F.linear: "linear", F.layer_norm: "layer_norm",
 }
 _COMPRESSED = {
     "relu": compressed_ops.relu, "leaky_relu": compressed_ops.leaky_relu, "hardtanh": compressed_ops.hardtanh,
     "relu6": compressed_ops.relu6, "dropout": compressed_ops.dropout,
     "max_pool2d": compressed_ops.max_pool2d, "avg_pool2d": compressed_ops.avg_pool2d,
     "max_pool3d": compressed_ops.max_pool3d, "avg_pool3d": compressed_ops.avg_pool3d,
-    "conv": compressed_ops.conv, "linear": compressed_ops.linear,
+    "conv": compressed_ops.conv, "linear": compressed_ops.linear, "layer_norm": compressed_ops.layer_norm,
 }
 
 
@@ -241,7 +242,7 @@ def fusable(gm: fx.GraphModule) -> list[tuple[str, str, str]]:
 
 def lossy_nodes(gm: fx.GraphModule) -> list[str]:
     """The nodes of lossy kinds (conv, linear, training-mode batch_norm, group_norm,
-    instance_norm, prelu)."""
+    instance_norm, layer_norm, prelu)."""
     return [n.name for n in gm.graph.nodes if kind(gm, n) in LOSSY]
 
 

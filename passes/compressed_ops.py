@@ -8,7 +8,7 @@ Lossless (gradients bit-for-bit equal to eager):
                      element (eager keeps int64 indices into the whole plane or volume)
   avg_pool2d/3d      nothing but the input's shape (eager keeps the input)
 Lossy, opt-in (`bits` in 8, 4, 2; the forward stays exact):
-  conv, linear, batch_norm, group_norm, instance_norm
+  conv, linear, batch_norm, group_norm, instance_norm, layer_norm
                      the activation input quantized per group of `GROUP`
                      values to `bits` with stochastic (unbiased) rounding, min and
                      scale per group in bfloat16 (min rounded down, scale up, so
@@ -40,7 +40,8 @@ from rewriter.errors import InputError
 
 __all__ = ["GROUP", "BITS", "CHUNKS", "pack_bits", "unpack_bits", "grouped", "group_range", "quantize", "dequantize", "shared_copy",
            "manual_seed", "relu", "leaky_relu", "dropout", "max_pool2d", "avg_pool2d", "max_pool3d", "avg_pool3d",
-           "conv", "linear", "batch_norm", "group_norm", "instance_norm", "prelu", "module_call", "norm_relu_call"]
+           "conv", "linear", "batch_norm", "group_norm", "instance_norm", "layer_norm", "prelu", "module_call",
+           "norm_relu_call"]
 
 GROUP = 64  # values per quantization group: min and scale (4 bytes: bfloat16) per group
 BITS = (8, 4, 2)
@@ -877,6 +878,40 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     return _PerSampleNorm.apply(x, weight, bias, x.shape[1], eps, forward, bits, *(copy or (None,) * 3))
 
 
+class _LayerNorm(Function):
+    """LayerNorm (statistics per position over the trailing `normalized_shape`: over the
+    channels in a ConvNeXt block): the forward exactly as the module's, the backward
+    PyTorch's layer-norm backward kernel on the dequantized input with the statistics
+    of the exact one."""
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps, bits, packed, low, scale):
+        ctx.copy = _Copy(x, bits)
+        copy = _quantized(x, bits, packed, low, scale)
+        out, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+        ctx.save_for_backward(*copy, mean, rstd, weight, bias)
+        ctx.normalized_shape = normalized_shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, low, scale, mean, rstd, weight, bias = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        x = dequantize(packed, low, scale, ctx.copy.bits, ctx.copy.shape, ctx.copy.dtype)
+        mask = [needs[0], weight is not None and needs[2], bias is not None and needs[3]]
+        grads = torch.ops.aten.native_layer_norm_backward(grad, x, ctx.normalized_shape, mean, rstd, weight, bias, mask)
+        return (grads[0] if mask[0] else None, None, *(g if m else None for g, m in zip(grads[1:], mask[1:])),
+                None, None, None, None, None)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5, bits: int = 4, copy=None) -> torch.Tensor:
+    """F.layer_norm keeping `x` quantized to `bits` for the backward (`copy`: a
+    `shared_copy` of `x` at `bits` to keep instead). The dequantized input exists whole
+    in the backward, beside the input gradient."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    return _LayerNorm.apply(x, shape, weight, bias, eps, bits, *(copy or (None,) * 3))
+
+
 class _PReLU(Function):
     """PReLU: where the input was positive as a 1-bit mask (the input gradient, exact),
     and the input quantized for the slope's gradient, the sum of the incoming gradient
@@ -1048,6 +1083,8 @@ def module_call(module: nn.Module, x: torch.Tensor, bits: int | None = None, cop
         return prelu(x, module.weight, bits, copy)
     if isinstance(module, nn.GroupNorm):
         return group_norm(x, module.num_groups, module.weight, module.bias, module.eps, bits, copy)
+    if isinstance(module, nn.LayerNorm):
+        return layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps, bits, copy)
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):
         if (not module.training and module.track_running_stats) or x.dim() == module._get_no_batch_dim():
             return module(x)  # running statistics (an affine map), or an unbatched input
