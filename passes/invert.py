@@ -5,8 +5,8 @@ their output for the backward.
 `InvertChain` call, an autograd Function
 that saves the chain's output (and per-channel statistics). Its backward walks the
 units in reverse, from each unit's output: BatchNorm (InstanceNorm, GroupNorm: with
-per-sample statistics) rebuilds its input in one op and calls PyTorch's own backward
-kernel, leaky_relu and ELU take their gradients straight
+per-sample statistics; LayerNorm: per position) rebuilds its input and calls PyTorch's
+own backward kernel, leaky_relu and ELU take their gradients straight
 from the output, rearrangements and scalar maps undo themselves, and a coupling runs
 G then F once each on rebuilt inputs (the RevNet order), each graph freed before the
 next. A stack of couplings so keeps memory flat in depth. BatchNorm running
@@ -147,6 +147,10 @@ class _Step:
             out, mean, rstd = torch.native_group_norm(inp.contiguous(), norm.weight, norm.bias, n, c, inp[0, 0].numel(),
                                                       norm.num_groups, norm.eps)
             return out, (mean, rstd)
+        if self.unit.kind == "layer_norm":
+            norm = self.module
+            out, mean, rstd = torch.native_layer_norm(inp, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            return out, (mean, rstd)
         if self.unit.kind != "batch_norm":
             return self.code(inp), ()
         bn = self.module
@@ -220,6 +224,15 @@ class _Step:
                 grad_weight, grad_bias = (None if g is None else g.view(n, c).sum(0) for g in (grad_weight, grad_bias))
             params = [(p, g) for p, g in ((norm.weight, grad_weight), (norm.bias, grad_bias)) if g is not None]
             return grad_in, params, inp if rebuild else None
+        if kind == "layer_norm":
+            inp = self.inverse(out, info, shape) if given is None else given
+            norm, (mean, rstd) = self.module, info
+            wanted = [True, norm.weight is not None and norm.weight.requires_grad,
+                      norm.bias is not None and norm.bias.requires_grad]
+            grad_in, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
+                grad, inp, norm.normalized_shape, mean, rstd, norm.weight, norm.bias, wanted)
+            params = [(p, g) for p, g in ((norm.weight, grad_weight), (norm.bias, grad_bias)) if g is not None]
+            return grad_in, params, inp if rebuild else None
         # affine maps and rearrangements: the gradient goes back through the same linear map
         if kind == "affine":
             op, value, side = arg
@@ -283,6 +296,12 @@ class _Step:
             scale = 1.0 / (invstd if norm.weight is None else norm.weight * invstd)
             shift = mean if norm.bias is None else mean - norm.bias * scale
             return torch.mul(out, scale.reshape(view)).add_(shift.reshape(view)).contiguous()
+        if kind == "layer_norm":  # x = (y - beta) / gamma / rstd + mean, per position
+            norm, (mean, rstd) = self.module, info
+            rebuilt = out.clone() if norm.bias is None else out - norm.bias
+            if norm.weight is not None:
+                rebuilt.div_(norm.weight)
+            return rebuilt.div_(rstd).add_(mean)
         if kind == "affine":
             op, value, side = arg
             if op == "mul":
@@ -320,7 +339,7 @@ class _Step:
                 worst = torch.maximum(torch.as_tensor(worst, dtype=torch.float32), torch.as_tensor(growth, dtype=torch.float32))
             return worst
         if kind in NORM_KINDS:
-            std = 1.0 / (info[1] if kind == "batch_norm" else _per_channel(info, *out.shape[:2])[1])
+            std = 1.0 / (info[1] if kind in ("batch_norm", "layer_norm") else _per_channel(info, *out.shape[:2])[1])
             if self.module.weight is not None:
                 std = std / self.module.weight.detach().abs()
             return std.max().clamp(min=1.0)

@@ -7,7 +7,8 @@ used only by the next unit:
   scalars (a != 0);
 - BatchNorm in training mode: its input is rebuilt from its output and the batch mean
   and inverse std the forward computed (In-Place ABN); InstanceNorm without running
-  statistics and GroupNorm the same, from their per-sample statistics;
+  statistics and GroupNorm the same, from their per-sample statistics, and LayerNorm
+  from its statistics per position (over the channels in a ConvNeXt block);
 - dropout with p = 0 (MONAI's blocks hold one): the identity;
 - lossless rearrangements: view/reshape/flatten, permute, pixel_shuffle/unshuffle;
 - fork-joins: `chunk` or `split` into pieces, elementwise units on each piece, `cat`
@@ -43,7 +44,7 @@ __all__ = ["Unit", "Chain", "chains", "chain_between", "calibrate", "MAX_AMPLIFI
 MAX_AMPLIFICATION = 100.0  # fp32 rounding (6e-8) x 100 stays well inside a 1e-4 gradient tolerance
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-NORM_KINDS = ("batch_norm", "instance_norm", "group_norm")  # units that keep (mean, inverse std) for backward
+NORM_KINDS = ("batch_norm", "instance_norm", "group_norm", "layer_norm")  # units that keep (mean, inverse std) for backward
 MOVING = (*NORM_KINDS, "prelu", "elu")  # units whose error factor depends on weights or values
 _RESHAPES = {"view", "reshape", "flatten"}
 _ARITHMETIC = {operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.add: "add",
@@ -126,6 +127,8 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node) -> tuple[str, tuple] | None:
             return "instance_norm", ()
         if isinstance(module, nn.GroupNorm):
             return "group_norm", ()
+        if isinstance(module, nn.LayerNorm) and (module.weight is None or module.weight.dim() == len(module.normalized_shape)):
+            return "layer_norm", ()
         if isinstance(module, _RANDOM_MODULES) and module.p == 0:
             return "affine", ("mul", 1.0, "left")
         if isinstance(module, nn.Flatten):
@@ -390,6 +393,12 @@ def _runtime_factor(kind: str, module: nn.Module | None, inp: torch.Tensor, out:
         groups = module.num_groups if kind == "group_norm" else c
         std = torch.sqrt(inp.detach().reshape(n, groups, -1).var(dim=2, unbiased=False) + module.eps)
         std = std.repeat_interleave(c // groups, dim=1)
+        if module.weight is not None:
+            std = std / module.weight.detach().abs().clamp(min=1e-30)
+        return float(std.max().clamp(min=1.0))
+    if kind == "layer_norm":  # per position, against each element's |gamma|
+        dims = tuple(range(inp.dim() - len(module.normalized_shape), inp.dim()))
+        std = torch.sqrt(inp.detach().var(dim=dims, unbiased=False, keepdim=True) + module.eps)
         if module.weight is not None:
             std = std / module.weight.detach().abs().clamp(min=1e-30)
         return float(std.max().clamp(min=1.0))
