@@ -13,7 +13,7 @@ import rewriter
 from rewriter.measure import measure_peak
 from rewriter.passes import compressed_ops
 from tests.test_compress import all_groups, assert_gradients_close_in_direction, train_step
-from tests.test_compress_volumes import _module_step
+from tests.test_compress_volumes import _module_step, input_gradient_errors
 
 _NORMS = [lambda: nn.LayerNorm(8), lambda: nn.LayerNorm((7, 8), elementwise_affine=False),
           lambda: nn.LayerNorm(8, bias=False)]
@@ -43,13 +43,7 @@ def test_a_layer_norm_on_its_exact_input_computes_eagers_numbers(make, monkeypat
 
 @pytest.mark.parametrize("make", _NORMS)
 def test_a_layer_norm_errs_less_with_more_bits(make):
-    x0 = _channels_last()
-    eager = _module_step(make().train(), x0, lambda m, x: m(x))[1]
-    errors = {}
-    for bits in (8, 4):
-        compressed_ops.manual_seed(0)
-        got = _module_step(make().train(), x0, lambda m, x: compressed_ops.module_call(m, x, bits=bits))[1]
-        errors[bits] = float((got - eager).norm() / eager.norm())
+    errors = input_gradient_errors(make, _channels_last())
     # a level of 2^-bits of each group's range (groups run along the positions); the
     # statistics of 8 values per position move with each: 4 bits err about 10% here
     assert 0 < errors[8] < errors[4] / 4 and errors[4] < 0.2, errors

@@ -115,16 +115,22 @@ def test_a_per_sample_norm_on_its_exact_input_computes_eagers_numbers(make, monk
         assert torch.equal(mine, theirs)
 
 
-@pytest.mark.parametrize("make", _NORMS)
-def test_a_per_sample_norm_errs_less_with_more_bits(make):
-    torch.manual_seed(0)
-    x0 = _norm_input(make())
+def input_gradient_errors(make, x0: torch.Tensor) -> dict[int, float]:
+    """||g - g_eager|| / ||g_eager|| of the input gradient of `make()`'s module run as its
+    compressed op, at 8 and 4 bits, on `x0`."""
     eager = _module_step(make().train(), x0, lambda m, x: m(x))[1]
     errors = {}
     for bits in (8, 4):
         compressed_ops.manual_seed(0)
         got = _module_step(make().train(), x0, lambda m, x: compressed_ops.module_call(m, x, bits=bits))[1]
         errors[bits] = float((got - eager).norm() / eager.norm())
+    return errors
+
+
+@pytest.mark.parametrize("make", _NORMS)
+def test_a_per_sample_norm_errs_less_with_more_bits(make):
+    torch.manual_seed(0)
+    errors = input_gradient_errors(make, _norm_input(make()))
     # a level of 2^-bits of each group's range: 4 bits step 17 times 8 bits' step
     assert 0 < errors[8] < errors[4] / 4 and errors[4] < 0.1, errors
 

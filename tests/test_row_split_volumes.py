@@ -154,6 +154,16 @@ def test_a_deep_volume_is_tiled_in_slabs_and_the_plan_says_so():
     assert "slab tiles" in optimized.plan.summary() and measure_peak(optimized, x) <= budget
 
 
+def _assert_fits_and_trains_like_eager(optimized, model, reference, x, budget: int) -> None:
+    """The plan's measured peak within `budget` and as predicted; a step's output and
+    every parameter gradient of `model` as `reference`'s (float64: to 1e-10)."""
+    measured = measure_peak(optimized, x)
+    assert measured <= budget and measured == optimized.plan.predicted_peak_bytes
+    torch.testing.assert_close(train_step(optimized, x), train_step(reference, x), rtol=1e-10, atol=1e-10)
+    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10, msg=name)
+
+
 def test_a_monai_3d_unet_fits_below_what_recompute_reaches_and_trains_like_eager():
     """MONAI's 3-D UNet (InstanceNorm, PReLU, dropout p = 0, transposed convolutions) at
     42% of its eager peak, where the strategies without row-split stop at 49%: the plan
@@ -172,12 +182,8 @@ def test_a_monai_3d_unet_fits_below_what_recompute_reaches_and_trains_like_eager
         rewriter.optimize(model, budget, x, strategies=("recompute", "invert", "compress"))
     optimized = rewriter.optimize(model, budget, x)
     assert optimized.plan.row_split
-    measured = measure_peak(optimized, x)
-    assert measured <= budget and measured == optimized.plan.predicted_peak_bytes
     reference = build()
-    torch.testing.assert_close(train_step(optimized, x), train_step(reference, x), rtol=1e-10, atol=1e-10)
-    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10, msg=name)
+    _assert_fits_and_trains_like_eager(optimized, model, reference, x, budget)
     with torch.no_grad():
         torch.testing.assert_close(optimized.eval()(x), reference.eval()(x), rtol=1e-10, atol=1e-10)
 
@@ -199,10 +205,5 @@ def test_a_monai_3d_unet_whose_last_decoder_stages_are_tiled_as_one_chain_fits_l
     optimized = rewriter.optimize(model, budget, x)
     assert optimized.plan.row_granularity == "joined"
     assert max(len(d.nodes) for d in optimized.plan.decisions if d.strategy == "row_split") > 11  # two stages
-    measured = measure_peak(optimized, x)
-    assert measured <= budget and measured == optimized.plan.predicted_peak_bytes
-    reference = build()
-    torch.testing.assert_close(train_step(optimized, x), train_step(reference, x), rtol=1e-10, atol=1e-10)
-    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10, msg=name)
+    _assert_fits_and_trains_like_eager(optimized, model, build(), x, budget)
 
