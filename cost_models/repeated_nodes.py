@@ -4,11 +4,13 @@ fake tensors; its backward too, once a node of the same kind has run backward wi
 incoming gradients of the same layouts. A chain of identical blocks is profiled in
 about the time of one block.
 
-Only nodes whose record names nothing but their own storages and their inputs
-qualify: calls of torch.nn's own modules (no hooks), of torch's and Python's operator
-functions and of compressed ops (passes.compressed_ops), and tensor methods, that
-write no input in place, read no parameter through `get_attr` (a module handed to a
-compressed op counts by its settings), and return new tensors (no views). A node that repeats one whose
+Only nodes whose record names nothing but their own storages, their inputs and
+their outputs qualify: calls of torch.nn's own modules (no hooks), of invert chains
+(passes.invert: a chain's kind is its units, the settings of the modules they run and
+the structure of their code, not the modules' paths), of torch's and Python's
+operator functions and of compressed ops (passes.compressed_ops), and tensor methods,
+that write no input in place, read no parameter through `get_attr` (a module handed
+to a compressed op counts by its settings), and return new tensors (no views). A node that repeats one whose
 backward is not on record yet runs its forward again when its backward comes (its
 storages matched to the recorded ones in order), then backward as any node does.
 
@@ -53,15 +55,17 @@ class _Forward:
     outputs: tuple  # (storage number, shape, stride, dtype, device, requires_grad) per output element
     as_list: bool | None  # None: one tensor; else a list (True) or a tuple (False) of them
     internal: tuple
-    saved: tuple  # ("new", storage number) or ("input", position)
+    saved: tuple  # ("new", storage number), ("input", position) or ("output", index): its own output
     allocations: int
+    many_ops: bool = False  # an invert chain
 
 
 @dataclasses.dataclass(frozen=True)
 class _Backward:
     """A backward record: events on ("f", forward storage number) or ("b", backward
-    storage number); input gradients by input position, as a view of an incoming
-    gradient or a new storage; parameter gradients by position in the node's parameters."""
+    storage number), or ("k", output index) for an incoming gradient let go; input
+    gradients by input position, as a view of an incoming gradient or a new storage;
+    parameter gradients by position in the node's parameters."""
 
     events: tuple
     grads: tuple  # (input position, ("grad_out", k) or ("b", number), (shape, stride, offset, dtype, device))
@@ -128,7 +132,8 @@ class RepeatedNodes:
             if node.target in self.opaque:
                 return None
             module = self.gm.get_submodule(node.target)
-            what = self._module_kind(module)
+            what = self._chain_kind(module) if hasattr(module, "steps") and hasattr(module, "code_parameters") else \
+                self._module_kind(module)
         elif node.op == "call_function":
             module = getattr(node.target, "__module__", None)
             what = ("function", node.target) if module in _FUNCTION_MODULES and node.target is not torch._assert else None
@@ -164,6 +169,51 @@ class RepeatedNodes:
             self._module_keys[id(module)] = _module_key(module)
         return self._module_keys[id(module)]
 
+    def _chain_kind(self, chain: torch.nn.Module) -> tuple | None:
+        """An invert chain's kind: its steps' units, modules and code, and whether chains
+        run as fallen back (passes.invert)."""
+        from rewriter.passes import invert
+
+        if type(chain) is not invert.InvertChain:
+            return None
+        try:
+            steps = tuple(self._step_kind(step) for step in chain.steps)
+        except _Unrepeatable:
+            return None
+        return ("invert chain", invert._FALLBACK[0], steps)
+
+    def _step_kind(self, step) -> tuple:
+        module = None if step.module is None else self._module_kind(step.module)
+        if step.module is not None and module is None:
+            raise _Unrepeatable
+        return (step.unit.kind, repr(step.unit.arg), step.inplace, step.inverse_dims, step.moves, module,
+                *(self._code_kind(code) for code in (step.code, step.f, step.g)),
+                tuple(tuple(self._step_kind(s) for s in branch) for branch in step.branches))
+
+    def _code_kind(self, code) -> tuple | None:
+        """A unit's code (a GraphModule over the model's modules) by what it runs, not
+        by the paths of the modules it calls."""
+        if code is None:
+            return None
+        if not isinstance(code, fx.GraphModule):
+            raise _Unrepeatable
+        index = {n: i for i, n in enumerate(code.graph.nodes)}
+        found = []
+        for node in code.graph.nodes:
+            target = None if node.op == "placeholder" else node.target  # (a placeholder is named for what it reads)
+            if node.op in ("call_module", "get_attr"):
+                attr = code.get_submodule(target) if node.op == "call_module" else fx.graph_module._get_attr(code, target)
+                if isinstance(attr, torch.nn.Module):
+                    target = self._module_kind(attr)
+                elif isinstance(attr, torch.Tensor):
+                    target = (tuple(attr.shape), attr.stride(), attr.dtype, attr.requires_grad)
+                else:
+                    target = None
+                if target is None:
+                    raise _Unrepeatable
+            found.append((node.op, target, repr(fx.node.map_arg((node.args, node.kwargs), lambda n: _Input(index[n])))))
+        return tuple(found)
+
     def _input_owners(self, inputs: tuple) -> list[tuple]:
         return [self.owner.get(storage_key(self.elements[n][k]), (n, k)) for n, k in inputs]
 
@@ -191,8 +241,10 @@ class RepeatedNodes:
             name=node.name, op=op, label=label, shapes=record.shapes, nbytes=record.nbytes, inputs=inputs,
             outputs=tuple(("new", first + o[0]) for o in record.outputs), requires_grad=record.requires_grad,
             internal=tuple(first + n for n in record.internal),
-            saved=tuple(("new", first + i) if what == "new" else ("value", *owners[i]) for what, i in record.saved),
+            saved=tuple(("new", first + i) if what == "new" else ("value", node.name, i) if what == "output"
+                        else ("value", *owners[i]) for what, i in record.saved),
             fwd_events=tuple((kind_, first + n, b) for kind_, n, b in record.events), fwd_flops=record.fwd_flops,
+            many_ops=record.many_ops,
         )
 
     def _remember_forward(self, kind: tuple | None, cost: NodeCost, out: Any) -> None:
@@ -226,6 +278,8 @@ class RepeatedNodes:
         for ref in cost.saved:
             if ref[0] == "new" and ref[1] in numbers:
                 saved.append(("new", numbers[ref[1]]))
+            elif ref[0] == "value" and ref[1] == cost.name:
+                saved.append(("output", ref[2]))
             elif ref[0] == "value" and tuple(ref[1:]) in owners:
                 saved.append(("input", owners.index(tuple(ref[1:]))))
             else:
@@ -234,7 +288,7 @@ class RepeatedNodes:
             shapes=cost.shapes, nbytes=cost.nbytes, requires_grad=cost.requires_grad, fwd_flops=cost.fwd_flops,
             events=tuple((kind, numbers[uid], b) for kind, uid, b in cost.fwd_events), outputs=tuple(outputs),
             as_list=as_list, internal=tuple(numbers[uid] for uid in cost.internal), saved=tuple(saved),
-            allocations=len(numbers),
+            allocations=len(numbers), many_ops=cost.many_ops,
         )
 
     # ---- backward ----------------------------------------------------------------------------
@@ -255,12 +309,15 @@ class RepeatedNodes:
         forward = [uid for kind_, uid, _ in cost.fwd_events if kind_ == "alloc"]
 
         def uid(ref):
-            return forward[ref[1]] if ref[0] == "f" else first + ref[1]
+            return forward[ref[1]] if ref[0] == "f" else first + ref[1] if ref[0] == "b" else ref[1]
 
         grad_inputs = []
         for position, ref, (shape, stride, offset, dtype, device) in record.grads:
             element = cost.inputs[position]
-            if ref[0] == "grad_out":
+            if ref[0] == "grad_out" and cost.many_ops:  # a stand-in of the incoming gradient, on a storage of its own
+                g = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                grad_inputs.append((element, ref))
+            elif ref[0] == "grad_out":
                 incoming = grad_outs[ref[1]]
                 same = tuple(incoming.shape) == shape and incoming.stride() == stride and incoming.storage_offset() == offset
                 g = incoming if same else incoming.as_strided(shape, stride, offset)
@@ -313,11 +370,13 @@ class RepeatedNodes:
         forward = {uid: i for i, uid in enumerate(uid for kind, uid, _ in cost.fwd_events if kind == "alloc")}
         backward = {uid: i for i, uid in enumerate(uid for kind, uid, _ in cost.bwd_events if kind == "alloc")}
 
-        def ref(uid):
+        def ref(kind, uid):
+            if kind == "release_grad":  # the gradient of output `uid` let go
+                return ("k", uid)
             return ("f", forward[uid]) if uid in forward else ("b", backward[uid]) if uid in backward else None
 
-        events = tuple((kind, ref(uid), b) for kind, uid, b in cost.bwd_events)
-        if any(kind not in ("alloc", "free") or r is None for kind, r, _ in events):
+        events = tuple((kind, ref(kind, uid), b) for kind, uid, b in cost.bwd_events)
+        if any(kind not in ("alloc", "free", "release_grad") or r is None for kind, r, _ in events):
             return None
         grads, numbers = [], set()
         for element, grad_ref, g in given:
@@ -338,3 +397,7 @@ class RepeatedNodes:
 
 def _same(t):
     return t
+
+
+class _Unrepeatable(Exception):
+    """Part of a node that no kind describes."""

@@ -81,7 +81,8 @@ def _rewritten(model: nn.Module, x: torch.Tensor, rewrite: str) -> tuple[fx.Grap
 
 
 REWRITES = [(name, "as captured") for name in sorted(CASES)] + [
-    ("chain of 100 blocks", "compressed"), ("chain of 100 blocks", "inverted"), ("resnet18", "compressed at 4 bits"),
+    ("chain of 100 blocks", "compressed"), ("chain of 100 blocks", "inverted"), ("revnet", "inverted"),
+    ("MONAI 3-D UNet", "inverted"), ("resnet18", "compressed at 4 bits"),
     ("densenet_bc", "compressed at 4 bits"), ("MONAI 3-D UNet", "compressed at 4 bits")]
 
 
@@ -99,10 +100,11 @@ def test_repeated_records_are_the_records_each_node_gives(name, rewrite, caplog)
     # out 16 FLOPs higher (the MONAI UNet's, 1,327,120 against 1,327,104), repeated or not
     for a, b in zip(repeated.nodes, own.nodes):
         assert abs(float(a.fwd_flops) - float(b.fwd_flops)) <= 1e-4 * float(b.fwd_flops), a.name
-    taken = [r.getMessage() for r in caplog.records if "took the record of an earlier node" in r.getMessage()]
+    taken = [r.getMessage() for r in caplog.records  # (a coupling's rerun profiles its functions apart too)
+             if f"of {len(repeated.nodes)} nodes took the record of an earlier node" in r.getMessage()]
     assert len(taken) == 1
     repeats = int(taken[0].split()[1])
     if name == "chain of 100 blocks":  # blocks 2 to 100 repeat block 1: norm, activation and convolution,
-        assert repeats == {"as captured": 3, "compressed": 3, "inverted": 1}[rewrite] * 99  # or an inverted chain's convolution
+        assert repeats == {"as captured": 3, "compressed": 3, "inverted": 2}[rewrite] * 99  # or invert chain and convolution
     if name in ("resnet50", "densenet_bc", "layouts", "MONAI 3-D UNet"):
         assert repeats > 0
