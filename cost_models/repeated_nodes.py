@@ -99,6 +99,11 @@ def _layout(t: torch.Tensor, aliases: dict[int, int]) -> tuple:
             t.untyped_storage().nbytes(), alias)
 
 
+def _arguments(node: fx.Node, index: dict[fx.Node, int]) -> str:
+    """A node's arguments, each node among them by its position in `index`."""
+    return repr(fx.node.map_arg((node.args, node.kwargs), lambda n: _Input(index[n])))
+
+
 def _module_key(module: torch.nn.Module) -> tuple | None:
     if not type(module).__module__.startswith("torch.nn.modules."):
         return None
@@ -132,8 +137,7 @@ class RepeatedNodes:
             if node.target in self.opaque:
                 return None
             module = self.gm.get_submodule(node.target)
-            what = self._chain_kind(module) if hasattr(module, "steps") and hasattr(module, "code_parameters") else \
-                self._module_kind(module)
+            what = self._module_kind(module) or self._chain_kind(module)
         elif node.op == "call_function":
             module = getattr(node.target, "__module__", None)
             what = ("function", node.target) if module in _FUNCTION_MODULES and node.target is not torch._assert else None
@@ -149,9 +153,10 @@ class RepeatedNodes:
         for n in inputs:
             value = self.values[n.name]
             if n.op == "get_attr":  # a module handed to a compressed op, by its settings; not a parameter
-                if not isinstance(value, torch.nn.Module) or self._module_kind(value) is None:
+                settings = self._module_kind(value) if isinstance(value, torch.nn.Module) else None
+                if settings is None:
                     return None
-                layouts.append(self._module_kind(value))
+                layouts.append(settings)
             elif isinstance(value, torch.Tensor):
                 if value.layout != torch.strided:
                     return None
@@ -160,9 +165,7 @@ class RepeatedNodes:
                 layouts.append((type(value), value))
             else:
                 return None
-        index = {n: i for i, n in enumerate(inputs)}
-        arguments = repr(fx.node.map_arg((node.args, node.kwargs), lambda n: _Input(index[n])))
-        return what, arguments, tuple(layouts)
+        return what, _arguments(node, {n: i for i, n in enumerate(inputs)}), tuple(layouts)
 
     def _module_kind(self, module: torch.nn.Module) -> tuple | None:
         if id(module) not in self._module_keys:
@@ -171,7 +174,7 @@ class RepeatedNodes:
 
     def _chain_kind(self, chain: torch.nn.Module) -> tuple | None:
         """An invert chain's kind: its steps' units, modules and code, and whether chains
-        run as fallen back (passes.invert)."""
+        run as fallen back (passes.invert); None for any other module."""
         from rewriter.passes import invert
 
         if type(chain) is not invert.InvertChain:
@@ -211,7 +214,7 @@ class RepeatedNodes:
                     target = None
                 if target is None:
                     raise _Unrepeatable
-            found.append((node.op, target, repr(fx.node.map_arg((node.args, node.kwargs), lambda n: _Input(index[n])))))
+            found.append((node.op, target, _arguments(node, index)))
         return tuple(found)
 
     def _input_owners(self, inputs: tuple) -> list[tuple]:
@@ -314,17 +317,13 @@ class RepeatedNodes:
         grad_inputs = []
         for position, ref, (shape, stride, offset, dtype, device) in record.grads:
             element = cost.inputs[position]
-            if ref[0] == "grad_out" and cost.many_ops:  # a stand-in of the incoming gradient, on a storage of its own
-                g = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-                grad_inputs.append((element, ref))
-            elif ref[0] == "grad_out":
+            if ref[0] == "grad_out" and not cost.many_ops:  # the incoming gradient, or a view of it
                 incoming = grad_outs[ref[1]]
                 same = tuple(incoming.shape) == shape and incoming.stride() == stride and incoming.storage_offset() == offset
                 g = incoming if same else incoming.as_strided(shape, stride, offset)
-                grad_inputs.append((element, ref))
-            else:
+            else:  # a new storage, or a many-op node's stand-in of the incoming gradient (a storage of its own)
                 g = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-                grad_inputs.append((element, ("new", first + ref[1])))
+            grad_inputs.append((element, ref if ref[0] == "grad_out" else ("new", first + ref[1])))
             self._accumulate(element, g)
         params = self._params_of(cost.name)
         cost.has_backward = True

@@ -226,8 +226,7 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
             return not any(p > position[node] for p in later)
         return True
 
-    if granularity == "joined":
-        return _joined(chains(gm, shapes, opaque, "block"), nodes, local)
+    walk = "block" if granularity == "joined" else granularity  # joined: block chains, then paired
     found: list[Chain] = []
     i = 0
     while i < end:
@@ -242,10 +241,10 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
             run = set(nodes[i:j + 1])
             escaping = {m for m in run if any(u not in run for u in m.users)}
             following = nodes[j + 1] if j + 1 < end else None
-            if escaping == {nodes[j]} and (granularity == "whole" or _ends_scope(nodes[j], following)):
+            if escaping == {nodes[j]} and (walk == "whole" or _ends_scope(nodes[j], following)):
                 closed = j
                 windows = sum(local[m][0] in _WINDOWED for m in nodes[i:j + 1])
-                if granularity == "block" and windows >= 2:
+                if walk == "block" and windows >= 2:
                     break  # the first module call's end after two convolutions or poolings
             j += 1
         if closed is None:
@@ -257,10 +256,11 @@ def chains(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], opaque: tuple
         if len(run) >= 2 and kinds & _WINDOWED and max(tiles_for(out[d], 2, len(out)) for d in axes_of(len(out)).values()) == 2:
             found.append(Chain(tuple(m.name for m in run), _outside(run)))
         i = closed + 1
-    return found
+    return _joined(found, nodes, position, local) if granularity == "joined" else found
 
 
-def _joined(blocks: list[Chain], nodes: list[fx.Node], local: dict[fx.Node, tuple | None]) -> list[Chain]:
+def _joined(blocks: list[Chain], nodes: list[fx.Node], position: dict[fx.Node, int],
+            local: dict[fx.Node, tuple | None]) -> list[Chain]:
     """`blocks` (block chains, graph order) joined in pairs from the last back: a chain
     joins the chain right after it where that one is no pair yet, alone reads its
     output, and the two keep within `MAX_NODES` and `MAX_NORMS`. (Longer runs hold less
@@ -268,23 +268,22 @@ def _joined(blocks: list[Chain], nodes: list[fx.Node], local: dict[fx.Node, tupl
     stages: MONAI's 3-D UNet at 96³ reaches 0.222x of its eager peak with pairs, 0.254x
     with every decoder stage and the bottom in one chain.)"""
     by_name = {n.name: n for n in nodes}
-    position = {n.name: i for i, n in enumerate(nodes)}
 
     def norms(chain: Chain) -> int:
         return sum(local[by_name[n]][0] in row_split_ops.NORMS for n in chain.nodes)
 
     joined: list[Chain] = []
-    pairs: set[int] = set()
+    paired = True  # whether joined[-1] (the chain a chain may join) is a pair already, or none is there
     for chain in reversed(blocks):
         after = joined[-1] if joined else None
-        if (after is not None and len(joined) - 1 not in pairs and position[after.nodes[0]] == position[chain.output] + 1
+        if (not paired and position[by_name[after.nodes[0]]] == position[by_name[chain.output]] + 1
                 and all(u.name in after.nodes for u in by_name[chain.output].users)
                 and len(chain.nodes) + len(after.nodes) <= MAX_NODES and norms(chain) + norms(after) <= MAX_NORMS):
             run = [by_name[n] for n in chain.nodes + after.nodes]
-            joined[-1] = Chain(chain.nodes + after.nodes, _outside(run))
-            pairs.add(len(joined) - 1)
+            joined[-1], paired = Chain(chain.nodes + after.nodes, _outside(run)), True
         else:
             joined.append(chain)
+            paired = False
     return joined[::-1]
 
 
