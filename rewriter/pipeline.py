@@ -20,7 +20,7 @@ from rewriter.cost_models.runtime import ROOFLINES, node_seconds
 from rewriter.cost_models.saved import saved_tensors
 from rewriter.cost_models.peak_holders import peak_holders
 from rewriter.cost_models.simulate import simulate
-from rewriter.cost_models.stage_costs import stage_costs
+from rewriter.cost_models.stage_costs import StageCosts, stage_costs
 from rewriter.passes import accumulate, compress, invert, recompute, registry, row_split
 from rewriter.passes.compressed_ops import BITS
 from rewriter.device_memory import held_outside_activations
@@ -77,6 +77,7 @@ def _margin(budget: int) -> int:
 _INVERT = invert.KEY
 _COMPRESS = compress.KEY
 _ROWS = row_split.KEY
+_FALLEN = "invert, fallen back"  # the records of inverted chains as they run fallen back (`invert.assuming_fallback`)
 _ROW_MODES = row_split.MODES  # one profile per tile count, every chain so tiled
 STAGES = 64  # the most stages the schedule solver takes (neighbouring segments join into one)
 DEPTH = 8  # the most spans a segment may be inside: each reruns it once more (and Python's stack has a bottom)
@@ -143,11 +144,14 @@ class _Planner:
         self._norm_bytes: dict[tuple[str, ...], int] = {}  # segment or span nodes -> its BatchNorm buffers' bytes
         self.segment_profiles: dict[tuple[str, str], Costs] = {}  # (granularity, mode) -> every segment so run, composed
         self.chains: list[invert.Chain] = []
+        self._falls: set[str] = set()  # the keys of the chains that can fall back
         self.inverted: Costs | None = None  # the profile with every chain inverted
+        self.fallen: Costs | None = None  # the same with the chains that can fall back fallen back
         if "invert" in strategies:
             with preserved_model_state(model):
                 factors = invert.calibrate(self.gm, inputs)
             self.chains = [c for c in invert.chains(self.gm, self.opaque, factors) if self._gains(c)]
+            self._falls = {_INVERT + c.output for c in self.chains if c.can_fall_back}
         self.groups: list[compress.Group] = []
         # compress modes, widest first: "compress" (lossless, or widths set by an error
         # bound), or one per width from 8 bits down to compress_bits ("compress8", ...);
@@ -242,6 +246,11 @@ class _Planner:
                 with self.clock("profile", f"{len(self.chains)} chains inverted"):
                     self.inverted = self._profile(invert.rewrite(self.gm, [c.output for c in self.chains], self.chains), {})
             self.alternatives["invert"] = self.inverted
+            if any(c.can_fall_back for c in self.chains):
+                if self.fallen is None:
+                    with self.clock("profile", f"{len(self.chains)} chains inverted, fallen back"), invert.assuming_fallback():
+                        self.fallen = self._profile(invert.rewrite(self.gm, [c.output for c in self.chains], self.chains), {})
+                self.alternatives[_FALLEN] = self.fallen  # no candidate's option: `fallen_back` composes it
         for mode in row_modes if self.tiled else ():
             key = (self.row_granularity, mode)
             if key not in self.tiled_profiles:
@@ -258,6 +267,7 @@ class _Planner:
             self.offered = {c.key: c for c in self.candidates()}
         units = {c.key: (c.outputs, c.nodes) for c in self.offered.values()}
         self._composer = Composer(self.base, list(self.alternatives.values()), units)
+        self._stages = {}  # the stages' options are the candidates just offered
 
     def candidates(self) -> list[registry.Candidate]:
         """Every strategy's candidates, in the options profiled in `alternatives`."""
@@ -382,52 +392,101 @@ class _Planner:
     def stages(self, most: int = STAGES) -> tuple[list[list[int]], list[schedule.Stage], set[tuple[int, int]]]:
         """The segments as a chain of at most `most` stages for `schedule.solve_schedule`:
         each stage's segment indexes (runs of neighbours, as even as they divide), its
-        options (keep; every segment selective where it can be, else full; every
-        segment full) priced from simulations of each option taken everywhere
-        (`stage_costs`), and the stage pairs a span may join."""
-        count = len(self.segments)
-        size = -(-count // most)
-        groups = [list(range(first, min(first + size, count))) for first in range(0, count, size)]
-        options = ("keep", "selective", "full")
-        extremes = {option: {} if option == "keep" else self.extreme(option) for option in options}
-        per_segment = {}
-        for option in options:
-            modes = extremes[option]
-            costs = self.base if option == "keep" else self.composed(modes)
-            stage_of = {}
-            for index, segment in enumerate(self.segments):
-                for name in (segment.nodes if option == "keep" else (segment.output,)):
-                    stage_of[name] = index
-            per_segment[option] = stage_costs(costs, stage_of, count)
+        options (`stage_options`: keep; selective; full; each other strategy's
+        candidates inside it taken) priced from simulations of each option taken
+        everywhere (`stage_costs`), and the stage pairs a span may join."""
+        groups = self._stage_groups(most)
+        options = self.stage_options(groups)
+        stage_of = {n: i for i, segment in enumerate(self.segments) for n in segment.nodes}
+        per_segment = [self._stage_costs(everywhere, stage_of) for _, everywhere, _, _ in options]
         stages = []
-        for group in groups:
+        for k, group in enumerate(groups):
             seconds, kept, forward, backward = [], [], [], []
-            for option in options:
-                modes = extremes[option]
-                costs = per_segment[option]
+            for (_, _, per_stage, _), costs in zip(options, per_segment):
                 held = high_forward = high_backward = 0
                 for i in group:
                     high_forward = max(high_forward, held + costs[i].forward)
                     high_backward = max(high_backward, held + costs[i].backward)
                     held += costs[i].kept
-                added = 0.0
-                for i in group:
-                    out = self.segments[i].output
-                    if out in modes:
-                        candidate = self.offered[out]
-                        added += candidate.seconds[candidate.options.index(modes[out])]
-                seconds.append(added)
+                seconds.append(sum(self.mode_seconds(per_stage[k]).values()))
                 kept.append(held)
                 forward.append(high_forward)
                 backward.append(high_backward)
             nodes = [n for i in group for n in self.segments[i].nodes]
             stages.append(schedule.Stage(tuple(seconds), tuple(kept), tuple(forward), tuple(backward),
-                                         (True, False, True), per_segment["full"][group[-1]].kept,
+                                         tuple(nestable for *_, nestable in options), per_segment[2][group[-1]].kept,
                                          self.rerun_seconds(nodes)))
         pairs = recompute.spannable(self.gm, self.segments, [g[0] for g in groups], [g[-1] for g in groups], self.opaque)
         index = {g[0]: k for k, g in enumerate(groups)} | {g[-1]: k for k, g in enumerate(groups)}
         joined = {(index[s], index[j]) for s, j in pairs if index[s] < index[j]}
         return groups, stages, joined
+
+    def _stage_costs(self, everywhere: dict[str, str], stage_of: dict[str, int]) -> list[StageCosts]:
+        """Each segment's `stage_costs` with `everywhere` taken; where its chains can fall
+        back, the higher of each cost as they run and as they run fallen back."""
+        costs = stage_costs(self.composed(everywhere) if everywhere else self.base, stage_of, len(self.segments))
+        fallen = self.fallen_back(everywhere)
+        if fallen == everywhere:
+            return costs
+        other = stage_costs(self.composed(fallen), stage_of, len(self.segments))
+        return [StageCosts(max(a.kept, b.kept), max(a.forward, b.forward), max(a.backward, b.backward))
+                for a, b in zip(costs, other)]
+
+    def _stage_groups(self, most: int) -> list[list[int]]:
+        count = len(self.segments)
+        size = -(-count // most)
+        return [list(range(first, min(first + size, count))) for first in range(0, count, size)]
+
+    def stage_options(self, groups: list[list[int]]) -> list[tuple[str, dict[str, str], list[dict[str, str]], bool]]:
+        """The options of the schedule's stages over `groups` (segment indexes): keep,
+        every segment selective (where it can be, else full), every segment full, then
+        per strategy other than recompute and row-split (and all of them together) its
+        candidates inside the stage at their first option, the segments kept. Each as
+        (name, the modes taken everywhere, those modes stage by stage, nestable: whether
+        a span may rerun the stage so). A candidate whose nodes fall in two stages is in
+        no option."""
+        stage_of = self._node_stages(groups)
+        by_stage: dict[str, int] = {}  # candidate key -> its stage
+        for key, candidate in self.offered.items():
+            stages = {stage_of[n] for n in candidate.nodes}
+            if len(stages) == 1:
+                by_stage[key] = stages.pop()
+        other = {}  # strategy -> its candidates inside a stage, at their first option
+        for key, candidate in self.offered.items():
+            if candidate.strategy not in ("recompute", "row_split") and key in by_stage:
+                other.setdefault(candidate.strategy, {})[key] = candidate.options[0]
+        rewrites = [(name, modes) for name, modes in other.items()]
+        if len(other) > 1:
+            rewrites.append(("+".join(other), {k: v for modes in other.values() for k, v in modes.items()}))
+        options = [("keep", {}, True), ("selective", self.extreme("selective"), False),
+                   ("full", self.extreme("full"), True), *((name, modes, False) for name, modes in rewrites)]
+        result = []
+        for name, everywhere, nestable in options:
+            per_stage: list[dict[str, str]] = [{} for _ in groups]
+            for key, mode in everywhere.items():
+                per_stage[by_stage[key]][key] = mode
+            result.append((name, everywhere, per_stage, nestable))
+        return result
+
+    def _node_stages(self, groups: list[list[int]]) -> dict[str, int]:
+        """Each graph node's stage: its segment's; a node in none, the next segment's
+        (past the last one, the last stage)."""
+        group_of = {i: k for k, group in enumerate(groups) for i in group}
+        in_segment = {n: group_of[i] for i, segment in enumerate(self.segments) for n in segment.nodes}
+        result, following = {}, len(groups) - 1
+        for node in reversed(self.gm.graph.nodes):
+            following = in_segment.get(node.name, following)
+            result[node.name] = following
+        return result
+
+    def schedule_covers(self) -> bool:
+        """Whether the schedule's stages offer every candidate's every option (recompute
+        segments; other candidates of one option inside one stage): the flat search
+        then finds nothing the schedule does not weigh, stage by stage."""
+        options = self.stage_options(self._stage_groups(STAGES))
+        inside = {k for _, everywhere, _, _ in options for k in everywhere}
+        return all(c.strategy == "recompute" or (c.key in inside and len(c.options) == 1)
+                   for c in self.offered.values())
 
     def scheduled(self, limit: int) -> tuple[dict[str, str], list[recompute.Segment], float] | None:
         """Modes and spans of least added seconds under `limit` (`schedule.solve_schedule`
@@ -445,11 +504,10 @@ class _Planner:
                  ) -> tuple[dict[str, str], list[recompute.Segment], float] | None:
         """The modes and spans of a schedule over the stages `groups` (from `stages`), with
         its estimated seconds; None where its spans do not all enclose their segments."""
+        options = self.stage_options(groups)
         modes = {}
-        extremes = {option: self.extreme(name) for option, name in ((1, "selective"), (2, "full"))}
-        for group, option in zip(groups, found.options):
-            if option:
-                modes.update({self.segments[i].output: extremes[option][self.segments[i].output] for i in group})
+        for k, option in enumerate(found.options):
+            modes.update(options[option][2][k])
         spans = [self.span(groups[s][0], groups[j][-1]) for s, j in found.spans]
         if any(span is None for span in spans):  # `spannable` and `span` disagree: a bug, not the user's
             log.warning("the schedule's spans %s do not all enclose their segments; planning without it", found.spans)
@@ -499,6 +557,21 @@ class _Planner:
     def composed(self, assignment: dict[str, str]) -> Costs:
         modes = list(self.alternatives)
         return self._composer({k: modes.index(v) for k, v in self.compatible(assignment).items()})
+
+    def fallen_back(self, assignment: dict[str, str]) -> dict[str, str]:
+        """`assignment` with its inverted chains that can fall back run fallen back (as a
+        plan's fallback peak is profiled); `assignment` itself where none can."""
+        if _FALLEN not in self.alternatives:
+            return assignment
+        return {k: _FALLEN if v == "invert" and self.offered[k].strategy == "invert" and k in self._falls else v
+                for k, v in assignment.items()}
+
+    def composed_peak(self, assignment: dict[str, str], spans: list[recompute.Segment] = ()) -> int:
+        """The composed peak of `assignment` with `spans` around its segments: what a plan
+        promises, the higher of its peak and its peak with its chains fallen back."""
+        peak = self.nested_peak(self.composed(assignment), list(spans))
+        fallen = self.fallen_back(assignment)
+        return peak if fallen == assignment else max(peak, self.nested_peak(self.composed(fallen), list(spans)))
 
     def node_seconds(self) -> dict[str, float]:
         """Each node's forward seconds, timed once on the example inputs ({} where that
@@ -784,7 +857,7 @@ def _solved(planner: _Planner, budget: int, beat: int | None, choices: list[Choi
         return {c.key: c.seconds[assignment[c.key]] for c in choices if c.key in assignment}
 
     def peak(assignment: dict[str, int]) -> int:
-        return simulate(planner.composed(modes_of(assignment))).peak_bytes
+        return planner.composed_peak(modes_of(assignment))
 
     room = budget - _margin(budget) // 2  # what a verified plan's predicted peak must stay under
     limit = budget - _margin(budget)
@@ -813,9 +886,11 @@ def _solved(planner: _Planner, budget: int, beat: int | None, choices: list[Choi
         return None
 
     found = None
-    if scheduled and all(planner.offered[c.key].strategy == "recompute" for c in choices):
-        scheduled = False  # the schedule spans every plan of recompute alone: the flat search only where it fails
+    if scheduled and planner.schedule_covers():
+        scheduled = False  # the schedule weighs every choice, stage by stage: the flat search only where it fails
         found = _scheduled(planner, budget, limit, cheaper_than=cheaper_than)
+        if found is None and cheaper_than is not None:
+            return None  # and a plan was found before, which the flat search would hardly beat
     if found is None:
         found = flat(descend=False)
     if found is None and scheduled:
@@ -908,7 +983,7 @@ def _scheduled(planner: _Planner, budget: int, limit: int, cheaper_than: float |
         modes, spans, estimated = found
         if cheaper_than is not None and estimated >= cheaper_than:
             return None
-        composed = planner.nested_peak(planner.composed(modes), spans)
+        composed = planner.composed_peak(modes, spans)
         log.debug("schedule under %d: %d spans, %.4f s, composed peak %d for limit %d", target, len(spans), estimated,
                   composed, limit)
         if composed > limit:  # the schedule's sums ran low
