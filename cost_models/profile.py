@@ -94,15 +94,38 @@ class _Profiler(OpaqueLeaves, RepeatedNodes):
         self.costs: list[NodeCost] = []
         self._in_backward: str | None = None  # the node whose backward runs now
         self._aliases: dict[tuple[str, int], tuple[str, int]] = {}  # element -> the value it is
-        self._param_names: dict[int, str] | None = None  # id of a parameter's fake -> its name (`_param_key`)
+        self._param_names: dict[int, str] = {}  # id of a parameter's fake -> its name (`_param_key`)
+        self._name_of: dict[int, str] | None = None  # id of a parameter -> its name (one for a shared one)
         self._init_repeats(repeats)
 
     # ---- fake copies of parameters, buffers and inputs -------------------------------
-    def _fake_state(self) -> None:
-        for tensor in [t for _, t in _state_items(self.gm)]:
-            if id(tensor) not in self.fake_of:
-                fake = self.mode.from_tensor(tensor, static_shapes=True)
-                self.fake_of[id(tensor)] = fake
+    def _fake_state(self, modules) -> None:
+        """Fakes of the parameters and buffers of `modules`, made where missing: before a
+        node runs (outside the tracker: making one is no op of the step), for the
+        modules it runs; those of nodes that take a repeated record are never made (a
+        long chain's profile spent a third of its time on them)."""
+        for module in modules:
+            for _, tensor in _state_items(module):
+                if id(tensor) not in self.fake_of:
+                    self._make_fake(tensor)
+
+    def _make_fake(self, tensor: torch.Tensor) -> None:
+        if self._name_of is None:
+            self._name_of = {id(p): name for name, p in self.gm.named_parameters()}
+        fake = self.fake_of[id(tensor)] = self.mode.from_tensor(tensor, static_shapes=True)
+        if id(tensor) in self._name_of:
+            self._param_names[id(fake)] = self._name_of[id(tensor)]
+
+    def _modules_run(self, node: fx.Node) -> list[torch.nn.Module]:
+        """The modules whose state `node` runs on (`_run`)."""
+        if node.op == "call_module":
+            module = self.gm.get_submodule(node.target)
+            if hasattr(module, "checkpointed_code") or hasattr(module, "code_parameters"):
+                return [module, *module.codes()]
+            return [module]
+        if node.op == "call_function":
+            return _module_args(node, self.gm)
+        return []
 
     def _fake_input(self, tensor: torch.Tensor) -> torch.Tensor:
         fake = self.mode.from_tensor(tensor, static_shapes=True)
@@ -189,6 +212,7 @@ class _Profiler(OpaqueLeaves, RepeatedNodes):
         if repeated is not None:
             self.costs.append(repeated)
             return
+        self._fake_state(self._modules_run(node))
         input_names = [n.name for n in node.all_input_nodes]
         element_of = self._element_map(input_names)
         args = fx.node.map_arg(node.args, lambda n: self.values[n.name])
@@ -551,9 +575,6 @@ class _Profiler(OpaqueLeaves, RepeatedNodes):
 
     def _param_key(self, fake: torch.Tensor) -> str | None:
         """The name of the parameter `fake` stands for (one name for a shared one)."""
-        if self._param_names is None:  # once the fakes exist: the first backward
-            self._param_names = {id(self.fake_of[id(p)]): name for name, p in self.gm.named_parameters()
-                                 if id(p) in self.fake_of}
         return self._param_names.get(id(fake))
 
     def _arrival_of(self, fake: torch.Tensor, arrivals: list):
@@ -581,16 +602,27 @@ class _Profiler(OpaqueLeaves, RepeatedNodes):
         return node is not None and node.op == "call_module" and hasattr(self.gm.get_submodule(node.target), "code_parameters")
 
     def _params_of(self, name: str) -> list[torch.Tensor]:
+        """The fakes of the parameters that node `name` takes gradients for."""
         node = self._node.get(name)
+        if node is not None:  # (a node that took its forward's record has not made them)
+            self._fake_state(self._modules_run(node))
+        return [self.fake_of[id(p)] for p in self._real_params_of(node)]
+
+    def _param_names_of(self, name: str) -> list[str | None]:
+        """The names of those parameters, in that order (no fake made)."""
+        if self._name_of is None:
+            self._name_of = {id(p): n for n, p in self.gm.named_parameters()}
+        return [self._name_of.get(id(p)) for p in self._real_params_of(self._node.get(name))]
+
+    def _real_params_of(self, node: fx.Node | None) -> list[torch.Tensor]:
         if node is not None and node.op == "call_function":
-            params = {id(p): p for m in _module_args(node, self.gm) for p in m.parameters() if p.requires_grad}
-            return [self.fake_of[i] for i in params]
+            return list({id(p): p for m in _module_args(node, self.gm) for p in m.parameters() if p.requires_grad}.values())
         if node is None or node.op != "call_module":
             return []
         module = self.gm.get_submodule(node.target)
         if hasattr(module, "code_parameters"):  # a segment's or chain's parameters are its code's
-            return [self.fake_of[id(p)] for p in module.code_parameters() if p.requires_grad]
-        return [self.fake_of[id(p)] for p in module.parameters() if p.requires_grad]
+            return [p for p in module.code_parameters() if p.requires_grad]
+        return [p for p in module.parameters() if p.requires_grad]
 
     def _fake_grad(self, element: tuple[str, int]) -> torch.Tensor:
         return torch.zeros_like(self.elements[element[0]][element[1]])
@@ -614,7 +646,6 @@ class _Profiler(OpaqueLeaves, RepeatedNodes):
             )
         output_node = None
         with self.mode:
-            self._fake_state()
             nodes = list(self.gm.graph.nodes)
             progress = Progress("profile: nodes run forward", len(nodes))
             for index, node in enumerate(nodes):
@@ -625,8 +656,9 @@ class _Profiler(OpaqueLeaves, RepeatedNodes):
                 elif node.op == "get_attr":
                     attr = _fetch_attr(self.gm, node.target)
                     if isinstance(attr, torch.Tensor):  # a parameter read in forward (a layer scale): its fake
-                        fake = self.fake_of.get(id(attr))
-                        attr = fake if fake is not None else self.mode.from_tensor(attr, static_shapes=True)
+                        if id(attr) not in self.fake_of:
+                            self._make_fake(attr)
+                        attr = self.fake_of[id(attr)]
                     self._set_value(node.name, attr)
                 elif node.op == "output":
                     output_node = node

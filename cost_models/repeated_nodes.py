@@ -17,7 +17,7 @@ storages matched to the recorded ones in order), then backward as any node does.
 `RepeatedNodes` is a mixin of the profiler (`cost_models/profile.py`): it reads the
 profiler's `gm`, `opaque`, `values`, `elements`, `owner`, `grads`, `tracker`,
 `_leaves`, `_isolate`, `_element_map`, `_run`, `_set_value`, `_accumulate`,
-`_params_of` and `_param_key`.
+`_fake_state`, `_modules_run` and `_param_names_of`.
 """
 
 from __future__ import annotations
@@ -325,18 +325,19 @@ class RepeatedNodes:
                 g = torch.empty_strided(shape, stride, dtype=dtype, device=device)
             grad_inputs.append((element, ref if ref[0] == "grad_out" else ("new", first + ref[1])))
             self._accumulate(element, g)
-        params = self._params_of(cost.name)
+        names = self._param_names_of(cost.name)
         cost.has_backward = True
         cost.bwd_events = tuple((kind_, uid(ref), b) for kind_, ref, b in record.events)
         cost.grad_inputs = tuple(grad_inputs)
         cost.param_grads = tuple(first + number for number, _ in record.params)
-        cost.param_keys = tuple(self._param_key(params[position]) for _, position in record.params)
+        cost.param_keys = tuple(names[position] for _, position in record.params)
         return True
 
     def _rerun_forward(self, cost: NodeCost, node: fx.Node) -> tuple[list[torch.Tensor], dict[int, int]]:
         """Run a node whose forward was repeated, for its backward: its output elements,
         and the tracker's ids of the storages it made -> the recorded ones. Its leaves
         replace `_leaves[name]`."""
+        self._fake_state(self._modules_run(node))
         args = fx.node.map_arg(node.args, lambda n: self.values[n.name])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: self.values[n.name])
         (args, kwargs), leaves = self._isolate((args, kwargs), self._element_map([n.name for n in node.all_input_nodes]))
@@ -387,7 +388,7 @@ class RepeatedNodes:
                 grads.append((cost.inputs.index(element), ("b", backward[grad_ref[1]]), geometry))
             else:
                 return None
-        keys = [self._param_key(p) for p in self._params_of(cost.name)]
+        keys = self._param_names_of(cost.name)
         if any(uid not in backward or key not in keys for uid, key in zip(cost.param_grads, cost.param_keys)):
             return None
         params = tuple((backward[uid], keys.index(key)) for uid, key in zip(cost.param_grads, cost.param_keys))
