@@ -563,8 +563,7 @@ class _Planner:
         plan's fallback peak is profiled); `assignment` itself where none can."""
         if _FALLEN not in self.alternatives:
             return assignment
-        return {k: _FALLEN if v == "invert" and self.offered[k].strategy == "invert" and k in self._falls else v
-                for k, v in assignment.items()}
+        return {k: _FALLEN if k in self._falls and v == "invert" else v for k, v in assignment.items()}
 
     def composed_peak(self, assignment: dict[str, str], spans: list[recompute.Segment] = ()) -> int:
         """The composed peak of `assignment` with `spans` around its segments: what a plan
