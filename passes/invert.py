@@ -42,14 +42,24 @@ log = logging.getLogger(__name__)
 
 
 # ---- running a chain -----------------------------------------------------------------------
-def _subgraph(gm: fx.GraphModule, names: tuple[str, ...], inputs: list[str], output: str) -> fx.GraphModule:
-    """A GraphModule over gm's submodules running `names`, reading `inputs`, returning `output`."""
+class _Index:
+    """gm's nodes by name and their positions, worked out once per rewrite (a chain's
+    units each look nodes up, and a long network has hundreds of chains)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.by_name = {n.name: n for n in gm.graph.nodes}
+        self.position = {name: i for i, name in enumerate(self.by_name)}
+
+
+def _subgraph(gm: fx.GraphModule, names: tuple[str, ...], inputs: list[str], output: str,
+              index: _Index | None = None) -> fx.GraphModule:
+    """A GraphModule over gm's submodules running `names`, reading `inputs`, returning
+    `output`; `index`: gm's `_Index`, if at hand."""
     graph = fx.Graph()
-    by_name = {n.name: n for n in gm.graph.nodes}
+    index = _Index(gm) if index is None else index
+    by_name = index.by_name
     env = {by_name[name]: graph.placeholder(name) for name in inputs}
-    for node in gm.graph.nodes:
-        if node.name not in names:
-            continue
+    for node in (by_name[name] for name in sorted((n for n in names if n in by_name), key=index.position.__getitem__)):
         for arg in node.all_input_nodes:
             if arg not in env and arg.op == "get_attr":
                 env[arg] = graph.get_attr(arg.target)
@@ -75,8 +85,10 @@ class _Step:
         self.moves = Chain((unit,)).can_fall_back  # its error factor can grow with training: a possible anchor
 
     @classmethod
-    def from_graph(cls, gm: fx.GraphModule, unit: Unit) -> "_Step":
-        by_name = {n.name: n for n in gm.graph.nodes}
+    def from_graph(cls, gm: fx.GraphModule, unit: Unit, index: _Index | None = None) -> "_Step":
+        """`index`: gm's `_Index`, if at hand."""
+        index = _Index(gm) if index is None else index
+        by_name = index.by_name
         node = by_name[unit.output]
         modules = list({id(m): m for m in (gm.get_submodule(by_name[n].target) for n in unit.nodes
                                            if by_name[n].op == "call_module")}.values())
@@ -89,14 +101,14 @@ class _Step:
             y1 = next(by_name[n] for n in unit.nodes if by_name[n].target in (operator.add, torch.add) and x2 not in by_name[n].args)
             f_out = next(a for a in y1.args if a.name in unit.f)
             g_out = next(a for u in x2.users if u.name in unit.nodes and u.target in (operator.add, torch.add) for a in u.args if a is not x2)
-            f = _subgraph(gm, unit.f, [x2.name], f_out.name)
-            g = _subgraph(gm, unit.g, [y1.name], g_out.name)
+            f = _subgraph(gm, unit.f, [x2.name], f_out.name, index)
+            g = _subgraph(gm, unit.g, [y1.name], g_out.name, index)
         if unit.kind == "rearrange" and unit.arg[0] == "permute":
             dims = node.args[1:] if node.op == "call_method" else node.args[1]
             dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
             inverse_dims = tuple(sorted(range(len(dims)), key=lambda i: dims[i]))
-        branches = [[cls.from_graph(gm, u) for u in branch] for branch in unit.branches]
-        code = _subgraph(gm, unit.nodes, [unit.input], unit.output)
+        branches = [[cls.from_graph(gm, u, index) for u in branch] for branch in unit.branches]
+        code = _subgraph(gm, unit.nodes, [unit.input], unit.output, index)
         return cls(unit, code, modules, module, inplace, f, g, inverse_dims, branches)
 
     def _cut(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -578,9 +590,10 @@ def rewrite(gm: fx.GraphModule, chosen: list[str], all_chains: list[Chain]) -> f
     present = {n.name for n in gm.graph.nodes}
     by_output = {c.output: c for c in all_chains if c.output in chosen and all(n in present for n in c.nodes)}
     targets = {out: f"rewriter_invert_{i}" for i, out in enumerate(by_output)}
+    index = _Index(gm)
 
     def call(new: fx.GraphModule, graph: fx.Graph, chain: Chain, value) -> fx.Node:
-        new.add_submodule(targets[chain.output], InvertChain([_Step.from_graph(gm, u) for u in chain.units]))
+        new.add_submodule(targets[chain.output], InvertChain([_Step.from_graph(gm, u, index) for u in chain.units]))
         node = graph.create_node("call_module", targets[chain.output], (value(chain.input),), name=chain.output)
         node.meta["rewriter"] = {"strategy": "invert", "nodes": chain.nodes}
         return node

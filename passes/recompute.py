@@ -535,7 +535,8 @@ def adopt_structure(new: nn.Module, source: nn.Module) -> nn.Module:
 
 def _segment_code(gm: fx.GraphModule, segment: Segment) -> tuple[fx.GraphModule, list[fx.Node]]:
     """The segment as a GraphModule over gm's submodules, and the outside nodes it reads."""
-    inside = {n for n in gm.graph.nodes if n.name in set(segment.nodes)}
+    names = set(segment.nodes)
+    inside = {n for n in gm.graph.nodes if n.name in names}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     outside: list[fx.Node] = []

@@ -242,14 +242,17 @@ class _Planner:
                     self.segment_profiles[key] = self._checkpointed(self.extreme(mode))
                 self.alternatives[mode] = self.segment_profiles[key]
         if self.chains:
+            inverted = None
             if self.inverted is None:
+                inverted = invert.rewrite(self.gm, [c.output for c in self.chains], self.chains)
                 with self.clock("profile", f"{len(self.chains)} chains inverted"):
-                    self.inverted = self._profile(invert.rewrite(self.gm, [c.output for c in self.chains], self.chains), {})
+                    self.inverted = self._profile(inverted, {})
             self.alternatives["invert"] = self.inverted
             if any(c.can_fall_back for c in self.chains):
                 if self.fallen is None:
+                    inverted = inverted or invert.rewrite(self.gm, [c.output for c in self.chains], self.chains)
                     with self.clock("profile", f"{len(self.chains)} chains inverted, fallen back"), invert.assuming_fallback():
-                        self.fallen = self._profile(invert.rewrite(self.gm, [c.output for c in self.chains], self.chains), {})
+                        self.fallen = self._profile(inverted, {})
                 self.alternatives[_FALLEN] = self.fallen  # no candidate's option: `fallen_back` composes it
         for mode in row_modes if self.tiled else ():
             key = (self.row_granularity, mode)
