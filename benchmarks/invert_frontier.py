@@ -76,7 +76,7 @@ def main() -> None:
         lines.append(
             f"| {depth} | {eager / 2**20:.1f} MiB | {peaks[depth][0] / 2**20:.1f} MiB | {peaks[depth][0] / pixels:.0f} | "
             f"{peaks[depth][1] / 2**20:.1f} MiB | {peaks[depth][1] / pixels:.0f} | "
-            f"{len(plan.inverted)} chains inverted, {len(plan.segments)} segments recomputed |"
+            f"{_chosen(plan)} |"
         )
         print(lines[-1], flush=True)
     lines += [
@@ -114,13 +114,18 @@ def main() -> None:
         lines.append(
             f"| {label} | {peak / 2**20:.1f} MiB | {peak / eager_peak:.2f} | {seconds[label] / seconds['eager']:.2f} | "
             f"{sum(n.seconds_added for n in plan.nodes):.4f} | "
-            f"{len(plan.inverted)} chains inverted, {len(plan.segments)} segments recomputed |"
+            f"{_chosen(plan)} |"
         )
         print(lines[-1], flush=True)
     out = ROOT / "benchmarks" / "results" / f"invert_frontier_{device.type}.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out.relative_to(ROOT)}")
+
+
+def _chosen(plan) -> str:
+    return (f"{len(plan.inverted)} chains inverted, {len(plan.segments)} segments recomputed, {len(plan.spans)} spans, "
+            f"{len(plan.compressed)} nodes compressed")
 
 
 if __name__ == "__main__":
