@@ -94,7 +94,6 @@ class _Profiler(OpaqueLeaves, RepeatedNodes):
         self.costs: list[NodeCost] = []
         self._in_backward: str | None = None  # the node whose backward runs now
         self._aliases: dict[tuple[str, int], tuple[str, int]] = {}  # element -> the value it is
-        self._param_names: dict[int, str] = {}  # id of a parameter's fake -> its name (`_param_key`)
         self._name_of: dict[int, str] | None = None  # id of a parameter -> its name (one for a shared one)
         self._init_repeats(repeats)
 
@@ -106,15 +105,13 @@ class _Profiler(OpaqueLeaves, RepeatedNodes):
         long chain's profile spent a third of its time on them)."""
         for module in modules:
             for _, tensor in _state_items(module):
-                if id(tensor) not in self.fake_of:
-                    self._make_fake(tensor)
+                self._fake(tensor)
 
-    def _make_fake(self, tensor: torch.Tensor) -> None:
-        if self._name_of is None:
-            self._name_of = {id(p): name for name, p in self.gm.named_parameters()}
-        fake = self.fake_of[id(tensor)] = self.mode.from_tensor(tensor, static_shapes=True)
-        if id(tensor) in self._name_of:
-            self._param_names[id(fake)] = self._name_of[id(tensor)]
+    def _fake(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The fake of a parameter or buffer, made the first time it is asked for."""
+        if id(tensor) not in self.fake_of:
+            self.fake_of[id(tensor)] = self.mode.from_tensor(tensor, static_shapes=True)
+        return self.fake_of[id(tensor)]
 
     def _modules_run(self, node: fx.Node) -> list[torch.nn.Module]:
         """The modules whose state `node` runs on (`_run`)."""
@@ -433,6 +430,7 @@ class _Profiler(OpaqueLeaves, RepeatedNodes):
         leaves = self._leaves[cost.name]
         targets = [(e, leaf) for e, (leaf, _) in leaves.items() if leaf.requires_grad]
         params = [] if cost.opaque else self._params_of(cost.name)
+        names = [] if cost.opaque else self._param_names_of(cost.name)  # in the same order
         # a node of many ops frees its incoming gradient after its first op: feed it
         # through a gradient source that the harness does not hold (see _GradientSource);
         # so does a node that adds its weight's gradient into .grad (it must see the
@@ -471,7 +469,7 @@ class _Profiler(OpaqueLeaves, RepeatedNodes):
 
                 handles = [leaf.register_hook(capture(e)) for e, leaf in targets]
                 handles += [torch.autograd.graph.get_gradient_edge(p).node.register_prehook(
-                    self._arrival_of(p, param_arrivals)) for p in params]
+                    self._arrival_of(key, param_arrivals)) for p, key in zip(params, names)]
                 node = self._node[cost.name]
                 module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
                 codes = module.codes() if module is not None else _module_args(node, self.gm)
@@ -548,7 +546,7 @@ class _Profiler(OpaqueLeaves, RepeatedNodes):
             grad_inputs.append((element, ref))
             given.append((element, ref, g))
             self._accumulate(element, g)
-        made = [(self.tracker.uid_of(g), self._param_key(p)) for p, g in zip(params, param_results) if g is not None]
+        made = [(self.tracker.uid_of(g), key) for key, g in zip(names, param_results) if g is not None]
         made += [(self.tracker.uid_of(g), key) for g, key in attr_grads]
         made = [(uid, key) for uid, key in made + param_arrivals if uid in new_uids and key is not None]
         cost.has_backward = True
@@ -573,16 +571,11 @@ class _Profiler(OpaqueLeaves, RepeatedNodes):
                 stack.enter_context(_reparametrize_module(module, state))
             yield
 
-    def _param_key(self, fake: torch.Tensor) -> str | None:
-        """The name of the parameter `fake` stands for (one name for a shared one)."""
-        return self._param_names.get(id(fake))
-
-    def _arrival_of(self, fake: torch.Tensor, arrivals: list):
-        """A hook on the AccumulateGrad of a parameter's fake that notes the storage of
-        each gradient it gets, before `.grad` takes it in (a sparse stand-in, from
-        passes.accumulate, is none; a hook on the parameter itself would turn that
+    def _arrival_of(self, key: str | None, arrivals: list):
+        """A hook on the AccumulateGrad of a parameter's fake (named `key`) that notes the
+        storage of each gradient it gets, before `.grad` takes it in (a sparse stand-in,
+        from passes.accumulate, is none; a hook on the parameter itself would turn that
         rewrite's in-place path off)."""
-        key = self._param_key(fake)
 
         def hook(grads):
             grad = grads[0]
@@ -656,9 +649,7 @@ class _Profiler(OpaqueLeaves, RepeatedNodes):
                 elif node.op == "get_attr":
                     attr = _fetch_attr(self.gm, node.target)
                     if isinstance(attr, torch.Tensor):  # a parameter read in forward (a layer scale): its fake
-                        if id(attr) not in self.fake_of:
-                            self._make_fake(attr)
-                        attr = self.fake_of[id(attr)]
+                        attr = self._fake(attr)
                     self._set_value(node.name, attr)
                 elif node.op == "output":
                     output_node = node

@@ -242,17 +242,15 @@ class _Planner:
                     self.segment_profiles[key] = self._checkpointed(self.extreme(mode))
                 self.alternatives[mode] = self.segment_profiles[key]
         if self.chains:
-            inverted = None
             if self.inverted is None:
                 inverted = invert.rewrite(self.gm, [c.output for c in self.chains], self.chains)
                 with self.clock("profile", f"{len(self.chains)} chains inverted"):
                     self.inverted = self._profile(inverted, {})
-            self.alternatives["invert"] = self.inverted
-            if any(c.can_fall_back for c in self.chains):
-                if self.fallen is None:
-                    inverted = inverted or invert.rewrite(self.gm, [c.output for c in self.chains], self.chains)
+                if self._falls:
                     with self.clock("profile", f"{len(self.chains)} chains inverted, fallen back"), invert.assuming_fallback():
                         self.fallen = self._profile(inverted, {})
+            self.alternatives["invert"] = self.inverted
+            if self.fallen is not None:
                 self.alternatives[_FALLEN] = self.fallen  # no candidate's option: `fallen_back` composes it
         for mode in row_modes if self.tiled else ():
             key = (self.row_granularity, mode)
@@ -402,6 +400,7 @@ class _Planner:
         options = self.stage_options(groups)
         stage_of = {n: i for i, segment in enumerate(self.segments) for n in segment.nodes}
         per_segment = [self._stage_costs(everywhere, stage_of) for _, everywhere, _, _ in options]
+        full = next(costs for (name, *_), costs in zip(options, per_segment) if name == "full")
         stages = []
         for k, group in enumerate(groups):
             seconds, kept, forward, backward = [], [], [], []
@@ -417,7 +416,7 @@ class _Planner:
                 backward.append(high_backward)
             nodes = [n for i in group for n in self.segments[i].nodes]
             stages.append(schedule.Stage(tuple(seconds), tuple(kept), tuple(forward), tuple(backward),
-                                         tuple(nestable for *_, nestable in options), per_segment[2][group[-1]].kept,
+                                         tuple(nestable for *_, nestable in options), full[group[-1]].kept,
                                          self.rerun_seconds(nodes)))
         pairs = recompute.spannable(self.gm, self.segments, [g[0] for g in groups], [g[-1] for g in groups], self.opaque)
         index = {g[0]: k for k, g in enumerate(groups)} | {g[-1]: k for k, g in enumerate(groups)}
