@@ -4,8 +4,8 @@ The graph is profiled once as it is and once per alternative (a recompute mode, 
 with every candidate segment rewritten that way. A plan's costs take, for each
 segment, either its nodes' records from the first profile or the segment's record
 from the profile of the chosen alternative. Each profile numbers its storages from
-0, so each alternative's are shifted apart, once, when the `Composer` is built: the
-solver composes hundreds of plans from the same profiles.
+0, so each alternative's records are shifted apart, each once, the first time a plan
+takes it: the solver composes hundreds of plans from the same profiles.
 """
 
 from __future__ import annotations
@@ -78,12 +78,11 @@ class Composer:
         self.base = base
         self.units = units
         batch = base.example_batch
-        self._nodes: list[dict[str, NodeCost]] = []
+        self._alternatives = alternatives
+        self._nodes: list[dict[str, NodeCost]] = [{} for _ in alternatives]  # shifted records, as plans take them
         self._sizes: list[tuple[dict, dict[int, int]]] = []
         for index, alternative in enumerate(alternatives):
             offset = (index + 1) * _SHIFT
-            outs = {o for out, _ in units.values() for o in _names(out) if o in alternative.by_name}
-            self._nodes.append({out: _shifted(alternative.by_name[out], offset) for out in outs})
             self._sizes.append((
                 {uid + offset: b for uid, b in alternative.sizes.items()},
                 {uid + offset: b for uid, b in alternative.sizes_at(batch).items()},
@@ -105,7 +104,7 @@ class Composer:
             used.update(members)
             outs = _names(out)
             dropped.update(m for m in members if m not in outs)
-            replaced.update((o, self._nodes[index][o]) for o in outs)
+            replaced.update((o, self._shifted(index, o)) for o in outs)
         nodes = [replaced.get(node.name) or redirected(node, alias) for node in self.base.nodes if node.name not in dropped]
         sizes, numeric = dict(self.base.sizes), dict(self._base_numeric)
         for index in sorted(set(choice.values())):
@@ -119,6 +118,14 @@ class Composer:
         )
         composed.prime_sizes(base.example_batch, numeric)
         return composed
+
+
+    def _shifted(self, index: int, out: str) -> NodeCost:
+        """`alternatives[index]`'s record of `out`, its storages shifted apart."""
+        found = self._nodes[index].get(out)
+        if found is None:
+            found = self._nodes[index][out] = _shifted(self._alternatives[index].by_name[out], (index + 1) * _SHIFT)
+        return found
 
 
 def _names(out: str | tuple[str, ...]) -> tuple[str, ...]:

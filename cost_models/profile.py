@@ -30,6 +30,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from rewriter.cost_models import fake_kernels
 from rewriter.cost_models.cuda_allocator import allocated_bytes, workspace_bytes
 from rewriter.cost_models.in_place import mutates_an_input
 from rewriter.cost_models.kernel_storage import storage_bytes
@@ -85,7 +86,8 @@ class _Profiler(OpaqueLeaves, RepeatedNodes):
         self.mode = FakeTensorMode()
         self.device_type = "cuda" if any(t.is_cuda for t in tensors_in(inputs)) else "cpu"
         transient = (lambda func, args, kwargs: workspace_bytes(func, args, kwargs, self._concrete)) if self.device_type == "cuda" else None
-        self.tracker = StorageTracker(record_events=True, transient=transient, storage_bytes=storage_bytes)
+        self.tracker = StorageTracker(record_events=True, transient=transient, storage_bytes=storage_bytes,
+                                      kernel=fake_kernels.kernel)
         self.values: dict[str, Any] = {}
         self.elements: dict[str, list[torch.Tensor]] = {}
         self.owner: dict[int, tuple[str, int]] = {}  # storage key -> first value element on it

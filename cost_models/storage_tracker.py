@@ -75,16 +75,19 @@ class StorageTracker(TorchDispatchMode):
     bytes an op holds beyond its outputs while it runs (None: not such an op);
     `storage_bytes(func, args, kwargs, output)` the bytes of the storage the real kernel
     returns `output` on where that differs from a fake tensor's (None: it does not).
+    `kernel(func, args, kwargs)`, where given, runs an op in its stead (its outputs, or
+    NotImplemented where it does not: then the op runs).
     """
 
     def __init__(self, record_events: bool = False, transient: Callable[..., int] | None = None,
-                 storage_bytes: Callable[..., Any] | None = None) -> None:
+                 storage_bytes: Callable[..., Any] | None = None, kernel: Callable[..., Any] | None = None) -> None:
         super().__init__()
         if (transient is not None or storage_bytes is not None) and not record_events:
             raise ValueError("StorageTracker: transient and storage bytes are recorded as events; pass record_events=True")
         self.record_events = record_events
         self.transient = transient
         self.storage_bytes = storage_bytes
+        self.kernel = kernel
         self.current = 0
         self.peak = 0
         self.live: dict[int, _Live] = {}
@@ -147,7 +150,9 @@ class StorageTracker(TorchDispatchMode):
         self.poll()
         kwargs = kwargs or {}
         inputs = {storage_key(t) for t in _op_tensors((args, kwargs), [])}
-        out = func(*args, **kwargs)
+        out = NotImplemented if self.kernel is None else self.kernel(func, args, kwargs)
+        if out is NotImplemented:
+            out = func(*args, **kwargs)
         for tensor in _op_tensors(out, []):
             storage = tensor.untyped_storage()
             key = StorageWeakRef(storage).cdata

@@ -135,6 +135,9 @@ class _Planner:
         else:
             self.base = dataclasses.replace(self.eager, held_until={})  # as a GraphModule runs it
         self.saved = saved_tensors(self.base)  # every storage the backward keeps, and who keeps it
+        self._holders: dict[str, list[tuple[str, ...]]] = {}  # owner -> who holds each storage it saves
+        for tensor in self.saved:
+            self._holders.setdefault(tensor.owner, []).append(tensor.held_by)
         self.keep_all = keep_all_plan(self.base, simulate(self.base))
         self.granularity = "coarse"
         self.segments = self._segments("coarse") if "recompute" in strategies else []
@@ -170,6 +173,7 @@ class _Planner:
         self.device = "cuda" if any(t.is_cuda for t in inputs if isinstance(t, torch.Tensor)) else "cpu"
         self.input_device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device(self.device))
         self._node_seconds: dict[str, float] | None = None
+        self._works: dict[str, tuple[float, float]] = {}  # node -> `_work`
         self.alternatives: dict[str, Costs] = {}
         self.offered: dict[str, registry.Candidate] = {}  # key -> every strategy's candidate with profiled options
         saved_by_owner: dict[str, int] = {}
@@ -204,8 +208,9 @@ class _Planner:
 
     def _gains(self, chain: invert.Chain) -> bool:
         """Whether inverting the chain frees a tensor: one that only its members save."""
-        owned = {t.owner for t in self.saved if set(t.held_by) <= set(chain.nodes)}
-        return any(n in owned for n in chain.nodes if n != chain.output)
+        members = set(chain.nodes)
+        return any(set(held_by) <= members for n in chain.nodes if n != chain.output
+                   for held_by in self._holders.get(n, ()))
 
     def _profile(self, gm: fx.GraphModule, held_until: dict) -> Costs:
         """A rewrite's profile: its bytes (its seconds are priced from the one profile's)."""
@@ -594,17 +599,22 @@ class _Planner:
         """Seconds of running `nodes` (names in the captured graph) forward once more,
         with `times` x their FLOPs and `move` x their bytes: each node's measured time
         scaled by the roofline."""
-        batch = self.base.example_batch
         roofline = ROOFLINES[self.device]
         measured = self.node_seconds()
         total = 0.0
         for n in nodes:
-            cost = self.base.by_name[n]
-            flops = float(cost.fwd_flops.xreplace({BATCH: batch}))
-            moved = sum(float(b.xreplace({BATCH: batch})) for b in cost.nbytes)
+            flops, moved = self._work(n)
             total += (roofline.scaled(measured[n], flops, moved, times, move) if n in measured
                       else roofline.seconds(times * flops, move * moved))
         return total
+
+    def _work(self, name: str) -> tuple[float, float]:
+        """A node's forward FLOPs and bytes at the example batch, worked out once."""
+        if name not in self._works:
+            cost, batch = self.base.by_name[name], self.base.example_batch
+            self._works[name] = (float(cost.fwd_flops.xreplace({BATCH: batch})),
+                                 sum(float(b.xreplace({BATCH: batch})) for b in cost.nbytes))
+        return self._works[name]
 
     def choices(self) -> tuple[list[Choice], dict[str, tuple[str, ...]]]:
         """The solver's choices over the candidates offered, and each one's options by name."""
