@@ -308,6 +308,7 @@ def chains(gm: fx.GraphModule, opaque: tuple[str, ...] = (), factors: dict[str, 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     units: dict[fx.Node, Unit] = {}  # by the node whose output the unit reads
     taken: set[fx.Node] = set()
+    by_name = {n.name: n for n in gm.graph.nodes}
     for node in nodes:
         if node in taken or node.op == "placeholder" or (node.op == "call_module" and node.target in opaque):
             continue
@@ -319,14 +320,12 @@ def chains(gm: fx.GraphModule, opaque: tuple[str, ...] = (), factors: dict[str, 
                 continue
             kind, arg = found
             unit = Unit(kind, (node.name,), source.name, node.name, arg)
-        by_name = {n.name: n for n in gm.graph.nodes}
         taken.update(by_name[n] for n in unit.nodes)
         factor = unit.factor if unit.kind == "fork_join" else factors.get(unit.output, _static_factor(unit))
         units[by_name[unit.input]] = dataclasses.replace(unit, factor=factor)
-    by_name = {n.name: n for n in gm.graph.nodes}
     mutated = {n.all_input_nodes[0] for n in gm.graph.nodes if n.op != "placeholder" and n.all_input_nodes and _mutates_an_input(gm, n)}
-    starts = [u for u in units.values() if not any(o.output == u.input for o in units.values())
-              or len(by_name[u.input].users) != 1]
+    outputs = {u.output for u in units.values()}
+    starts = [u for u in units.values() if u.input not in outputs or len(by_name[u.input].users) != 1]
     found: list[Chain] = []
     for unit in sorted(starts, key=lambda u: order[by_name[u.output]]):
         run = [unit]
