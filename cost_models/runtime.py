@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import fx
@@ -56,14 +56,18 @@ def synchronizer(device_type: str):
 class _NodeTimer(fx.Interpreter):
     """Runs the graph and adds each node's wall-clock seconds to `seconds[name]`."""
 
-    def __init__(self, gm: fx.GraphModule, synchronize):
+    def __init__(self, gm: fx.GraphModule, synchronize, probes: dict[str, Callable[[list], None]]):
         super().__init__(gm)
         self.synchronize = synchronize
         self.seconds: dict[str, list[float]] = {}
+        self.probes = dict(probes)  # each called once, then dropped
 
     def run_node(self, node: fx.Node) -> Any:
         if node.op in ("placeholder", "output", "get_attr"):
             return super().run_node(node)
+        probe = self.probes.pop(node.name, None)
+        if probe is not None:
+            probe([self.env[n] for n in node.all_input_nodes])
         self.synchronize()
         start = time.perf_counter()
         result = super().run_node(node)
@@ -72,13 +76,16 @@ class _NodeTimer(fx.Interpreter):
         return result
 
 
-def node_seconds(gm: fx.GraphModule, inputs: tuple, repeats: int = 3) -> dict[str, float]:
+def node_seconds(gm: fx.GraphModule, inputs: tuple, repeats: int = 3,
+                 probes: dict[str, Callable[[list], None]] | None = None) -> dict[str, float]:
     """Median forward seconds of each compute node of `gm` on `inputs` (on their device),
     over `repeats` runs after a warm-up run. Runs without autograd (values are freed
     after their last use, so this needs no more memory than inference), in `gm`'s
-    current mode: the caller restores what the runs change (BatchNorm statistics, RNG)."""
+    current mode: the caller restores what the runs change (BatchNorm statistics, RNG).
+    `probes[node](values)`, a caller's own measurement, is called once, in the warm-up
+    run, with the values of the node's inputs (`node.all_input_nodes`) before it runs."""
     cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
-    timer = _NodeTimer(gm, synchronizer("cuda" if cuda else "cpu"))
+    timer = _NodeTimer(gm, synchronizer("cuda" if cuda else "cpu"), probes or {})
     with torch.no_grad():
         for run in range(repeats + 1):  # on copies: the graph may change its inputs in place
             timer.run(*(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs))

@@ -154,18 +154,24 @@ def mode_bits(mode: str) -> int:
 def candidates(pricing: Pricing, found: list[Group], forms: dict[str, dict[str, str]]) -> list[Candidate]:
     """Each group in each compress mode of `forms` (mode -> each member's form, widest
     mode first; a lossless group in the first only): packed in forward and unpacked in
-    backward, about three passes over its members' bytes; the bytes it frees, less
-    for wider modes (for ranking)."""
+    backward, the seconds its members add as measured in the first mode
+    (`pricing.compressed_seconds`; where a member was not, three passes over its bytes);
+    the bytes it frees, less for wider modes (for ranking)."""
     offered = []
     modes = tuple(forms)
     for group in found if modes else ():
         options = modes[:1] if group.lossless else modes
-        seconds = pricing.rerun_seconds(group.nodes, times=0.0, move=3.0)
+        seconds = sum(_member_seconds(pricing, n) for n in group.nodes)
         saved = tuple(group.freed_bytes * (1 - mode_bits(m) / 40) for m in options)
         details = tuple(tuple(forms[m][n] for n in group.nodes) for m in options)
         offered.append(Candidate("compress", group.key, group.nodes, group.outs, options, (seconds,) * len(options), saved,
                                  details))
     return offered
+
+
+def _member_seconds(pricing: Pricing, node: str) -> float:
+    measured = pricing.compressed_seconds(node)
+    return pricing.rerun_seconds((node,), times=0.0, move=3.0) if measured is None else measured
 
 
 def groups(gm: fx.GraphModule, base: Costs, lossy: Collection[str] = ()) -> list[Group]:

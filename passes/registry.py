@@ -93,14 +93,17 @@ class Candidate:
 class Pricing:
     """What every candidate is priced from: the captured graph's one profile (`base`),
     the bytes autograd saves per owning node, each node's output shape, the device,
-    and `rerun_seconds(nodes, times=1.0, move=1.0)`: the seconds of running `nodes`
-    forward once more with `times` x their FLOPs and `move` x their bytes."""
+    `rerun_seconds(nodes, times=1.0, move=1.0)`: the seconds of running `nodes`
+    forward once more with `times` x their FLOPs and `move` x their bytes, and
+    `compressed_seconds(node)`: the seconds compressing the node adds to a step, as
+    measured (passes.compress_timing; None where it was not)."""
 
     base: Costs
     saved_by_owner: dict[str, int]
     shapes: dict[str, tuple[int, ...]]
     device: object
     rerun_seconds: Callable[..., float]
+    compressed_seconds: Callable[[str], float | None] = lambda node: None
 
     def saved(self, nodes: Iterable[str]) -> int:
         """Bytes autograd saves that `nodes` own."""

@@ -21,7 +21,7 @@ from rewriter.cost_models.saved import saved_tensors
 from rewriter.cost_models.peak_holders import peak_holders
 from rewriter.cost_models.simulate import simulate
 from rewriter.cost_models.stage_costs import StageCosts, stage_costs
-from rewriter.passes import accumulate, compress, invert, recompute, registry, row_split
+from rewriter.passes import accumulate, compress, compress_timing, invert, recompute, registry, row_split
 from rewriter.passes.compressed_ops import BITS
 from rewriter.device_memory import held_outside_activations
 from rewriter.errors import BudgetError, InputError
@@ -174,13 +174,14 @@ class _Planner:
         self.input_device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device(self.device))
         self._node_seconds: dict[str, float] | None = None
         self._works: dict[str, tuple[float, float]] = {}  # node -> `_work`
+        self._compressed: dict[str, float] = {}  # node -> `compressed_seconds`, once the nodes are timed
         self.alternatives: dict[str, Costs] = {}
         self.offered: dict[str, registry.Candidate] = {}  # key -> every strategy's candidate with profiled options
         saved_by_owner: dict[str, int] = {}
         for tensor in self.saved:
             saved_by_owner[tensor.owner] = saved_by_owner.get(tensor.owner, 0) + tensor.nbytes
         self.pricing = registry.Pricing(self.base, saved_by_owner, _shapes(self.gm, self.base, inputs), self.input_device,
-                                        self.rerun_seconds)
+                                        self.rerun_seconds, self.compressed_seconds)
         self.shapes = self.pricing.shapes
         self.row_granularity = "block"
         self.tiled: list[row_split.Chain] = []  # row-split chains
@@ -588,12 +589,21 @@ class _Planner:
         return self._node_seconds
 
     def _timed_nodes(self) -> dict[str, float]:
+        """`node_seconds`, and compress's members timed alone beside it (`_compressed`)."""
+        timings = compress_timing.FormTimings(self.gm, next(iter(self.forms.values())), self.shapes) if self.groups else None
         try:
             with preserved_model_state(self.model):
-                return node_seconds(self.gm, self.inputs)
+                seconds = node_seconds(self.gm, self.inputs, probes=timings.probes() if timings else None)
         except torch.OutOfMemoryError:
             log.warning("timing the forward ran out of memory; plans are costed on the roofline alone")
             return {}
+        self._compressed = timings.seconds() if timings else {}
+        return seconds
+
+    def compressed_seconds(self, node: str) -> float | None:
+        """The seconds compressing `node` adds to a step, as timed (None where it was not)."""
+        self.node_seconds()
+        return self._compressed.get(node)
 
     def rerun_seconds(self, nodes, times: float = 1.0, move: float = 1.0) -> float:
         """Seconds of running `nodes` (names in the captured graph) forward once more,
