@@ -95,8 +95,10 @@ def solve_schedule(stages: list[Stage], limit: int, spannable: Callable[[int, in
         """values[u + by] at each u (`by` >= 0: bytes are never negative), inf past the end."""
         return np.concatenate([values[by:], np.full(min(by, cells + 1), inf)])
 
-    def best(s: int, t: int, tail: Callable[[int], np.ndarray], inner: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Least seconds for stages s..t over held cells, and the choice made."""
+    def best(s: int, t: int, tail: Callable[[int], np.ndarray], after: np.ndarray, inner: bool,
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Least seconds for stages s..t over held cells, and the choice made; `after[j]`:
+        the least seconds of stages j+1..t over cells, with stage j's output held."""
         value = np.full(cells + 1, inf)
         choice = np.full(cells + 1, -1, dtype=np.int32)
         stage = stages[s]
@@ -107,30 +109,44 @@ def solve_schedule(stages: list[Stage], limit: int, spannable: Callable[[int, in
             trial[index > fits[s][k]] = inf
             better = trial < value
             value[better], choice[better] = trial[better], k
-        span_fit = span_room[s]
-        for j in range(s + 1, t):
-            span_fit = min(span_fit, span_room[j])
-            if span_fit < 0 or not spannable(s, j):
-                continue
-            trial = rerun[j + 1] - rerun[s] + span_seconds + shifted(tail(j + 1), output[j]) + within[(s, j)]
-            trial[index > span_fit] = inf
-            better = trial < value
-            value[better], choice[better] = trial[better], _SPAN + j
+        ends = np.array([j for j in range(s + 1, t) if span_fit[s, j] >= 0 and spannable(s, j)], dtype=int)
+        if len(ends):  # every span s..j at once
+            trials = rows[s, ends] + after[ends] + (rerun[ends + 1] - rerun[s] + span_seconds)[:, None]
+            trials[index[None, :] > span_fit[s, ends][:, None]] = inf
+            first = trials.argmin(axis=0)  # the shortest of equal spans
+            lowest = trials[first, index]
+            better = lowest < value
+            value[better], choice[better] = lowest[better], _SPAN + ends[first[better]]
         return value, choice
+
+    # span_fit[s, j]: the most cells held before a span s..j whose forward fits (the least room of its stages)
+    span_fit = np.full((count, count), -1)
+    for s in range(count):
+        span_fit[s, s:] = np.minimum.accumulate(span_room[s:])
 
     # inside spans: every range s..t, shortest first (none where no span may be taken)
     within: dict[tuple[int, int], np.ndarray] = {}
+    rows = np.full((count, count, cells + 1), inf)  # rows[s, t] = within[(s, t)]
     chosen_within: dict[tuple[int, int], np.ndarray] = {}
     any_span = any(spannable(s, j) for s in range(count) for j in range(s + 1, count - 1))
+    inner_after: dict[int, np.ndarray] = {}  # t -> after[j] of ranges ending at t, rows filled as they are solved
     for length in range(1, count) if any_span else ():
         for s in range(0, count - length):
             t = s + length - 1
-            within[(s, t)], chosen_within[(s, t)] = best(s, t, lambda r, t=t: within[(r, t)] if r <= t else empty, True)
+            after = inner_after.setdefault(t, np.full((count, cells + 1), inf))
+            within[(s, t)], chosen_within[(s, t)] = best(s, t, lambda r, t=t: within[(r, t)] if r <= t else empty,
+                                                         after, True)
+            rows[s, t] = within[(s, t)]
+            if s > 0:  # a span ending at stage s - 1 holds its output while s..t run
+                after[s - 1] = shifted(within[(s, t)], output[s - 1])
     # the top level: every suffix s..count-1
     top: dict[int, np.ndarray] = {count: empty}
     chosen_top: dict[int, np.ndarray] = {}
+    top_after = np.full((count, cells + 1), inf)
     for s in range(count - 1, -1, -1):
-        top[s], chosen_top[s] = best(s, count - 1, lambda r: top[r], False)
+        top[s], chosen_top[s] = best(s, count - 1, lambda r: top[r], top_after, False)
+        if s > 0:
+            top_after[s - 1] = shifted(top[s], output[s - 1])
     if not np.isfinite(top[0][0]):
         return None
 
