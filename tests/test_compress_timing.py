@@ -102,3 +102,16 @@ def test_candidates_take_the_measured_seconds_and_the_roofline_where_none(monkey
     unmeasured = planner.pricing.__class__(**{**planner.pricing.__dict__, "compressed_seconds": lambda n: None})
     [candidate, *_] = compress.candidates(unmeasured, [group], planner.forms)
     assert candidate.seconds == (planner.rerun_seconds(group.nodes, times=0.0, move=3.0),)
+
+
+def test_a_kind_whose_probe_fails_is_priced_by_its_bytes(monkeypatch):
+    def fails(*args):
+        raise torch.OutOfMemoryError("no room to time it")
+
+    monkeypatch.setattr(compress_timing, "_added_seconds", fails)
+    torch.manual_seed(0)
+    planner = _Planner(Sizes().train(), (torch.randn(2, 3, 16, 16),), default_loss, ("compress",))
+    planner.profile_modes()
+    assert planner.node_seconds() and planner._compressed == {}
+    for candidate in planner.offered.values():
+        assert candidate.seconds == (planner.rerun_seconds(candidate.nodes, times=0.0, move=3.0),)
