@@ -658,7 +658,7 @@ class _Profiler(OpaqueLeaves, RepeatedNodes):
                 else:
                     try:
                         self.forward_node(node)
-                    except ProfileError:
+                    except (ProfileError, TimeoutError):  # (a caller's alarm, say: not the op's doing)
                         raise
                     except Exception as error:
                         if self._runs_for_real(node):

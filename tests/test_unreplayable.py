@@ -68,3 +68,16 @@ def test_at_the_top_level_of_forward_it_is_an_error_that_says_what_to_do():
     model, x = _Net(top_level=True), torch.randn(2, 8, 64, 64)
     with pytest.raises(rewriter.InputError, match="runs on real tensors but not on fake ones.*inside a submodule"):
         rewriter.explain(model, x)
+
+
+def test_a_timeout_while_a_node_runs_on_fake_tensors_is_no_input_error(monkeypatch):
+    """An alarm that interrupts profiling (a caller's time limit) reaches the caller as
+    the TimeoutError it is, not as a node that only runs on real tensors."""
+    from rewriter.cost_models import profile
+
+    def interrupted(self, node):
+        raise TimeoutError("out of time")
+
+    monkeypatch.setattr(profile._Profiler, "forward_node", interrupted)
+    with pytest.raises(TimeoutError, match="out of time"):
+        rewriter.explain(_Net(), torch.randn(2, 8, 64, 64))
