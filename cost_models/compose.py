@@ -104,7 +104,7 @@ class Composer:
             used.update(members)
             outs = _names(out)
             dropped.update(m for m in members if m not in outs)
-            replaced.update((o, self._shifted(index, o)) for o in outs)
+            replaced.update((o, self._record(index, o)) for o in outs)
         nodes = [replaced.get(node.name) or redirected(node, alias) for node in self.base.nodes if node.name not in dropped]
         sizes, numeric = dict(self.base.sizes), dict(self._base_numeric)
         for index in sorted(set(choice.values())):
@@ -119,8 +119,7 @@ class Composer:
         composed.prime_sizes(base.example_batch, numeric)
         return composed
 
-
-    def _shifted(self, index: int, out: str) -> NodeCost:
+    def _record(self, index: int, out: str) -> NodeCost:
         """`alternatives[index]`'s record of `out`, its storages shifted apart."""
         found = self._nodes[index].get(out)
         if found is None:

@@ -18,6 +18,7 @@ kind whose probe fails (out of memory, say) is priced by its bytes, as compress 
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from typing import Any, Callable
@@ -26,6 +27,7 @@ import torch
 from torch import fx
 
 from rewriter.cost_models.runtime import synchronizer
+from rewriter.passes import compress
 
 __all__ = ["FormTimings"]
 
@@ -40,17 +42,13 @@ class FormTimings:
     node's output shape (the planner's), for the size of each member's input."""
 
     def __init__(self, gm: fx.GraphModule, forms: dict[str, str], shapes: dict[str, tuple[int, ...]]):
-        from rewriter.passes import compress
-
         self.gm = gm
         self.forms = forms
         self._by_kind: dict[tuple, list[tuple[int, str]]] = {}  # kind -> (input elements, node), fewest first
         for node in gm.graph.nodes:
             source = compress._activation_input(node) if node.name in forms else None
             if isinstance(source, fx.Node) and source.name in shapes:
-                elements = 1
-                for size in shapes[source.name]:
-                    elements *= size
+                elements = math.prod(shapes[source.name])
                 self._by_kind.setdefault(_kind_of(gm, node, forms[node.name]), []).append((elements, node.name))
         for members in self._by_kind.values():
             members.sort()
@@ -106,8 +104,6 @@ def _alone(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule:
 
 def _added_seconds(gm: fx.GraphModule, name: str, form: str, values: list) -> float:
     """Median seconds of `name` forward and backward compressed, less as it is."""
-    from rewriter.passes import compress
-
     node = next(n for n in gm.graph.nodes if n.name == name)
     plain = _alone(gm, node)
     compressed = compress.rewrite(plain, {name: form})
