@@ -56,7 +56,7 @@ def synchronizer(device_type: str):
 class _NodeTimer(fx.Interpreter):
     """Runs the graph and adds each node's wall-clock seconds to `seconds[name]`."""
 
-    def __init__(self, gm: fx.GraphModule, synchronize, probes: dict[str, Callable[[list], None]]):
+    def __init__(self, gm: fx.GraphModule, synchronize, probes: dict[str, Callable[[list, Any], None]]):
         super().__init__(gm)
         self.synchronize = synchronize
         self.seconds: dict[str, list[float]] = {}
@@ -65,25 +65,26 @@ class _NodeTimer(fx.Interpreter):
     def run_node(self, node: fx.Node) -> Any:
         if node.op in ("placeholder", "output", "get_attr"):
             return super().run_node(node)
-        probe = self.probes.pop(node.name, None)
-        if probe is not None:
-            probe([self.env[n] for n in node.all_input_nodes])
         self.synchronize()
         start = time.perf_counter()
         result = super().run_node(node)
         self.synchronize()
         self.seconds.setdefault(node.name, []).append(time.perf_counter() - start)
+        probe = self.probes.pop(node.name, None)
+        if probe is not None:
+            probe([self.env[n] for n in node.all_input_nodes], result)
         return result
 
 
 def node_seconds(gm: fx.GraphModule, inputs: tuple, repeats: int = 3,
-                 probes: dict[str, Callable[[list], None]] | None = None) -> dict[str, float]:
+                 probes: dict[str, Callable[[list, Any], None]] | None = None) -> dict[str, float]:
     """Median forward seconds of each compute node of `gm` on `inputs` (on their device),
     over `repeats` runs after a warm-up run. Runs without autograd (values are freed
     after their last use, so this needs no more memory than inference), in `gm`'s
     current mode: the caller restores what the runs change (BatchNorm statistics, RNG).
-    `probes[node](values)`, a caller's own measurement, is called once, in the warm-up
-    run, with the values of the node's inputs (`node.all_input_nodes`) before it runs."""
+    `probes[node](values, result)`, a caller's own measurement, is called once, in the
+    warm-up run, after the node ran, with the values of its inputs (`node.all_input_nodes`,
+    as the node left them) and its result."""
     cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
     timer = _NodeTimer(gm, synchronizer("cuda" if cuda else "cpu"), probes or {})
     with torch.no_grad():

@@ -54,7 +54,7 @@ class FormTimings:
             members.sort()
         self.measured: dict[str, float] = {}  # probed node -> seconds added
 
-    def probes(self) -> dict[str, Callable[[list], None]]:
+    def probes(self) -> dict[str, Callable[[list, Any], None]]:
         """For `node_seconds`: a probe per kind's smallest and largest member."""
         chosen = {name for members in self._by_kind.values() for _, name in (members[0], members[-1])}
         return {name: self._probe(name) for name in chosen}
@@ -71,8 +71,8 @@ class FormTimings:
             found.update((name, max(0.0, a + slope * (elements - low))) for elements, name in members)
         return found
 
-    def _probe(self, name: str) -> Callable[[list], None]:
-        def probe(values: list) -> None:
+    def _probe(self, name: str) -> Callable[[list, Any], None]:
+        def probe(values: list, result: Any) -> None:
             try:
                 self.measured[name] = _added_seconds(self.gm, name, self.forms[name], values)
             except RuntimeError as error:  # out of memory, say: its kind is priced by the roofline

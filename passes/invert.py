@@ -30,13 +30,14 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from rewriter.passes.invert_chains import MAX_AMPLIFICATION, NORM_KINDS, Chain, Unit, calibrate, chain_between, chains
+from rewriter.passes.invert_chains import (MAX_AMPLIFICATION, NORM_KINDS, Chain, Unit, calibrate, calibration_probes,
+                                          chain_between, chains)
 from rewriter.cost_models.in_place import mutates_an_input as _mutates_an_input
 from rewriter.passes.recompute import _RestoreBatchNormStats
 from rewriter.passes.registry import Candidate, Decision, Pricing
 
-__all__ = ["Unit", "Chain", "InvertChain", "chains", "chain_between", "calibrate", "candidates", "apply", "rewrite", "KEY",
-           "MAX_AMPLIFICATION", "assuming_fallback"]
+__all__ = ["Unit", "Chain", "InvertChain", "chains", "chain_between", "calibrate", "calibration_probes", "candidates", "apply",
+           "rewrite", "KEY", "MAX_AMPLIFICATION", "assuming_fallback"]
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ import dataclasses
 import math
 import operator
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,8 @@ from torch import fx, nn
 from rewriter.cost_models.in_place import mutates_an_input as _mutates_an_input
 from rewriter.passes.layers import computes_as
 
-__all__ = ["Unit", "Chain", "chains", "chain_between", "calibrate", "MAX_AMPLIFICATION", "NORM_KINDS", "MOVING"]
+__all__ = ["Unit", "Chain", "chains", "chain_between", "calibrate", "calibration_probes", "MAX_AMPLIFICATION",
+           "NORM_KINDS", "MOVING"]
 
 MAX_AMPLIFICATION = 100.0  # fp32 rounding (6e-8) x 100 stays well inside a 1e-4 gradient tolerance
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -411,20 +413,39 @@ def _runtime_factor(kind: str, module: nn.Module | None, inp: torch.Tensor, out:
     return 1.0
 
 
+def calibration_probes(gm: fx.GraphModule) -> tuple[dict[str, Callable[[list, Any], None]], dict[str, float]]:
+    """`calibrate` as probes of a no-grad forward that a caller runs anyway
+    (`cost_models.runtime.node_seconds`): `probes[node](values, result)`, with the
+    values of the node's inputs and its result, records its factor in the dict
+    returned, which holds every factor once the run has passed every probed node."""
+    factors: dict[str, float] = {}
+    probes = {}
+    for node in gm.graph.nodes:
+        found = _elementwise(gm, node) if node.op != "placeholder" else None
+        if not found or found[0] not in (*NORM_KINDS, "prelu", "elu") or not isinstance(node.args[0], fx.Node):
+            continue
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        position = node.all_input_nodes.index(node.args[0])
+
+        def probe(values: list, result: Any, name=node.name, kind=found[0], arg=found[1], module=module,
+                  position=position) -> None:
+            if isinstance(result, torch.Tensor):
+                factors[name] = _runtime_factor(kind, module, values[position], result, arg)
+
+        probes[node.name] = probe
+    return probes, factors
+
+
 def calibrate(gm: fx.GraphModule, inputs: tuple) -> dict[str, float]:
     """Value-dependent factors (node -> factor) from one no-grad forward of `gm` on
     `inputs`. The caller restores the model's state (BatchNorm statistics move)."""
-    factors: dict[str, float] = {}
+    probes, factors = calibration_probes(gm)
 
     class Recorder(fx.Interpreter):
         def run_node(self, node):
             result = super().run_node(node)
-            found = _elementwise(gm, node) if node.op != "placeholder" else None
-            if found and found[0] in (*NORM_KINDS, "prelu", "elu") and isinstance(result, torch.Tensor):
-                module = gm.get_submodule(node.target) if node.op == "call_module" else None
-                inp = self.env[node.args[0]] if isinstance(node.args[0], fx.Node) else None
-                if inp is not None:
-                    factors[node.name] = _runtime_factor(found[0], module, inp, result, found[1])
+            if node.name in probes:
+                probes[node.name]([self.env[n] for n in node.all_input_nodes], result)
             return result
 
     with torch.no_grad():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -146,15 +147,6 @@ class _Planner:
         self._spans: dict[tuple[str, int, int], recompute.Segment | None] = {}
         self._norm_bytes: dict[tuple[str, ...], int] = {}  # segment or span nodes -> its BatchNorm buffers' bytes
         self.segment_profiles: dict[tuple[str, str], Costs] = {}  # (granularity, mode) -> every segment so run, composed
-        self.chains: list[invert.Chain] = []
-        self._falls: set[str] = set()  # the keys of the chains that can fall back
-        self.inverted: Costs | None = None  # the profile with every chain inverted
-        self.fallen: Costs | None = None  # the same with the chains that can fall back fallen back
-        if "invert" in strategies:
-            with preserved_model_state(model):
-                factors = invert.calibrate(self.gm, inputs)
-            self.chains = [c for c in invert.chains(self.gm, self.opaque, factors) if self._gains(c)]
-            self._falls = {_INVERT + c.output for c in self.chains if c.can_fall_back}
         self.groups: list[compress.Group] = []
         # compress modes, widest first: "compress" (lossless, or widths set by an error
         # bound), or one per width from 8 bits down to compress_bits ("compress8", ...);
@@ -172,17 +164,25 @@ class _Planner:
                                     for g in self.groups for n, k in zip(g.nodes, g.kinds)}
         self.device = "cuda" if any(t.is_cuda for t in inputs if isinstance(t, torch.Tensor)) else "cpu"
         self.input_device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device(self.device))
+        self.shapes = _shapes(self.gm, self.base, inputs)
         self._node_seconds: dict[str, float] | None = None
         self._works: dict[str, tuple[float, float]] = {}  # node -> `_work`
         self._compressed: dict[str, float] = {}  # node -> `compressed_seconds`, once the nodes are timed
+        self.chains: list[invert.Chain] = []
+        self._falls: set[str] = set()  # the keys of the chains that can fall back
+        self.inverted: Costs | None = None  # the profile with every chain inverted
+        self.fallen: Costs | None = None  # the same with the chains that can fall back fallen back
+        if "invert" in strategies:
+            factors = self._calibrated(budget)
+            self.chains = [c for c in invert.chains(self.gm, self.opaque, factors) if self._gains(c)]
+            self._falls = {_INVERT + c.output for c in self.chains if c.can_fall_back}
         self.alternatives: dict[str, Costs] = {}
         self.offered: dict[str, registry.Candidate] = {}  # key -> every strategy's candidate with profiled options
         saved_by_owner: dict[str, int] = {}
         for tensor in self.saved:
             saved_by_owner[tensor.owner] = saved_by_owner.get(tensor.owner, 0) + tensor.nbytes
-        self.pricing = registry.Pricing(self.base, saved_by_owner, _shapes(self.gm, self.base, inputs), self.input_device,
-                                        self.rerun_seconds, self.compressed_seconds)
-        self.shapes = self.pricing.shapes
+        self.pricing = registry.Pricing(self.base, saved_by_owner, self.shapes, self.input_device, self.rerun_seconds,
+                                        self.compressed_seconds)
         self.row_granularity = "block"
         self.tiled: list[row_split.Chain] = []  # row-split chains
         self.tilings = row_split.Tilings(self.pricing, self.gm, [])
@@ -206,6 +206,20 @@ class _Planner:
             with preserved_model_state(self.model):
                 return compress.calibrate_bits(self.gm, self.inputs, lossy.error)
         return {}
+
+    def _calibrated(self, budget: int | None) -> dict[str, float]:
+        """Invert's value-dependent factors (`invert.calibrate`), read in the run that
+        times the nodes where plans are to be priced (a budget under the eager peak, or
+        none), else in a forward of their own (as where timing ran out of memory)."""
+        if budget is None or budget < self.eager_peak:
+            probes, factors = invert.calibration_probes(self.gm)
+            if self._node_seconds is None:
+                with self.clock("time nodes"):
+                    self._node_seconds = self._timed_nodes(probes)
+            if self._node_seconds:
+                return factors
+        with preserved_model_state(self.model):
+            return invert.calibrate(self.gm, self.inputs)
 
     def _gains(self, chain: invert.Chain) -> bool:
         """Whether inverting the chain frees a tensor: one that only its members save."""
@@ -588,12 +602,18 @@ class _Planner:
                 self._node_seconds = self._timed_nodes()
         return self._node_seconds
 
-    def _timed_nodes(self) -> dict[str, float]:
-        """`node_seconds`, and compress's members timed alone beside it (`_compressed`)."""
+    def _timed_nodes(self, probes: dict | None = None) -> dict[str, float]:
+        """`node_seconds`, and compress's members timed alone beside it (`_compressed`);
+        `probes`, more of `node_seconds`' probes."""
         timings = compress_timing.FormTimings(self.gm, next(iter(self.forms.values())), self.shapes) if self.groups else None
+        every: dict[str, list] = {}
+        for found in (timings.probes() if timings else {}, probes or {}):
+            for name, probe in found.items():
+                every.setdefault(name, []).append(probe)
         try:
             with preserved_model_state(self.model):
-                seconds = node_seconds(self.gm, self.inputs, probes=timings.probes() if timings else None)
+                seconds = node_seconds(self.gm, self.inputs, probes={name: functools.partial(_each, found)
+                                                                     for name, found in every.items()})
         except torch.OutOfMemoryError:
             log.warning("timing the forward ran out of memory; plans are costed on the roofline alone")
             return {}
@@ -744,6 +764,11 @@ class _Planner:
             row_granularity=self.row_granularity, fallback_peak_bytes=fallback,
         )
         return gm, plan
+
+
+def _each(probes: list, values: list, result) -> None:
+    for probe in probes:
+        probe(values, result)
 
 
 def _depth(spans: list[recompute.Segment]) -> int:

@@ -46,7 +46,7 @@ def test_each_kinds_smallest_and_largest_member_is_probed_with_its_inputs():
     probes = timings.probes()
     assert set(probes) == {relus[0], relus[-1], "leaky_relu", "pool"}
     seen = {}
-    wrapped = {name: (lambda values, name=name, probe=probe: (seen.setdefault(name, values), probe(values)))
+    wrapped = {name: (lambda values, result, name=name, probe=probe: (seen.setdefault(name, values), probe(values, result)))
                for name, probe in probes.items()}
     node_seconds(timings.gm, (x,), repeats=1, probes=wrapped)
     assert set(seen) == set(probes)  # each once, with the node's input values as the graph makes them
@@ -85,7 +85,7 @@ def test_a_probe_times_the_compressed_op_forward_and_backward(monkeypatch):
     torch.manual_seed(0)
     timings, shapes = _timings(Sizes().train(), torch.randn(2, 3, 16, 16))
     name, probe = next((n, p) for n, p in timings.probes().items() if n.startswith("relu"))
-    probe([torch.randn(shapes[name])])
+    probe([torch.randn(shapes[name])], None)
     assert len(calls) == compress_timing.ROUNDS + 1  # a warm-up and the timed rounds, with autograd
     assert all(fn is not None for fn in calls)
     assert timings.measured[name] >= 0.0

@@ -236,3 +236,25 @@ def test_fork_joins_of_invertible_pieces_are_inverted():
     assert_same_training(reference, model, gm, x)
     x = torch.randn(4, 3, 32, 32)
     assert rewriter.measure_peak(gm, x) < 0.8 * rewriter.measure_peak(reference, x)
+
+
+def test_factors_read_while_the_nodes_are_timed_are_calibrates():
+    """The planner reads invert's value-dependent factors in the run that times the
+    nodes (`calibration_probes`), not in a forward of their own: the same factors."""
+    from rewriter.cost_models.runtime import node_seconds
+    from rewriter.measure import default_loss
+    from rewriter.pipeline import _Planner
+
+    torch.manual_seed(0)
+    model, x = EveryKind().train(), torch.randn(4, 3, 8, 8)
+    gm = capture(model).gm
+    with preserved_model_state(model):
+        expected = invert.calibrate(gm, (x,))
+    assert {"bn", "prelu", "elu"} <= set(expected)
+    probes, factors = invert.calibration_probes(gm)
+    with preserved_model_state(model):
+        node_seconds(gm, (x,), repeats=1, probes=probes)
+    assert factors == expected
+    planner = _Planner(model, (x,), default_loss, ("invert",), budget=1)
+    assert planner._node_seconds  # timed while planning began
+    assert planner.chains == [c for c in invert.chains(gm, (), expected) if planner._gains(c)]
