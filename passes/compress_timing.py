@@ -27,7 +27,7 @@ import torch
 from torch import fx
 
 from rewriter.cost_models.runtime import synchronizer
-from rewriter.passes import compress
+from rewriter.passes import compress, compressed_ops
 
 __all__ = ["FormTimings"]
 
@@ -111,12 +111,17 @@ def _added_seconds(gm: fx.GraphModule, name: str, form: str, values: list) -> fl
     device = next((v.device for v in inputs if isinstance(v, torch.Tensor)), torch.device("cpu"))
     synchronize = synchronizer(device.type)
     times: dict[str, list[float]] = {"plain": [], "compressed": []}
-    with torch.enable_grad():
-        for round_ in range(ROUNDS + 1):
-            for label, code in (("plain", plain), ("compressed", compressed)):
-                seconds = _step(code, inputs, synchronize)
-                if round_:  # round 0 warms up
-                    times[label].append(seconds)
+    rounding = compressed_ops._generator(device)  # lossy forms draw their roundings from it: left as it was
+    state = rounding.get_state()
+    try:
+        with torch.enable_grad():
+            for round_ in range(ROUNDS + 1):
+                for label, code in (("plain", plain), ("compressed", compressed)):
+                    seconds = _step(code, inputs, synchronize)
+                    if round_:  # round 0 warms up
+                        times[label].append(seconds)
+    finally:
+        rounding.set_state(state)
     return max(0.0, statistics.median(times["compressed"]) - statistics.median(times["plain"]))
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from rewriter.cost_models.runtime import node_seconds
 from rewriter.measure import default_loss
 from rewriter.passes import compress, compress_timing, compressed_ops
-from rewriter.pipeline import _Planner
+from rewriter.pipeline import Lossy, _Planner
 
 
 class Sizes(nn.Module):
@@ -115,3 +115,18 @@ def test_a_kind_whose_probe_fails_is_priced_by_its_bytes(monkeypatch):
     assert planner.node_seconds() and planner._compressed == {}
     for candidate in planner.offered.values():
         assert candidate.seconds == (planner.rerun_seconds(candidate.nodes, times=0.0, move=3.0),)
+
+
+def test_probing_a_lossy_form_leaves_the_roundings_stream_as_it_was():
+    """Lossy forms round stochastically from compressed_ops' own generator: probing them
+    draws no rounding that training would have drawn."""
+    torch.manual_seed(0)
+    model, x = Sizes().train(), torch.randn(2, 3, 16, 16)
+    planner = _Planner(model, (x,), default_loss, ("compress",), Lossy(bits=4))
+    lossy = {n: f for n, f in next(iter(planner.forms.values())).items() if f != "lossless"}
+    assert lossy  # the convolutions at 8 bits, the widest width
+    timings = compress_timing.FormTimings(planner.gm, lossy, planner.shapes)
+    compressed_ops.manual_seed(0)
+    before = compressed_ops._generator(x.device).get_state()
+    node_seconds(planner.gm, (x,), repeats=1, probes=timings.probes())
+    assert timings.measured and torch.equal(compressed_ops._generator(x.device).get_state(), before)
