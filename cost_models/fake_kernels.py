@@ -5,8 +5,9 @@ decomposition, a score of ops, each dispatched on fake tensors; a shape it has n
 seen before costs about 18 ms forward and 11 ms backward (torch 2.13, CPU), and a
 DenseNet meets a new shape in nearly every layer. The profiler's tracker
 (`StorageTracker(kernel=...)`) asks `kernel` first: for batch norm in training, where
-every tensor is contiguous or channels-last, of one float dtype (32 or 64 bits), and the incoming gradient is laid out as
-the input, it returns empty fake tensors of the layouts the decomposition returns
+every tensor is contiguous or channels-last, of one float dtype (32 or 64 bits), and
+the incoming gradient is laid out as the input, it returns empty fake tensors of the
+layouts the decomposition returns
 (tests/test_fake_kernels.py holds the two to the same shapes, strides, dtypes and
 storage bytes); any other call gets `NotImplemented`, and the op runs as it is. The
 outputs' values are never read: a profile counts bytes.
@@ -22,8 +23,6 @@ __all__ = ["kernel"]
 
 aten = torch.ops.aten
 _FLOATS = (torch.float32, torch.float64)  # their computation dtype is their own: no casts in the decomposition
-
-
 _LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 

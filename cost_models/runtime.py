@@ -56,11 +56,11 @@ def synchronizer(device_type: str):
 class _NodeTimer(fx.Interpreter):
     """Runs the graph and adds each node's wall-clock seconds to `seconds[name]`."""
 
-    def __init__(self, gm: fx.GraphModule, synchronize, probes: dict[str, Callable[[list, Any], None]]):
+    def __init__(self, gm: fx.GraphModule, synchronize, probes: list[dict[str, Callable[[list, Any], None]]]):
         super().__init__(gm)
         self.synchronize = synchronize
         self.seconds: dict[str, list[float]] = {}
-        self.probes = dict(probes)  # each called once, then dropped
+        self.probes = [dict(found) for found in probes]  # each called once, then dropped
 
     def run_node(self, node: fx.Node) -> Any:
         if node.op in ("placeholder", "output", "get_attr"):
@@ -70,23 +70,24 @@ class _NodeTimer(fx.Interpreter):
         result = super().run_node(node)
         self.synchronize()
         self.seconds.setdefault(node.name, []).append(time.perf_counter() - start)
-        probe = self.probes.pop(node.name, None)
-        if probe is not None:
-            probe([self.env[n] for n in node.all_input_nodes], result)
+        for found in self.probes:
+            probe = found.pop(node.name, None)
+            if probe is not None:
+                probe([self.env[n] for n in node.all_input_nodes], result)
         return result
 
 
 def node_seconds(gm: fx.GraphModule, inputs: tuple, repeats: int = 3,
-                 probes: dict[str, Callable[[list, Any], None]] | None = None) -> dict[str, float]:
+                 probes: list[dict[str, Callable[[list, Any], None]]] = ()) -> dict[str, float]:
     """Median forward seconds of each compute node of `gm` on `inputs` (on their device),
     over `repeats` runs after a warm-up run. Runs without autograd (values are freed
     after their last use, so this needs no more memory than inference), in `gm`'s
     current mode: the caller restores what the runs change (BatchNorm statistics, RNG).
-    `probes[node](values, result)`, a caller's own measurement, is called once, in the
-    warm-up run, after the node ran, with the values of its inputs (`node.all_input_nodes`,
-    as the node left them) and its result."""
+    `probes`: maps of callers' own measurements; `found[node](values, result)` is called
+    once, in the warm-up run, after the node ran, with the values of its inputs
+    (`node.all_input_nodes`, as the node left them) and its result."""
     cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
-    timer = _NodeTimer(gm, synchronizer("cuda" if cuda else "cpu"), probes or {})
+    timer = _NodeTimer(gm, synchronizer("cuda" if cuda else "cpu"), list(probes))
     with torch.no_grad():
         for run in range(repeats + 1):  # on copies: the graph may change its inputs in place
             timer.run(*(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs))

@@ -7,8 +7,8 @@ compress once used) put too low on a CPU. On the BatchNorm/LeakyReLU chain at 0.
 peak, plans that compressed LeakyReLUs were estimated cheaper than recompute alone and
 measured slower (benchmarks/README.md).
 
-`FormTimings` times member nodes alone, forward and backward, as they are and as
-`compress.rewrite` makes them, on their real inputs while `node_seconds` times the
+`FormTimings` times member nodes alone (recompute's code of a one-node segment),
+forward and backward, as they are and as `compress.rewrite` makes them, on their real inputs while `node_seconds` times the
 graph (its probes): per kind of node (its op, settings and form) the members with the
 fewest and the most input elements; every member of the kind is then priced on the
 straight line through those two points (one point: its value), never below zero. A
@@ -27,7 +27,7 @@ import torch
 from torch import fx
 
 from rewriter.cost_models.runtime import synchronizer
-from rewriter.passes import compress, compressed_ops
+from rewriter.passes import compress, compressed_ops, recompute
 
 __all__ = ["FormTimings"]
 
@@ -92,22 +92,12 @@ def _kind_of(gm: fx.GraphModule, node: fx.Node, form: str) -> tuple:
     return what, repr(settings), form
 
 
-def _alone(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule:
-    """A graph running `node` alone, a placeholder for each of its inputs but parameters
-    and buffers read through get_attr."""
-    graph = fx.Graph()
-    env = {n: graph.get_attr(n.target) if n.op == "get_attr" else graph.placeholder(n.name)
-           for n in node.all_input_nodes}
-    graph.output(graph.node_copy(node, lambda n: env[n]))
-    return fx.GraphModule(gm, graph)
-
-
 def _added_seconds(gm: fx.GraphModule, name: str, form: str, values: list) -> float:
     """Median seconds of `name` forward and backward compressed, less as it is."""
     node = next(n for n in gm.graph.nodes if n.name == name)
-    plain = _alone(gm, node)
+    plain, outside = recompute._segment_code(gm, recompute.Segment((name,), (), name))  # the node alone
     compressed = compress.rewrite(plain, {name: form})
-    inputs = [v for n, v in zip(node.all_input_nodes, values) if n.op != "get_attr"]
+    inputs = [dict(zip(node.all_input_nodes, values))[n] for n in outside]
     device = next((v.device for v in inputs if isinstance(v, torch.Tensor)), torch.device("cpu"))
     synchronize = synchronizer(device.type)
     times: dict[str, list[float]] = {"plain": [], "compressed": []}

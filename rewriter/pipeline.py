@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import inspect
 import logging
 import math
@@ -213,9 +212,8 @@ class _Planner:
         none), else in a forward of their own (as where timing ran out of memory)."""
         if budget is None or budget < self.eager_peak:
             probes, factors = invert.calibration_probes(self.gm)
-            if self._node_seconds is None:
-                with self.clock("time nodes"):
-                    self._node_seconds = self._timed_nodes(probes)
+            with self.clock("time nodes"):
+                self._node_seconds = self._timed_nodes(probes)
             if self._node_seconds:
                 return factors
         with preserved_model_state(self.model):
@@ -606,14 +604,9 @@ class _Planner:
         """`node_seconds`, and compress's members timed alone beside it (`_compressed`);
         `probes`, more of `node_seconds`' probes."""
         timings = compress_timing.FormTimings(self.gm, next(iter(self.forms.values())), self.shapes) if self.groups else None
-        every: dict[str, list] = {}
-        for found in (timings.probes() if timings else {}, probes or {}):
-            for name, probe in found.items():
-                every.setdefault(name, []).append(probe)
         try:
             with preserved_model_state(self.model):
-                seconds = node_seconds(self.gm, self.inputs, probes={name: functools.partial(_each, found)
-                                                                     for name, found in every.items()})
+                seconds = node_seconds(self.gm, self.inputs, probes=[timings.probes() if timings else {}, probes or {}])
         except torch.OutOfMemoryError:
             log.warning("timing the forward ran out of memory; plans are costed on the roofline alone")
             return {}
@@ -764,11 +757,6 @@ class _Planner:
             row_granularity=self.row_granularity, fallback_peak_bytes=fallback,
         )
         return gm, plan
-
-
-def _each(probes: list, values: list, result) -> None:
-    for probe in probes:
-        probe(values, result)
 
 
 def _depth(spans: list[recompute.Segment]) -> int:

@@ -48,7 +48,7 @@ def test_each_kinds_smallest_and_largest_member_is_probed_with_its_inputs():
     seen = {}
     wrapped = {name: (lambda values, result, name=name, probe=probe: (seen.setdefault(name, values), probe(values, result)))
                for name, probe in probes.items()}
-    node_seconds(timings.gm, (x,), repeats=1, probes=wrapped)
+    node_seconds(timings.gm, (x,), repeats=1, probes=[wrapped])
     assert set(seen) == set(probes)  # each once, with the node's input values as the graph makes them
     for name, values in seen.items():
         assert values[0].numel() == elements[name]
@@ -128,5 +128,5 @@ def test_probing_a_lossy_form_leaves_the_roundings_stream_as_it_was():
     timings = compress_timing.FormTimings(planner.gm, lossy, planner.shapes)
     compressed_ops.manual_seed(0)
     before = compressed_ops._generator(x.device).get_state()
-    node_seconds(planner.gm, (x,), repeats=1, probes=timings.probes())
+    node_seconds(planner.gm, (x,), repeats=1, probes=[timings.probes()])
     assert timings.measured and torch.equal(compressed_ops._generator(x.device).get_state(), before)

@@ -253,7 +253,7 @@ def test_factors_read_while_the_nodes_are_timed_are_calibrates():
     assert {"bn", "prelu", "elu"} <= set(expected)
     probes, factors = invert.calibration_probes(gm)
     with preserved_model_state(model):
-        node_seconds(gm, (x,), repeats=1, probes=probes)
+        node_seconds(gm, (x,), repeats=1, probes=[probes])
     assert factors == expected
     planner = _Planner(model, (x,), default_loss, ("invert",), budget=1)
     assert planner._node_seconds  # timed while planning began
