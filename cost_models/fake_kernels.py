@@ -18,8 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
-__all__ = ["kernel"]
+__all__ = ["empty_fake", "kernel"]
 
 aten = torch.ops.aten
 _FLOATS = (torch.float32, torch.float64)  # their computation dtype is their own: no casts in the decomposition
@@ -36,12 +37,21 @@ def _per_channel(t: Any, dtype: torch.dtype, channels: int) -> bool:
     return _dense(t) and t.dtype == dtype and tuple(t.shape) == (channels,)
 
 
-def _like(t: torch.Tensor) -> torch.Tensor:
-    return t.new_empty_strided(t.shape, t.stride())  # a method of a fake tensor: a fake tensor
+def empty_fake(mode: FakeTensorMode, shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device) -> FakeTensor:
+    """An uninitialised fake tensor of `mode` with this layout, on a storage of its own
+    (what `torch.empty_strided` makes under the mode), made without dispatching."""
+    with unset_fake_temporarily():
+        meta = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    return FakeTensor(mode, meta, device)
 
 
-def _channels(t: torch.Tensor, channels: int) -> torch.Tensor:
-    return t.new_empty((channels,))
+def _like(t: FakeTensor) -> FakeTensor:
+    return empty_fake(t.fake_mode, t.shape, t.stride(), t.dtype, t.device)
+
+
+def _channels(t: FakeTensor, channels: int) -> FakeTensor:
+    return empty_fake(t.fake_mode, (channels,), (1,), t.dtype, t.device)
 
 
 def _batch_norm(inp, weight, bias, running_mean, running_var, training, momentum, eps):

@@ -17,7 +17,7 @@ storages matched to the recorded ones in order), then backward as any node does.
 `RepeatedNodes` is a mixin of the profiler (`cost_models/profile.py`): it reads the
 profiler's `gm`, `opaque`, `values`, `elements`, `owner`, `grads`, `tracker`,
 `_leaves`, `_isolate`, `_element_map`, `_run`, `_set_value`, `_accumulate`,
-`_fake_state`, `_modules_run` and `_param_names_of`.
+`_fake_state`, `_modules_run`, `_param_names_of` and `mode` (its fake tensor mode).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from rewriter.cost_models.fake_kernels import empty_fake
 from rewriter.cost_models.in_place import mutates_an_input
 from rewriter.cost_models.node_costs import NodeCost
 from rewriter.cost_models.storage_tracker import storage_key, tensors_in
@@ -111,9 +112,11 @@ def _module_key(module: torch.nn.Module) -> tuple | None:
                                                       "_backward_pre_hooks", "_state_dict_hooks")):
         return None
     settings = tuple(sorted((k, v) for k, v in vars(module).items() if not k.startswith("_") and isinstance(v, _SETTINGS)))
-    state = tuple((name, tuple(t.shape), t.stride(), t.dtype, t.requires_grad)
-                  for name, t in [*module.named_parameters(remove_duplicate=False),
-                                  *module.named_buffers(remove_duplicate=False)])
+    if module._modules:  # (a leaf's own tables give the same items, without named_*'s recursion)
+        items = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    else:
+        items = [(k, t) for table in (module._parameters, module._buffers) for k, t in table.items() if t is not None]
+    state = tuple((name, tuple(t.shape), t.stride(), t.dtype, t.requires_grad) for name, t in items)
     return ("module", type(module), repr(module), settings, state)
 
 
@@ -230,7 +233,7 @@ class RepeatedNodes:
         first = self.tracker.reserve(record.allocations)
         made = []
         for number, shape, stride, dtype, device, requires_grad in record.outputs:
-            t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+            t = empty_fake(self.mode, shape, stride, dtype, device)
             made.append(t.requires_grad_(True) if requires_grad else t)
         out = made[0] if record.as_list is None else (made if record.as_list else tuple(made))
         for k, t in enumerate(made):
@@ -322,7 +325,7 @@ class RepeatedNodes:
                 same = tuple(incoming.shape) == shape and incoming.stride() == stride and incoming.storage_offset() == offset
                 g = incoming if same else incoming.as_strided(shape, stride, offset)
             else:  # a new storage, or a many-op node's stand-in of the incoming gradient (a storage of its own)
-                g = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                g = empty_fake(self.mode, shape, stride, dtype, device)
             grad_inputs.append((element, ref if ref[0] == "grad_out" else ("new", first + ref[1])))
             self._accumulate(element, g)
         names = self._param_names_of(cost.name)

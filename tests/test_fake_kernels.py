@@ -47,6 +47,22 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torc
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("shape, stride, dtype", [((2, 8, 16, 16), (2048, 256, 16, 1), torch.float32),
+                                                  ((2, 8, 16, 16), (2048, 1, 128, 8), torch.float64),
+                                                  ((3, 5), (1, 3), torch.float16), ((7,), (2,), torch.bool), ((), (), torch.int64)])
+def test_empty_fake_is_what_empty_strided_makes_under_the_mode(shape, stride, dtype, device):
+    mode = FakeTensorMode()
+    with mode:
+        made = fake_kernels.empty_fake(mode, shape, stride, dtype, torch.device(device))
+        expected = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        again = fake_kernels.empty_fake(mode, shape, stride, dtype, torch.device(device))
+    assert type(made) is type(expected) and made.fake_mode is mode
+    assert _layout(made) == _layout(expected)
+    assert made.untyped_storage()._cdata != again.untyped_storage()._cdata  # a storage of its own
+    assert not made.requires_grad and made.grad_fn is None
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape, channels_last", LAYOUTS)
 def test_batch_norm_outputs_are_laid_out_as_the_fake_modes(shape, channels_last, dtype, device):
