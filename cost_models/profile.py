@@ -36,7 +36,7 @@ from rewriter.cost_models.in_place import mutates_an_input
 from rewriter.cost_models.kernel_storage import storage_bytes
 from rewriter.cost_models.node_costs import BATCH, Costs, NodeCost
 from rewriter.cost_models.opaque_leaves import OpaqueLeaves, _GradientSource, _state_items
-from rewriter.cost_models.repeated_nodes import RepeatedNodes
+from rewriter.cost_models.repeated_nodes import Records, RepeatedNodes
 from rewriter.cost_models.storage_tracker import StorageTracker, storage_key, tensors_in
 from rewriter.passes import accumulate_ops
 from rewriter.phases import Progress
@@ -72,10 +72,11 @@ def _as_expr(value: Any) -> sympy.Expr:
 
 class _Profiler(OpaqueLeaves, RepeatedNodes):
     def __init__(self, gm: fx.GraphModule, inputs: tuple, loss_fn: Callable, opaque: tuple[str, ...], batch: int | None = None,
-                 flops: bool = True, repeats: bool = True):
+                 flops: bool = True, repeats: bool = True, records: Records | None = None):
         """Static shapes at `batch` (default: the example inputs' own batch); FLOPs
         counted unless not `flops` (then 0); nodes that repeat an earlier node take its
-        record unless not `repeats` (cost_models.repeated_nodes)."""
+        record unless not `repeats` (cost_models.repeated_nodes), `records` the records
+        shared with other profiles."""
         self.gm = gm
         self.count_flops = flops
         self.inputs = inputs
@@ -97,7 +98,7 @@ class _Profiler(OpaqueLeaves, RepeatedNodes):
         self._in_backward: str | None = None  # the node whose backward runs now
         self._aliases: dict[tuple[str, int], tuple[str, int]] = {}  # element -> the value it is
         self._name_of: dict[int, str] | None = None  # id of a parameter -> its name (one for a shared one)
-        self._init_repeats(repeats)
+        self._init_repeats(repeats, records)
 
     # ---- fake copies of parameters, buffers and inputs -------------------------------
     def _fake_state(self, modules) -> None:
@@ -770,6 +771,7 @@ def profile_graph(
     over_batch: bool = False,
     flops: bool = True,
     repeats: bool | None = None,
+    records: Records | None = None,
 ) -> Costs:
     """Per-node costs of one training step of `gm` on inputs shaped like `example_inputs`.
 
@@ -780,14 +782,16 @@ def profile_graph(
     Without `flops`, FLOPs are not counted (0; the counter takes about a fifth of the
     time, and a profile made to verify a plan's bytes needs none). With `repeats`
     (default `REPEATED_RECORDS`), a node that repeats an earlier one takes its record
-    (cost_models.repeated_nodes).
+    (cost_models.repeated_nodes), also one that `records` holds from other profiles
+    (which take this one's).
     """
     repeats = REPEATED_RECORDS if repeats is None else repeats
     with _fixed_momentum(gm):
-        costs = _Profiler(gm, example_inputs, loss_fn, opaque, flops=flops, repeats=repeats).run()
+        costs = _Profiler(gm, example_inputs, loss_fn, opaque, flops=flops, repeats=repeats, records=records).run()
         if over_batch:
             def at(batch: int) -> Costs:
-                return _Profiler(gm, example_inputs, loss_fn, opaque, batch=batch, flops=flops, repeats=repeats).run()
+                return _Profiler(gm, example_inputs, loss_fn, opaque, batch=batch, flops=flops, repeats=repeats,
+                                 records=records).run()
 
             if costs.example_batch == 1:  # a kernel may differ at batch 1: the line through 2 and 3, batch 1 as traced
                 costs = _at_one(costs, _affine_fit(at(2), at(3), 2))

@@ -7,17 +7,21 @@ about the time of one block.
 Only nodes whose record names nothing but their own storages, their inputs and
 their outputs qualify: calls of torch.nn's own modules (no hooks), of invert chains
 (passes.invert: a chain's kind is its units, the settings of the modules they run and
-the structure of their code, not the modules' paths), of torch's and Python's
-operator functions and of compressed ops (passes.compressed_ops), and tensor methods,
-that write no input in place, read no parameter through `get_attr` (a module handed
-to a compressed op counts by its settings), and return new tensors (no views). A node that repeats one whose
-backward is not on record yet runs its forward again when its backward comes (its
-storages matched to the recorded ones in order), then backward as any node does.
+the structure of their code, not the modules' paths), of checkpointed segments
+(passes.recompute: a segment's kind is the segment itself, so its record serves other
+profiles of the same rewritten graph, `Records`), of torch's and Python's operator
+functions and of compressed ops (passes.compressed_ops), and tensor methods, that
+write no input in place, read no parameter through `get_attr` (a module handed to a
+compressed op counts by its settings), and return new tensors (no views). A node that
+repeats one whose backward is not on record yet runs its forward again when its
+backward comes (its storages matched to the recorded ones in order), then backward as
+any node does. Profiles that share a `Records` take each other's records.
 
 `RepeatedNodes` is a mixin of the profiler (`cost_models/profile.py`): it reads the
-profiler's `gm`, `opaque`, `values`, `elements`, `owner`, `grads`, `tracker`,
-`_leaves`, `_isolate`, `_element_map`, `_run`, `_set_value`, `_accumulate`,
-`_fake_state`, `_modules_run`, `_param_names_of` and `mode` (its fake tensor mode).
+profiler's `gm`, `opaque`, `values`, `elements`, `owner`, `grads`, `tracker`, `mode`
+(its fake tensor mode), `count_flops`, `_leaves`, `_isolate`, `_element_map`, `_run`,
+`_set_value`, `_accumulate`, `_fake_state`, `_modules_run`, `_param_names_of` and
+`_frame_hooks`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import sympy
 import torch
 from torch import fx
 
@@ -34,7 +39,7 @@ from rewriter.cost_models.node_costs import NodeCost
 from rewriter.cost_models.storage_tracker import storage_key, tensors_in
 from rewriter.passes import compressed_ops
 
-__all__ = ["RepeatedNodes"]
+__all__ = ["Records", "RepeatedNodes"]
 
 # torch's and Python's operator functions, and the compressed forms of ops (pure
 # functions of their arguments and the settings of the modules they are handed)
@@ -58,7 +63,8 @@ class _Forward:
     internal: tuple
     saved: tuple  # ("new", storage number), ("input", position) or ("output", index): its own output
     allocations: int
-    many_ops: bool = False  # an invert chain
+    many_ops: bool = False  # an invert chain, a checkpointed segment
+    flops_counted: bool = True  # made by a profile that counts FLOPs (else `fwd_flops` is 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,11 +126,25 @@ def _module_key(module: torch.nn.Module) -> tuple | None:
     return ("module", type(module), repr(module), settings, state)
 
 
+class Records:
+    """The records of node kinds that profiles taking this object share: a planner's
+    profiles of one graph and its rewrites (cost_models.profile's `records`) meet the
+    same kinds again, and the profile of a plan with its chains fallen back meets every
+    node of the plan's own profile, its checkpointed segments included, but the chains.
+    A kind says everything its record depends on; a record made where FLOPs were not
+    counted serves only profiles that do not count them."""
+
+    def __init__(self):
+        self.forwards: dict[tuple, _Forward | None] = {}  # None: a kind whose record cannot be repeated
+        self.backwards: dict[tuple, _Backward | None] = {}
+
+
 class RepeatedNodes:
-    def _init_repeats(self, enabled: bool) -> None:
+    def _init_repeats(self, enabled: bool, records: Records | None = None) -> None:
         self.repeats = enabled
-        self._forwards: dict[tuple, _Forward | None] = {}  # None: a kind whose record cannot be repeated
-        self._backwards: dict[tuple, _Backward | None] = {}
+        records = Records() if records is None else records
+        self._forwards = records.forwards
+        self._backwards = records.backwards
         self._repeat_key: dict[str, tuple] = {}  # node -> its kind, for nodes of a kind with a forward record
         self._replayed: set[str] = set()  # nodes whose forward was not run
         self._module_keys: dict[int, tuple | None] = {}
@@ -140,7 +160,7 @@ class RepeatedNodes:
             if node.target in self.opaque:
                 return None
             module = self.gm.get_submodule(node.target)
-            what = self._module_kind(module) or self._chain_kind(module)
+            what = self._module_kind(module) or self._chain_kind(module) or self._span_kind(module)
         elif node.op == "call_function":
             module = getattr(node.target, "__module__", None)
             what = ("function", node.target) if module in _FUNCTION_MODULES and node.target is not torch._assert else None
@@ -188,6 +208,19 @@ class RepeatedNodes:
             return None
         return ("invert chain", invert._FALLBACK[0], steps)
 
+    def _span_kind(self, segment: torch.nn.Module) -> tuple | None:
+        """A checkpointed segment's kind (passes.recompute): the segment itself (its code
+        repeats nowhere else in a graph; a record of it serves the profiles of the same
+        rewritten graph), and whether chains run as fallen back where it runs any; None
+        for any other module."""
+        from rewriter.passes import invert
+
+        if not hasattr(segment, "checkpointed_code"):
+            return None
+        chains = any(isinstance(m, invert.InvertChain) for code in segment.codes() if isinstance(code, torch.nn.Module)
+                     for m in code.modules())
+        return ("checkpointed segment", segment, invert._FALLBACK[0] if chains else None)
+
     def _step_kind(self, step) -> tuple:
         module = None if step.module is None else self._module_kind(step.module)
         if step.module is not None and module is None:
@@ -220,6 +253,9 @@ class RepeatedNodes:
             found.append((node.op, target, _arguments(node, index)))
         return tuple(found)
 
+    def _module_of(self, node: fx.Node) -> torch.nn.Module | None:
+        return self.gm.get_submodule(node.target) if node.op == "call_module" else None
+
     def _input_owners(self, inputs: tuple) -> list[tuple]:
         return [self.owner.get(storage_key(self.elements[n][k]), (n, k)) for n, k in inputs]
 
@@ -228,7 +264,7 @@ class RepeatedNodes:
         """The record of `node` taken from an earlier node of its kind, its outputs made
         as fake tensors of the recorded layouts; None where there is none to take."""
         record = self._forwards.get(kind) if kind is not None else None
-        if record is None:
+        if record is None or self.count_flops and not record.flops_counted:
             return None
         first = self.tracker.reserve(record.allocations)
         made = []
@@ -249,13 +285,14 @@ class RepeatedNodes:
             internal=tuple(first + n for n in record.internal),
             saved=tuple(("new", first + i) if what == "new" else ("value", node.name, i) if what == "output"
                         else ("value", *owners[i]) for what, i in record.saved),
-            fwd_events=tuple((kind_, first + n, b) for kind_, n, b in record.events), fwd_flops=record.fwd_flops,
-            many_ops=record.many_ops,
+            fwd_events=tuple((kind_, first + n, b) for kind_, n, b in record.events),
+            fwd_flops=record.fwd_flops if self.count_flops else sympy.Integer(0), many_ops=record.many_ops,
         )
 
     def _remember_forward(self, kind: tuple | None, cost: NodeCost, out: Any) -> None:
         """Keep `cost` (just profiled) as the record of its kind, where it can be repeated."""
-        if kind is None or kind in self._forwards:
+        if kind is None or kind in self._forwards and (self._forwards[kind] is None or self._forwards[kind].flops_counted
+                                                       or not self.count_flops):
             return
         self._forwards[kind] = record = self._forward_record(cost, out)
         if record is not None:
@@ -294,7 +331,7 @@ class RepeatedNodes:
             shapes=cost.shapes, nbytes=cost.nbytes, requires_grad=cost.requires_grad, fwd_flops=cost.fwd_flops,
             events=tuple((kind, numbers[uid], b) for kind, uid, b in cost.fwd_events), outputs=tuple(outputs),
             as_list=as_list, internal=tuple(numbers[uid] for uid in cost.internal), saved=tuple(saved),
-            allocations=len(numbers), many_ops=cost.many_ops,
+            allocations=len(numbers), many_ops=cost.many_ops, flops_counted=self.count_flops,
         )
 
     # ---- backward ----------------------------------------------------------------------------
@@ -346,8 +383,10 @@ class RepeatedNodes:
         (args, kwargs), leaves = self._isolate((args, kwargs), self._element_map([n.name for n in node.all_input_nodes]))
         self.tracker.poll()
         start = len(self.tracker.events)
+        # a checkpoint's inputs, saved with its frame's hooks, let go where its backward says
+        hooks = self._frame_hooks(node.name, []) if self._span_kind(self._module_of(node)) else (_same, _same)
         with self.tracker:
-            with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            with torch.autograd.graph.saved_tensors_hooks(*hooks):
                 out = self._run(node, args, kwargs)
             self.tracker.poll()
         window = self.tracker.events[start:]
@@ -374,12 +413,13 @@ class RepeatedNodes:
         backward = {uid: i for i, uid in enumerate(uid for kind, uid, _ in cost.bwd_events if kind == "alloc")}
 
         def ref(kind, uid):
-            if kind == "release_grad":  # the gradient of output `uid` let go
-                return ("k", uid)
+            if kind in ("release_grad", "release_out", "release_in"):  # output `uid`'s gradient, the output
+                return ("k", uid)  # a selective checkpoint kept, the checkpoint's inputs: let go
             return ("f", forward[uid]) if uid in forward else ("b", backward[uid]) if uid in backward else None
 
         events = tuple((kind, ref(kind, uid), b) for kind, uid, b in cost.bwd_events)
-        if any(kind not in ("alloc", "free", "release_grad") or r is None for kind, r, _ in events):
+        if any(kind not in ("alloc", "free", "release_grad", "release_out", "release_in") or r is None
+               for kind, r, _ in events):
             return None
         grads, numbers = [], set()
         for element, grad_ref, g in given:

@@ -23,11 +23,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = ["StorageTracker", "storage_key", "tensors_in"]
+
+_DEVICE = torch.ops.prim.device.default  # a fake tensor's device: answered as the fake tensor answers it
 
 
 def storage_key(tensor: torch.Tensor) -> int:
@@ -147,6 +150,8 @@ class StorageTracker(TorchDispatchMode):
             self._watched[key] = entry
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _DEVICE and isinstance(args[0], FakeTensor):  # a query, asked thousands of times in a
+            return torch.device("meta") if args[0].fake_mode.in_kernel_invocation else args[0].fake_device  # backward
         self.poll()
         kwargs = kwargs or {}
         inputs = {storage_key(t) for t in _op_tensors((args, kwargs), [])}

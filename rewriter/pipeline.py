@@ -16,6 +16,7 @@ from torch import fx, nn
 from rewriter.cost_models.checkpoint import checkpoint_record, fresh_uids, nest, owns_output
 from rewriter.cost_models.compose import Composer
 from rewriter.cost_models.node_costs import BATCH, Costs
+from rewriter.cost_models.repeated_nodes import Records
 from rewriter.cost_models.runtime import ROOFLINES, node_seconds
 from rewriter.cost_models.saved import saved_tensors
 from rewriter.cost_models.peak_holders import peak_holders
@@ -119,8 +120,9 @@ class _Planner:
         self.inputs = inputs
         self.loss_fn = loss_fn
         self.clock = PhaseClock()
+        self.records = Records()  # every profile's node records, for the others to take (cost_models.repeated_nodes)
         with self.clock("profile", "the graph as captured"):  # the model as Python runs it
-            captured, self.eager = captured_and_profiled(model, inputs, loss_fn, clock=self.clock)
+            captured, self.eager = captured_and_profiled(model, inputs, loss_fn, clock=self.clock, records=self.records)
         self.gm = captured.gm
         self.absent = captured.absent
         self.eval_gm = captured.eval_gm
@@ -131,7 +133,7 @@ class _Planner:
         if self.accumulated:
             with self.clock("profile", f"{len(self.accumulated)} weight gradients accumulated in place"):
                 self.base = profile_model_graph(model, accumulate.rewrite(self.gm, self.accumulated), inputs, loss_fn,
-                                                self.opaque, {})
+                                                self.opaque, {}, records=self.records)
         else:
             self.base = dataclasses.replace(self.eager, held_until={})  # as a GraphModule runs it
         self.saved = saved_tensors(self.base)  # every storage the backward keeps, and who keeps it
@@ -227,7 +229,8 @@ class _Planner:
 
     def _profile(self, gm: fx.GraphModule, held_until: dict) -> Costs:
         """A rewrite's profile: its bytes (its seconds are priced from the one profile's)."""
-        return profile_model_graph(self.model, gm, self.inputs, self.loss_fn, self.opaque, held_until, flops=False)
+        return profile_model_graph(self.model, gm, self.inputs, self.loss_fn, self.opaque, held_until, flops=False,
+                                   records=self.records)
 
     def use(self, granularity: str) -> bool:
         """Cut the graph into segments this way; False if an earlier `use` gave the same

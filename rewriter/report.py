@@ -12,6 +12,7 @@ from torch import nn
 
 from rewriter.cost_models.node_costs import BATCH, Costs
 from rewriter.cost_models.profile import ProfileError, UnreplayableOp, profile_graph
+from rewriter.cost_models.repeated_nodes import Records
 from rewriter.cost_models.saved import saved_tensors
 from rewriter.cost_models.peak_holders import peak_holders
 from rewriter.cost_models.simulate import Simulation, simulate
@@ -45,10 +46,11 @@ def absent_inputs(model: nn.Module, inputs: tuple) -> tuple[str, ...]:
 
 
 def captured_and_profiled(model: nn.Module, inputs: tuple, loss_fn: Callable, over_batch: bool = False,
-                          clock: Callable | None = None) -> tuple[Captured, Costs]:
+                          clock: Callable | None = None, records: Records | None = None) -> tuple[Captured, Costs]:
     """`model` captured and its graph profiled; a module that calls an op fake tensors
     cannot run (`UnreplayableOp`) is captured again as an opaque leaf (run for real),
-    with a warning naming it. `clock`: a PhaseClock to time the captures on."""
+    with a warning naming it. `clock`: a PhaseClock to time the captures on; `records`:
+    node records shared with other profiles (cost_models.repeated_nodes.Records)."""
     opaque: tuple[str, ...] = ()
     absent = absent_inputs(model, inputs)
     while True:
@@ -56,7 +58,7 @@ def captured_and_profiled(model: nn.Module, inputs: tuple, loss_fn: Callable, ov
             captured = capture(model, opaque, absent, inputs)
         try:
             return captured, profile_model_graph(model, captured.gm, inputs, loss_fn, captured.opaque,
-                                                 captured.held_until, over_batch)
+                                                 captured.held_until, over_batch, records=records)
         except InputError as error:
             cause = error.__cause__
             if not isinstance(cause, UnreplayableOp) or cause.module is None or cause.module in captured.opaque:
@@ -67,12 +69,13 @@ def captured_and_profiled(model: nn.Module, inputs: tuple, loss_fn: Callable, ov
 
 
 def profile_model_graph(model: nn.Module, gm, inputs: tuple, loss_fn: Callable, opaque: tuple[str, ...], held_until: dict,
-                        over_batch: bool = False, flops: bool = True) -> Costs:
+                        over_batch: bool = False, flops: bool = True, records: Records | None = None) -> Costs:
     """Profile `gm` (a graph of `model`), leaving `model` as it was (opaque leaves run for
-    real and draw random inputs); inputs that do not fit are an InputError."""
+    real and draw random inputs); inputs that do not fit are an InputError. `records`:
+    as `profile_graph`'s."""
     try:
         with preserved_model_state(model):
-            return profile_graph(gm, inputs, loss_fn, opaque, held_until, over_batch, flops)
+            return profile_graph(gm, inputs, loss_fn, opaque, held_until, over_batch, flops, records=records)
     except ProfileError as error:
         raise InputError(str(error)) from error
 

@@ -1,6 +1,7 @@
 """A node that repeats an earlier one takes its record (cost_models.repeated_nodes):
 the profile is the one every node's own run gives, storage for storage."""
 
+import contextlib
 import logging
 
 import pytest
@@ -10,8 +11,10 @@ from torch import fx, nn
 from examples.zoo import ZOO
 from examples.zoo.plain import BNLeakyChain
 from rewriter.cost_models.profile import profile_graph
+from rewriter.cost_models.repeated_nodes import Records, RepeatedNodes
 from rewriter.measure import default_loss
 from rewriter.passes import compress, invert
+from rewriter import pipeline
 from rewriter.pipeline import Lossy, _Planner
 from rewriter.trace import capture
 
@@ -108,3 +111,85 @@ def test_repeated_records_are_the_records_each_node_gives(name, rewrite, caplog)
         assert repeats == {"as captured": 3, "compressed": 3, "inverted": 2}[rewrite] * 99  # or invert chain and convolution
     if name in ("resnet50", "densenet_bc", "layouts", "MONAI 3-D UNet"):
         assert repeats > 0
+
+
+SHARED = ["chain of 100 blocks", "densenet_bc", "unet", "revnet"]
+
+
+def _nested_plan(model: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, list[str], bool]:
+    """The graph with two nested checkpoints over the first half of its segments and
+    every invert chain after them inverted; the graph's checkpoint nodes (the outer
+    one); whether a chain was inverted."""
+    planner = _Planner(model, (x,), default_loss, ("recompute", "invert"))
+    planner.profile_modes()
+    half = len(planner.segments) // 2
+    spans = [s for s in (planner.span(0, half), planner.span(0, half // 2)) if s is not None]
+    inside = {n for s in spans for n in s.nodes}
+    chains = {pipeline._INVERT + c.output: "invert" for c in planner.chains if not inside & set(c.nodes)}
+    gm = planner.apply(chains, spans)
+    segments = [n.name for n in gm.graph.nodes
+                if n.op == "call_module" and hasattr(gm.get_submodule(n.target), "checkpointed_code")]
+    return gm, segments, bool(chains)
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_profiles_sharing_records_are_the_profiles_each_makes_alone(name, monkeypatch):
+    """A planner's profiles share their records (`Records`): a plan's graph, nested
+    checkpoints and inverted chains included, is profiled as alone, and its profile
+    with the chains fallen back takes every checkpointed segment's record from it."""
+    torch.manual_seed(0)
+    build, make_input = CASES[name]
+    model, x = build().train(), make_input()
+    gm, segments, inverted = _nested_plan(model, x)
+    outer = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.name in segments]
+    assert len(outer) == 1 and len(outer[0].inner()) == 1  # one nested in the other
+    assert inverted == (name == "chain of 100 blocks")
+    replayed: list[str] = []
+    original = RepeatedNodes._repeated_forward
+
+    def spy(self, node, *args):
+        found = original(self, node, *args)
+        if found is not None:
+            replayed.append(node.name)
+        return found
+
+    monkeypatch.setattr(RepeatedNodes, "_repeated_forward", spy)
+    records = Records()
+    captured = capture(model, (), (), (x,))
+    profile_graph(captured.gm, (x,), default_loss, captured.opaque, records=records)  # the planner's first profile
+    own_normal = None
+    for fallen in (False, True):
+        with invert.assuming_fallback() if fallen else contextlib.nullcontext():
+            own = profile_graph(gm, (x,), default_loss, captured.opaque, flops=False, repeats=False)
+            replayed.clear()
+            shared = profile_graph(gm, (x,), default_loss, captured.opaque, flops=False, records=records)
+        assert _canonical(shared) == _canonical(own), f"fallen back: {fallen}"
+        own_normal = own_normal if fallen else own
+        assert all(float(c.fwd_flops) == 0 for c in shared.nodes)  # not counted, though the first profile's records count them
+        assert bool(set(segments) & set(replayed)) == fallen  # each segment's record, from the profile before
+    # a segment whose forward record is at hand but not its backward's runs forward again for its backward
+    forward_only = Records()
+    forward_only.forwards.update(records.forwards)
+    forward_only.backwards.update((k, v) for k, v in records.backwards.items() if k[0][0][0] != "checkpointed segment")
+    assert len(forward_only.backwards) < len(records.backwards)
+    replayed.clear()
+    ran_again: list[str] = []
+    rerun_forward = RepeatedNodes._rerun_forward
+    monkeypatch.setattr(RepeatedNodes, "_rerun_forward",
+                        lambda self, cost, node: ran_again.append(node.name) or rerun_forward(self, cost, node))
+    rerun = profile_graph(gm, (x,), default_loss, captured.opaque, flops=False, records=forward_only)
+    assert set(segments) <= set(replayed) & set(ran_again) and _canonical(rerun) == _canonical(own_normal)
+
+
+def test_a_profile_that_counts_flops_takes_no_record_made_without():
+    torch.manual_seed(0)
+    model, x = BNLeakyChain(channels=8, depth=4).train(), torch.randn(2, 3, 16, 16)
+    gm = capture(model, (), (), (x,)).gm
+    records = Records()
+    uncounted = profile_graph(gm, (x,), default_loss, flops=False, records=records)
+    counted = profile_graph(gm, (x,), default_loss, records=records)
+    own = profile_graph(gm, (x,), default_loss, repeats=False)
+    assert [c.fwd_flops for c in counted.nodes] == [c.fwd_flops for c in own.nodes]
+    assert any(float(c.fwd_flops) > 0 for c in counted.nodes)
+    assert all(float(c.fwd_flops) == 0 for c in uncounted.nodes)
+    assert _canonical(counted) == _canonical(own)
