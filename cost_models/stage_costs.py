@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from rewriter.cost_models.node_costs import Costs
 from rewriter.cost_models.simulate import _Replay
 
-__all__ = ["StageCosts", "stage_costs"]
+__all__ = ["StageCosts", "Steps", "stage_costs", "steps"]
 
 
 @dataclass(frozen=True)
@@ -28,31 +28,56 @@ class StageCosts:
     backward: int  # the same over its backward steps
 
 
-def stage_costs(costs: Costs, stage_of: dict[str, int], count: int) -> list[StageCosts]:
-    """Each of `count` stages' costs in the step `costs` describes; `stage_of` maps the
-    names of `costs`' nodes to their stage. A node in no stage belongs, for its steps,
-    to the next stage in graph order (or the last one)."""
+@dataclass(frozen=True)
+class Steps:
+    """One simulated step, as stages read it: the bytes each node made that are live
+    when the forward ends, and the highest live bytes of each forward and each
+    backward step, by node (graph order; backward steps in the order they run). The
+    same for every way of cutting the graph into stages."""
+
+    nodes: tuple[str, ...]
+    kept: dict[str, int]
+    forward: tuple[int, ...]
+    backward: tuple[tuple[str, int], ...]
+
+
+def steps(costs: Costs) -> Steps:
+    """The step `costs` describes, simulated (`simulate`'s replay)."""
     replay = _Replay(costs, costs.example_batch)
     replay.forward()
-    kept = [0] * count
+    kept: dict[str, int] = {}
     for uid in replay.refs:
         owner = replay.born.get(uid, (None,))[0]
-        if owner in stage_of:
-            kept[stage_of[owner]] += replay.size[uid]
+        if owner is not None:
+            kept[owner] = kept.get(owner, 0) + replay.size[uid]
     replay.backward()
     highs = replay.step_highs()
-    owners, following = [], count - 1
-    for node in reversed(costs.nodes):  # each node's stage; a node in none: the next one's
-        following = stage_of.get(node.name, following)
-        owners.append(following)
-    owners.reverse()
+    count = len(costs.nodes)
+    backward = [node.name for node in reversed(costs.nodes) if node.has_backward]
+    return Steps(tuple(node.name for node in costs.nodes), kept, tuple(highs[:count]),
+                 tuple(zip(backward, highs[count:])))
+
+
+def stage_costs(step: Costs | Steps, stage_of: dict[str, int], count: int) -> list[StageCosts]:
+    """Each of `count` stages' costs in the step `step` describes (its costs, or those
+    simulated: `steps`); `stage_of` maps node names to their stage. A node in no stage
+    belongs, for its steps, to the next stage in graph order (or the last one)."""
+    step = steps(step) if isinstance(step, Costs) else step
+    kept = [0] * count
+    for owner, nbytes in step.kept.items():
+        if owner in stage_of:
+            kept[stage_of[owner]] += nbytes
+    owner_of, following = {}, count - 1
+    for name in reversed(step.nodes):  # each node's stage; a node in none: the next one's
+        following = stage_of.get(name, following)
+        owner_of[name] = following
     forward, backward = [None] * count, [None] * count
-    steps = [(node, owner, forward) for node, owner in zip(costs.nodes, owners)]
-    steps += [(node, owner, backward) for node, owner in reversed(list(zip(costs.nodes, owners))) if node.has_backward]
     before = [0] * count
     for s in range(1, count):
         before[s] = before[s - 1] + kept[s - 1]
-    for (node, owner, table), high in zip(steps, highs):
-        value = high - before[owner]
-        table[owner] = value if table[owner] is None else max(table[owner], value)
+    for table, pairs in ((forward, zip(step.nodes, step.forward)), (backward, step.backward)):
+        for name, high in pairs:
+            owner = owner_of[name]
+            value = high - before[owner]
+            table[owner] = value if table[owner] is None else max(table[owner], value)
     return [StageCosts(kept[s], forward[s] or 0, backward[s] or 0) for s in range(count)]

@@ -21,7 +21,7 @@ from rewriter.cost_models.runtime import ROOFLINES, node_seconds
 from rewriter.cost_models.saved import saved_tensors
 from rewriter.cost_models.peak_holders import peak_holders
 from rewriter.cost_models.simulate import simulate
-from rewriter.cost_models.stage_costs import StageCosts, stage_costs
+from rewriter.cost_models.stage_costs import StageCosts, Steps, stage_costs, steps
 from rewriter.passes import accumulate, compress, compress_timing, invert, recompute, registry, row_split
 from rewriter.passes.compressed_ops import BITS
 from rewriter.device_memory import held_outside_activations
@@ -145,6 +145,7 @@ class _Planner:
         self.segments = self._segments("coarse") if "recompute" in strategies else []
         self._tried: list[list] = []  # the segment lists `use` has handed out
         self._stages: dict[int, tuple] = {}  # `stages(most)` of the current segments, by most
+        self._simulated: dict[tuple, Steps] = {}  # `_steps_of`, by the units and options taken
         self._spans: dict[tuple[str, int, int], recompute.Segment | None] = {}
         self._norm_bytes: dict[tuple[str, ...], int] = {}  # segment or span nodes -> its BatchNorm buffers' bytes
         self.segment_profiles: dict[tuple[str, str], Costs] = {}  # (granularity, mode) -> every segment so run, composed
@@ -196,6 +197,7 @@ class _Planner:
         if self.row_granularity != (granularity or "block") and found == self.tiled:
             return False
         self.row_granularity, self.tiled, self.alternatives, self._tried = granularity or "block", found, {}, []
+        self._simulated = {}
         self.tilings = row_split.Tilings(self.pricing, self.gm, found)
         return bool(found)
 
@@ -447,13 +449,23 @@ class _Planner:
     def _stage_costs(self, everywhere: dict[str, str], stage_of: dict[str, int]) -> list[StageCosts]:
         """Each segment's `stage_costs` with `everywhere` taken; where its chains can fall
         back, the higher of each cost as they run and as they run fallen back."""
-        costs = stage_costs(self.composed(everywhere) if everywhere else self.base, stage_of, len(self.segments))
+        costs = stage_costs(self._steps_of(everywhere), stage_of, len(self.segments))
         fallen = self.fallen_back(everywhere)
         if fallen == everywhere:
             return costs
-        other = stage_costs(self.composed(fallen), stage_of, len(self.segments))
+        other = stage_costs(self._steps_of(fallen), stage_of, len(self.segments))
         return [StageCosts(max(a.kept, b.kept), max(a.forward, b.forward), max(a.backward, b.backward))
                 for a, b in zip(costs, other)]
+
+    def _steps_of(self, assignment: dict[str, str]) -> Steps:
+        """The composed step of `assignment`, simulated once per planner for the units and
+        options it takes (the same under every way of cutting segments: the options of
+        other strategies than recompute, taken everywhere, are; `use_rows` forgets them)."""
+        assignment = self.compatible(assignment)
+        key = tuple(sorted((k, v, self.offered[k].nodes) for k, v in assignment.items()))
+        if key not in self._simulated:
+            self._simulated[key] = steps(self.composed(assignment) if assignment else self.base)
+        return self._simulated[key]
 
     def _stage_groups(self, most: int) -> list[list[int]]:
         count = len(self.segments)

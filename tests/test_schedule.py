@@ -10,7 +10,9 @@ import torch
 import rewriter
 from examples.zoo import ZOO
 from examples.zoo.plain import BNLeakyChain
+from rewriter import pipeline
 from rewriter.cost_models.simulate import simulate
+from rewriter.cost_models.stage_costs import steps as stage_steps
 from rewriter.measure import default_loss
 from rewriter.passes.recompute import segments, span, spannable
 from rewriter.pipeline import DEPTH, STAGES, _Planner
@@ -127,6 +129,36 @@ def test_stage_sums_give_the_simulated_peak_where_every_stage_takes_one_option(n
     for option, mode in enumerate(("keep", "selective", "full")):
         modes = {} if mode == "keep" else planner.extreme(mode)
         assert estimate(stages, (option,) * len(stages), ()) == simulate(planner.composed(modes)).peak_bytes
+
+
+def test_other_strategies_options_are_simulated_once_for_every_way_of_cutting_segments(monkeypatch):
+    """Inverting every chain, compressing every group: the same step whichever way the
+    segments are cut. The stages read at a second granularity simulate only recompute's
+    options again, and are the stages a planner that starts there reads."""
+    torch.manual_seed(0)
+    model, x = BNLeakyChain(channels=8, depth=30).train(), torch.randn(2, 3, 16, 16)
+    strategies = ("recompute", "invert", "compress")
+    simulated = []
+    monkeypatch.setattr(pipeline, "steps", lambda costs: simulated.append(costs) or stage_steps(costs))
+    planner = _Planner(model, (x,), default_loss, strategies)
+    planner.profile_modes()
+    planner.stages()
+    options = [name for name, *_ in planner.stage_options(planner._stage_groups(STAGES))]
+    assert {"invert", "compress"} <= set(options)
+    assert planner.use("module")
+    planner.profile_modes()
+    simulated.clear()
+    _, again, _ = planner.stages()
+    assert len(simulated) == 2  # every segment selective, every segment full
+    fresh = _Planner(model, (x,), default_loss, strategies)
+    assert fresh.use("module")
+    fresh.profile_modes()
+    _, stages, _ = fresh.stages()
+
+    def sizes(found):  # (the seconds come from each planner's own timing)
+        return [(s.kept, s.forward, s.backward, s.nestable, s.output) for s in found]
+
+    assert sizes(stages) == sizes(again)
 
 
 @pytest.mark.parametrize("name", ["resnet50", "unet", "densenet_bc"])
