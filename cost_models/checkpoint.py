@@ -18,6 +18,7 @@ Plans are verified on a profile of the rewritten graph before they are returned.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Iterator
 
@@ -28,6 +29,13 @@ from rewriter.cost_models.compose import aliases, redirected
 from rewriter.cost_models.saved import value_storages
 
 __all__ = ["checkpoint_record", "fresh_uids", "owns_output"]
+
+
+@functools.lru_cache(maxsize=65536)
+def _integer(nbytes: int) -> sympy.Integer:
+    """A byte count as records hold it (sympy's constructor takes microseconds; a
+    composed plan's checkpoints make tens of thousands of events)."""
+    return sympy.Integer(nbytes)
 
 
 def fresh_uids(costs: Costs) -> Iterator[int]:
@@ -67,7 +75,7 @@ class _Storages:
         elif uid == self.output:
             self.events.append(("release_out", 0, 0))
         else:
-            self.events.append(("free", uid, sympy.Integer(self.size[uid])))
+            self.events.append(("free", uid, _integer(self.size[uid])))
 
 
 def _storages(nodes: list[NodeCost]) -> dict[tuple[str, int], int | None]:
@@ -109,14 +117,16 @@ def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[st
         for element in node.inputs:
             if element[0] in inside:
                 last_use[element] = index
+    dying_at: dict[int, list[tuple[str, int]]] = {}  # member -> the elements it reads last, in `last_use`'s order
+    for element, last in last_use.items():
+        dying_at.setdefault(last, []).append(element)
     outside = list(dict.fromkeys(e for node in nodes for e in node.inputs if e[0] not in inside))
     kept_storages = [storage[(m, 0)] for m in members if m in kept and storage.get((m, 0)) is not None]
 
     def released_after(index: int) -> list[tuple[str, int]]:
         """Elements made inside that die after member `index` (their last use, or at once)."""
         node = nodes[index]
-        dying = [e for e, last in last_use.items() if last == index]
-        return dying + [(node.name, k) for k in range(len(node.outputs)) if (node.name, k) not in last_use]
+        return dying_at.get(index, []) + [(node.name, k) for k in range(len(node.outputs)) if (node.name, k) not in last_use]
 
     # forward: every saved tensor let go, the kept outputs and the output stay
     forward: list = []
@@ -140,7 +150,7 @@ def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[st
     def fresh(uid: int) -> int:
         remap[uid] = new = next(uids)
         size[new] = size[uid]
-        added[new] = sympy.Integer(size[uid])
+        added[new] = _integer(size[uid])
         return new
 
     incoming = next(uids)
@@ -156,7 +166,7 @@ def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[st
         live.hold(uid)
     copies = next(uids)
     size[copies] = scratch
-    added[copies] = sympy.Integer(scratch)
+    added[copies] = _integer(scratch)
     backward.append(("alloc", copies, added[copies]))
     for index, node in enumerate(nodes[: stop + 1]):
         if node.name in kept:
@@ -165,7 +175,7 @@ def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[st
                 live.hold(rerun[(node.name, k)])
         else:
             for kind, uid, _ in node.fwd_events:
-                backward.append((kind, fresh(uid) if kind == "alloc" else remap.get(uid, uid), sympy.Integer(size[uid])))
+                backward.append((kind, fresh(uid) if kind == "alloc" else remap.get(uid, uid), _integer(size[uid])))
             for k, ref in enumerate(node.outputs):
                 rerun[(node.name, k)] = remap.get(ref[1]) if ref[0] == "new" else rerun.get(ref[1:]) if ref[0] == "value" else None
                 live.hold(rerun[(node.name, k)])
@@ -223,7 +233,7 @@ def checkpoint_record(costs: Costs, members: tuple[str, ...], kept: frozenset[st
                     frame_ends = False
             elif kind == "alloc":
                 allocated.append(fresh(uid))
-                backward.append(("alloc", allocated[-1], sympy.Integer(size[uid])))
+                backward.append(("alloc", allocated[-1], _integer(size[uid])))
             else:
                 freed.add(remap.get(uid, uid))
                 live.free(remap.get(uid, uid))
@@ -281,8 +291,8 @@ def _accumulate(slots: dict, element: tuple[str, int], uid: int | None, live: _S
     total = next(uids)
     nbytes = int(costs.by_name[element[0]].nbytes[element[1]])
     live.size[total] = nbytes
-    added[total] = sympy.Integer(nbytes)
-    live.events.append(("alloc", total, sympy.Integer(nbytes)))
+    added[total] = _integer(nbytes)
+    live.events.append(("alloc", total, _integer(nbytes)))
     live.hold(total)
     slots[element] = total
     live.release(old)

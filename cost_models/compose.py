@@ -56,6 +56,8 @@ def aliases(storage: dict[tuple[str, int], int | None], members: tuple[str, ...]
 
 def redirected(node: NodeCost, alias: dict[tuple[str, int], tuple[str, int]]) -> NodeCost:
     """`node` with its references to the elements in `alias` moved to what they alias."""
+    if not alias:
+        return node
 
     def ref(r):
         return ("value", *alias[r[1:]]) if r[0] == "value" and r[1:] in alias else r

@@ -79,6 +79,7 @@ class _Replay:
         self.fresh = -1
         self.born: dict[int, tuple[str, int]] = {}  # uid -> (owner node, step)
         self.lifetimes: dict[str, list[tuple[int, int]]] = {}
+        self._value_bytes: dict[tuple[str, int], int] = {}
 
     def check(self, candidate: int, where: str) -> None:
         if candidate > self.peak:
@@ -306,11 +307,17 @@ class _Replay:
         under a fresh uid; `accumulate` makes the sum for good."""
         at: dict[int, list] = {}  # event index -> the sums made before it
         events = node.bwd_events
+        allocated_at: dict[int, int] | None = None  # storage -> the index of its allocation
         for element, ref in node.grad_inputs:
             old = slots.get(element)
             if ref[0] != "new" or old is None:
                 continue
-            index = next((i for i, e in enumerate(events) if e[0] == "alloc" and e[1] == ref[1]), None)
+            if allocated_at is None:
+                allocated_at = {}
+                for i, event in enumerate(events):
+                    if event[0] == "alloc":
+                        allocated_at.setdefault(event[1], i)
+            index = allocated_at.get(ref[1])
             if index is None:
                 continue
             while index > 0 and events[index - 1][0] == "alloc":
@@ -333,9 +340,12 @@ class _Replay:
         return [e for i, event in enumerate(events) for e in at.get(i, []) + [event]]
 
     def value_bytes(self, element: tuple[str, int]) -> int:
-        """The bytes of a value's gradient (the value's own size)."""
-        producer = self.costs.by_name[element[0]]
-        return int(math.ceil(producer.nbytes[element[1]].xreplace({BATCH: self.batch})))
+        """The bytes of a value's gradient (the value's own size), worked out once a replay."""
+        found = self._value_bytes.get(element)
+        if found is None:
+            producer = self.costs.by_name[element[0]]
+            found = self._value_bytes[element] = int(math.ceil(producer.nbytes[element[1]].xreplace({BATCH: self.batch})))
+        return found
 
     def summed(self, uid: int, element: tuple[str, int]) -> None:
         """`accumulate` made storage `uid` for the summed gradient of `element`."""
