@@ -51,7 +51,9 @@ log = logging.getLogger(__name__)
 class _ModuleTracer(fx.Tracer):
     """A tracer that remembers which submodule was being traced when tracing failed."""
 
-    def __init__(self, opaque: frozenset[str]):
+    def __init__(self, opaque: frozenset[str], lifetimes: bool = True):
+        """`lifetimes`: note in `held_until` how long eager Python holds each value (the
+        graph a plan rewrites needs it; the eval-mode graph does not)."""
         # a module rewritten before (row-split) calls tiled_chain, whose tiling branches
         # on sizes: it stays one call, as the rewrite made it
         super().__init__(autowrap_functions=(tiled_chain,))
@@ -63,6 +65,7 @@ class _ModuleTracer(fx.Tracer):
         self.path_stack: list[str] = []
         self.failed_in: list[str] | None = None
         self.held_until: dict[str, str] = {}
+        self.lifetimes = lifetimes
 
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
         rewritten = isinstance(module, RecomputeSegment) or hasattr(module, "code_parameters")  # our own calls
@@ -74,7 +77,8 @@ class _ModuleTracer(fx.Tracer):
         self.path_stack.append(self.path_of_module(module))
         try:
             result = super().call_module(module, forward, args, kwargs)
-            self._note_argument_lifetimes(args, kwargs)
+            if self.lifetimes:
+                self._note_argument_lifetimes(args, kwargs)
             return result
         except Exception:
             if self.failed_in is None:
@@ -85,7 +89,10 @@ class _ModuleTracer(fx.Tracer):
 
     def trace(self, root, concrete_args=None):
         """`fx.Tracer.trace`, noting as each traced forward returns the values its local
-        variables still name (`_note_locals`)."""
+        variables still name (`_note_locals`), where it notes lifetimes (a profile hook on
+        every Python call: a 1,000-module chain traces in about twice the time)."""
+        if not self.lifetimes:
+            return super().trace(root, concrete_args)
         codes = set()
         for module in root.modules() if isinstance(root, nn.Module) else ():
             for forward in (type(module).forward, module.forward):
@@ -134,8 +141,8 @@ class _BranchingTracer(_ModuleTracer):
     take the other branch stop with an error instead of running the wrong code; `len`,
     `int` and `float` of sizes likewise. A branch on the inputs' data stays untraceable."""
 
-    def __init__(self, opaque: frozenset[str], root: nn.Module, inputs: list):
-        super().__init__(opaque)
+    def __init__(self, opaque: frozenset[str], root: nn.Module, inputs: list, lifetimes: bool = True):
+        super().__init__(opaque, lifetimes)
         self.values = ExampleValues(root, inputs)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
@@ -282,7 +289,7 @@ def _eval_graph(model: nn.Module, opaque: tuple[str, ...], absent: tuple[str, ..
     code differs from `graph`'s; None where it does not, or cannot be traced (logged).
     `inputs`: the example inputs a branching forward was traced on (None: not branching)."""
     modes = [(m, m.training) for m in model.modules()]
-    tracer = _tracer(frozenset(opaque), model, inputs)
+    tracer = _tracer(frozenset(opaque), model, inputs, lifetimes=False)
     try:
         for module, _ in modes:
             module.training = False
@@ -300,8 +307,8 @@ def _eval_graph(model: nn.Module, opaque: tuple[str, ...], absent: tuple[str, ..
     return adopt_structure(fx.GraphModule(tracer.root, traced, class_name=type(model).__name__), model)
 
 
-def _tracer(opaque: frozenset[str], model: nn.Module, inputs: list | None) -> _ModuleTracer:
-    return _ModuleTracer(opaque) if inputs is None else _BranchingTracer(opaque, model, inputs)
+def _tracer(opaque: frozenset[str], model: nn.Module, inputs: list | None, lifetimes: bool = True) -> _ModuleTracer:
+    return _ModuleTracer(opaque, lifetimes) if inputs is None else _BranchingTracer(opaque, model, inputs, lifetimes)
 
 
 def capture(model: nn.Module, opaque: tuple[str, ...] = (), absent: tuple[str, ...] = (),

@@ -2,12 +2,14 @@
 computes, whatever the model does with `self.training` (issue 21)."""
 
 import copy
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import rewriter
+from rewriter import trace
 from rewriter.trace import capture
 from tests.test_optimize import assert_trains_like
 
@@ -46,6 +48,23 @@ def test_the_graph_in_eval_mode_is_kept_where_it_differs():
     assert capture(_net()).eval_gm is not None
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout(0.5), nn.BatchNorm2d(8))  # modules follow .eval() themselves
     assert capture(plain).eval_gm is None
+
+
+def test_the_eval_mode_trace_notes_no_lifetimes(monkeypatch):
+    """Only the training graph, which plans rewrite, needs how long eager Python holds
+    each value: the eval-mode trace runs without the profile hook that notes it, and
+    makes the graph a trace with it makes."""
+    hooks, setprofile = [], sys.setprofile
+    monkeypatch.setattr(trace.sys, "setprofile", lambda hook: hooks.append(hook) or setprofile(hook))
+    captured = capture(_net())
+    assert len(hooks) == 2  # the training trace's hook, set and put back
+    model = _net()
+    noted = trace._eval_graph(model, (), (), captured.gm.graph, None)
+    with_hook = trace._ModuleTracer(frozenset())
+    for module in model.modules():
+        module.training = False
+    expected = with_hook.trace(model)
+    assert len(hooks) == 4 and noted.graph.python_code("self").src == expected.python_code("self").src
 
 
 def test_an_optimized_module_drops_nothing_after_eval_and_trains_like_eager(tmp_path):
