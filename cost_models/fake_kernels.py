@@ -11,6 +11,13 @@ layouts the decomposition returns
 (tests/test_fake_kernels.py holds the two to the same shapes, strides, dtypes and
 storage bytes); any other call gets `NotImplemented`, and the op runs as it is. The
 outputs' values are never read: a profile counts bytes.
+
+`empty_fake` makes such a tensor without dispatching an op at all: a meta tensor
+wrapped by hand. Asked from inside the profiler's tracker (these kernels), a fake
+tensor's own `new_empty` dispatches through the fake tensor mode, checking its cache:
+a batch norm's forward took 335 us that way in a profile of checkpointed segments,
+113 us now. Repeated records' outputs and gradients are made with it too (a node's
+replay took about 55 us either way).
 """
 
 from __future__ import annotations
