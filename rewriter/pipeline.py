@@ -146,6 +146,7 @@ class _Planner:
         self._tried: list[list] = []  # the segment lists `use` has handed out
         self._stages: dict[int, tuple] = {}  # `stages(most)` of the current segments, by most
         self._simulated: dict[tuple, Steps] = {}  # `_steps_of`, by the units and options taken
+        self._peaks: dict[tuple, int] = {}  # `peak_of`, by the units and options taken and the spans
         self._spans: dict[tuple[str, int, int], recompute.Segment | None] = {}
         self._norm_bytes: dict[tuple[str, ...], int] = {}  # segment or span nodes -> its BatchNorm buffers' bytes
         self.segment_profiles: dict[tuple[str, str], Costs] = {}  # (granularity, mode) -> every segment so run, composed
@@ -197,7 +198,7 @@ class _Planner:
         if self.row_granularity != (granularity or "block") and found == self.tiled:
             return False
         self.row_granularity, self.tiled, self.alternatives, self._tried = granularity or "block", found, {}, []
-        self._simulated = {}
+        self._simulated, self._peaks = {}, {}
         self.tilings = row_split.Tilings(self.pricing, self.gm, found)
         return bool(found)
 
@@ -356,6 +357,20 @@ class _Planner:
         scratch = {s.nodes: self.norm_bytes(s) for s in spans}
         return simulate(nest(flat, [s.nodes for s in spans], scratch=scratch)).peak_bytes
 
+    def peak_of(self, assignment: dict[str, str], spans: list[recompute.Segment] = ()) -> int:
+        """`nested_peak` of `assignment` composed, with `spans`, worked out once per planner
+        (a search meets the same plans again: `_nested` reruns `lowest_spans` under a
+        tighter limit, whose greedy nesting retries the merges it tried before)."""
+        key = (self._assignment_key(assignment), tuple(sorted(s.nodes for s in spans)))
+        if key not in self._peaks:
+            self._peaks[key] = self.nested_peak(self.composed(assignment), list(spans))
+        return self._peaks[key]
+
+    def _assignment_key(self, assignment: dict[str, str]) -> tuple:
+        """What a composed plan of `assignment` depends on: each unit taken, its option and
+        its nodes (a segment's output names segments of different ways of cutting)."""
+        return tuple(sorted((k, v, self.offered[k].nodes) for k, v in self.compatible(assignment).items()))
+
     def nest_greedily(self, modes: dict[str, str], limit: int) -> tuple[list[recompute.Segment], int]:
         """Spans chosen bottom-up around the segments recomputed in `modes`. Each round
         prices merging each two neighbouring top-level units (segments or spans) into a
@@ -367,8 +382,7 @@ class _Planner:
         `limit` or no merge lowers it."""
         # each unit: first and last segment index, and its spans, its outermost last
         units: list[tuple[int, int, tuple]] = [(i, i, ()) for i in range(len(self.segments))]
-        flat = self.composed(modes)
-        peak = self.nested_peak(flat, [])
+        peak = self.peak_of(modes)
         while peak > limit and len(units) > 1:
             merges = []  # (trial peak, index, spans of the merged unit), for each neighbouring pair that lowers the peak
             for index in range(len(units) - 1):
@@ -377,7 +391,7 @@ class _Planner:
                 if span is None:
                     continue
                 others = [s for unit in units[:index] + units[index + 2:] for s in unit[2]]
-                trials = [(self.nested_peak(flat, others + list(held) + [span]), index, tuple(held) + (span,))
+                trials = [(self.peak_of(modes, others + list(held) + [span]), index, tuple(held) + (span,))
                           for held in dict.fromkeys((left + right, left[:-1] + right[:-1]))  # around both, over what both hold
                           if _depth(list(held) + [span]) <= DEPTH]
                 best = min(trials, key=lambda t: t[0], default=None)
@@ -401,7 +415,7 @@ class _Planner:
 
             def peak_of(count: int) -> int:
                 if count not in peaks:
-                    peaks[count] = self.nested_peak(flat, [s for u in merged(count) for s in u[2]])
+                    peaks[count] = self.peak_of(modes, [s for u in merged(count) for s in u[2]])
                 return peaks[count]
 
             low, high = 1, len(chosen)
@@ -461,9 +475,9 @@ class _Planner:
         """The composed step of `assignment`, simulated once per planner for the units and
         options it takes (the same under every way of cutting segments: the options of
         other strategies than recompute, taken everywhere, are; `use_rows` forgets them)."""
-        assignment = self.compatible(assignment)
-        key = tuple(sorted((k, v, self.offered[k].nodes) for k, v in assignment.items()))
+        key = self._assignment_key(assignment)
         if key not in self._simulated:
+            assignment = self.compatible(assignment)
             self._simulated[key] = steps(self.composed(assignment) if assignment else self.base)
         return self._simulated[key]
 
@@ -573,9 +587,8 @@ class _Planner:
             low, high, found = (low, middle, trial) if trial is not None else (middle, high, found)
             if trial is not None and high <= limit:
                 break
-        flat = self.composed(modes)
         spans = [self.span(groups[s][0], groups[j][-1]) for s, j in found.spans] if found else []
-        best = (spans, self.nested_peak(flat, spans))
+        best = (spans, self.peak_of(modes, spans))
         if len(self.segments) <= LOWEST_STAGES and best[1] > limit:
             greedy = self.nest_greedily(modes, limit)
             best = min(best, greedy, key=lambda pair: pair[1])
@@ -603,9 +616,9 @@ class _Planner:
     def composed_peak(self, assignment: dict[str, str], spans: list[recompute.Segment] = ()) -> int:
         """The composed peak of `assignment` with `spans` around its segments: what a plan
         promises, the higher of its peak and its peak with its chains fallen back."""
-        peak = self.nested_peak(self.composed(assignment), list(spans))
+        peak = self.peak_of(assignment, list(spans))
         fallen = self.fallen_back(assignment)
-        return peak if fallen == assignment else max(peak, self.nested_peak(self.composed(fallen), list(spans)))
+        return peak if fallen == assignment else max(peak, self.peak_of(fallen, list(spans)))
 
     def node_seconds(self) -> dict[str, float]:
         """Each node's forward seconds, timed once on the example inputs ({} where that

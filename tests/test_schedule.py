@@ -161,6 +161,26 @@ def test_other_strategies_options_are_simulated_once_for_every_way_of_cutting_se
     assert sizes(stages) == sizes(again)
 
 
+def test_a_plans_peak_is_composed_and_simulated_once(monkeypatch):
+    """`peak_of` keeps each plan's composed peak: spans given in another order, the
+    same assignment again, or the same units under another way of cutting segments
+    are not simulated anew, and the peak is `nested_peak`'s."""
+    zoo = ZOO["densenet_bc"]
+    planner = _Planner(zoo.test_model(), (zoo.test_input(),), default_loss, ("recompute",))
+    planner.profile_modes()
+    modes = planner.extreme("full")
+    spans = [s for s in (planner.span(0, 1), planner.span(3, 4)) if s is not None]
+    assert len(spans) == 2
+    expected = planner.nested_peak(planner.composed(modes), spans)
+    simulated = []
+    nested_peak = _Planner.nested_peak
+    monkeypatch.setattr(_Planner, "nested_peak", lambda self, flat, found: simulated.append(found) or nested_peak(self, flat, found))
+    assert planner.peak_of(modes, spans) == planner.peak_of(dict(reversed(modes.items())), spans[::-1]) == expected
+    assert planner.composed_peak(modes, spans) == expected and len(simulated) == 1
+    planner.peak_of(modes, spans[:1])  # another plan
+    assert len(simulated) == 2
+
+
 @pytest.mark.parametrize("name", ["resnet50", "unet", "densenet_bc"])
 def test_spannable_pairs_are_the_spans_that_exist(name):
     zoo = ZOO[name]
