@@ -384,7 +384,7 @@ class RepeatedNodes:
         self.tracker.poll()
         start = len(self.tracker.events)
         # a checkpoint's inputs, saved with its frame's hooks, let go where its backward says
-        hooks = self._frame_hooks(node.name, []) if self._span_kind(self._module_of(node)) else (_same, _same)
+        hooks = self._frame_hooks(node.name, []) if hasattr(self._module_of(node), "checkpointed_code") else (_same, _same)
         with self.tracker:
             with torch.autograd.graph.saved_tensors_hooks(*hooks):
                 out = self._run(node, args, kwargs)

@@ -58,11 +58,10 @@ def steps(costs: Costs) -> Steps:
                  tuple(zip(backward, highs[count:])))
 
 
-def stage_costs(step: Costs | Steps, stage_of: dict[str, int], count: int) -> list[StageCosts]:
-    """Each of `count` stages' costs in the step `step` describes (its costs, or those
-    simulated: `steps`); `stage_of` maps node names to their stage. A node in no stage
-    belongs, for its steps, to the next stage in graph order (or the last one)."""
-    step = steps(step) if isinstance(step, Costs) else step
+def stage_costs(step: Steps, stage_of: dict[str, int], count: int) -> list[StageCosts]:
+    """Each of `count` stages' costs in the simulated step `step` (`steps`); `stage_of`
+    maps node names to their stage. A node in no stage belongs, for its steps, to the
+    next stage in graph order (or the last one)."""
     kept = [0] * count
     for owner, nbytes in step.kept.items():
         if owner in stage_of:
